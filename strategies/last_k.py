@@ -1,0 +1,58 @@
+"""Freeze all but the last k layer groups (k=1: linear probing of the head).
+
+Frozen groups get ``requires_grad=False`` and their BatchNorm layers stay in eval mode, so
+their running statistics, like their weights, remain the pre-trained ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from metalr_bench.strategies.base import Strategy, register
+
+
+class LastKParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(2, ge=1, description="number of trailing layer groups to train (1 = head)")
+
+
+@register
+class LastK(Strategy):
+    name = "last_k"
+    Params = LastKParams
+    test_params = [{"k": 1}, {"k": 2}]
+
+    def __init__(self, params, model, groups, settings) -> None:
+        super().__init__(params, model, groups, settings)
+        k = self.params.k
+        if k > len(groups):
+            raise ValueError(
+                f"strategy last_k: k={k} is larger than the model's {len(groups)} layer groups "
+                f"({', '.join(g.name for g in groups)}); use 1 <= k <= {len(groups)}"
+            )
+        self.frozen = groups[: len(groups) - k]
+        frozen_params = {p for g in self.frozen for p in g.params}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen_params)
+        self._frozen_modules = [model.get_submodule(m) for g in self.frozen for m in g.modules
+                                if _has_module(model, m)]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        start = len(self.groups) - self.params.k
+        return [self._group(i, lr=self.settings.lr) for i in range(start, len(self.groups))]
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+        for module in self._frozen_modules:
+            module.eval()
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
