@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from metalr_bench.benchmark.tv_compat import import_torchvision
+from torch import nn
 
 ARCHS = ("smallcnn", "resnet18", "resnet50", "densenet121")
 

@@ -9,9 +9,8 @@ stratified on the label when asked and possible.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
-
 from metalr_bench.datasets.base import Split
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 
 def _groups(split: Split) -> np.ndarray:

@@ -18,17 +18,15 @@ idea).
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from metalr_bench.benchmark.layer_groups import LayerGroup
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-
-from metalr_bench.benchmark.layer_groups import LayerGroup
 
 
 class NoParams(BaseModel):
@@ -65,7 +63,7 @@ class StepContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class Strategy(ABC):
+class Strategy:
     """Base class: plain fine-tuning of every parameter with one learning rate."""
 
     name: ClassVar[str] = ""
@@ -134,7 +132,7 @@ class Strategy(ABC):
         """Put ``model`` in training mode (last-k keeps frozen BatchNorm in eval mode)."""
         model.train()
 
-    def on_epoch_start(self, epoch: int) -> None:
+    def on_epoch_start(self, epoch: int) -> None:  # noqa: B027
         """Called before each epoch (0-based)."""
 
     def log_values(self) -> dict[str, float]:

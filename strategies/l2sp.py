@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from metalr_bench.strategies.base import Strategy, register
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-from metalr_bench.strategies.base import Strategy, register
 
 
 class L2SPParams(BaseModel):

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from metalr_bench.strategies.base import Strategy, register
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-from metalr_bench.strategies.base import Strategy, register
 
 
 class LastKParams(BaseModel):

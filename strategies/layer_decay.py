@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from metalr_bench.strategies.base import Strategy, register
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LayerDecayParams(BaseModel):

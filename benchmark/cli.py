@@ -1,0 +1,199 @@
+"""``run-benchmark``: the command-line door to the suite.
+
+    run-benchmark                         # the quick benchmark: offline, CPU, a few minutes
+    run-benchmark --config my.yaml --seeds 0 1 2 3 4
+    run-benchmark --dataset pneumoniamnist --data-root ../shared/data --allow-md5-mismatch
+    run-benchmark list                    # datasets and strategies
+    run-benchmark pretrain --model resnet18 --image-size 28
+
+Flags override the YAML file; the file overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from metalr_bench.benchmark.config import ConfigError, load_config
+
+SUBCOMMANDS: dict[str, str] = {
+    "list": "list datasets and strategies",
+    "pretrain": "run (or reuse) the pre-training stage only",
+}
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run-benchmark",
+        description="Compare fine-tuning strategies (MetaLR and baselines) on medical datasets. "
+        "With no arguments: the quick offline benchmark on synthetic data.",
+        epilog="subcommands: " + "; ".join(f"`run-benchmark {k}`: {v}" for k, v in
+                                           SUBCOMMANDS.items()),
+    )
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument("--name", help="benchmark / MLflow experiment name")
+    p.add_argument("--dataset", action="append", dest="datasets", metavar="NAME",
+                   help="dataset (repeatable); see `run-benchmark list`")
+    p.add_argument("--strategy", action="append", dest="strategies", metavar="NAME",
+                   help="strategy (repeatable); default: every built-in strategy")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds, e.g. --seeds 0 1 2")
+    p.add_argument("--model", dest="arch", help="smallcnn | resnet18 | resnet50 | densenet121")
+    p.add_argument("--weights", help="none | imagenet | pretrain | /path/to/checkpoint.pt")
+    p.add_argument("--image-size", type=int, help="image side in pixels (MedMNIST: 28/64/128/224)")
+    p.add_argument("--data-root", help="folder with the dataset files (e.g. MedMNIST npz)")
+    p.add_argument("--download", action="store_true", default=None,
+                   help="download missing MedMNIST files from the official URLs")
+    p.add_argument("--allow-md5-mismatch", action="store_true", default=None,
+                   help="accept a dataset file whose MD5 differs from the official one")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", help="adam | adamw | sgd")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", help="auto | bf16 | off")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--output-dir", help="where leaderboards, reports and caches go")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags -> a partial config dict (only what was given)."""
+    o: dict[str, Any] = {}
+    for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
+                "compile", "tracking_uri", "output_dir"):
+        if getattr(args, key, None) is not None:
+            o[key] = getattr(args, key)
+    if args.strategies:
+        o["strategies"] = args.strategies
+    model: dict[str, Any] = {}
+    if args.arch:
+        model["arch"] = args.arch
+    if args.weights:
+        model["weights"] = args.weights
+    if model:
+        o["model"] = model
+    dataset_fields: dict[str, Any] = {}
+    if args.data_root is not None:
+        dataset_fields["root"] = args.data_root
+    if args.image_size is not None:
+        dataset_fields["size"] = args.image_size
+    if args.download:
+        dataset_fields["download"] = True
+    if args.allow_md5_mismatch:
+        dataset_fields["allow_md5_mismatch"] = True
+    if args.datasets:
+        o["datasets"] = [{"name": d, **dataset_fields} for d in args.datasets]
+    elif dataset_fields:
+        o["_dataset_fields"] = dataset_fields  # applied to the file's datasets below
+    return o
+
+
+def resolve_config(args: argparse.Namespace):
+    overrides = overrides_from_args(args)
+    fields = overrides.pop("_dataset_fields", None)
+    cfg = load_config(args.config, overrides)
+    if fields:
+        data = cfg.model_dump(mode="json")
+        data["datasets"] = [{**d, **fields} for d in data["datasets"]]
+        cfg = load_config(None, data)
+    return cfg
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    cfg = resolve_config(args)
+    from metalr_bench.benchmark.runner import format_leaderboard, leaderboard, run_benchmark
+
+    cells = cfg.cells()
+    print(f"run-benchmark: {len(cells)} runs ({len(cfg.datasets)} dataset(s) x "
+          f"{len(cells) // len(cfg.datasets) // len(cfg.seeds)} strategy setting(s) x "
+          f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
+          f"tracking {cfg.tracking_uri}", flush=True)
+    outcome = run_benchmark(cfg, progress=not args.no_progress)
+    print("\nLeaderboard (test metrics of the checkpoint chosen on validation, mean ± std "
+          "over seeds):")
+    print(format_leaderboard(leaderboard(outcome.results)))
+    print(f"\nMLflow: experiment {cfg.name!r}, parent run {outcome.parent_run_id}. "
+          f"Browse with: mlflow ui --backend-store-uri {cfg.tracking_uri}")
+    for r in outcome.failed:
+        print(f"FAILED {r.cell.dataset_label} {r.cell.label} seed={r.cell.seed}: {r.error}",
+              file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+def cmd_list(argv: list[str]) -> int:
+    from metalr_bench.datasets.registry import DATASETS, available_datasets
+    from metalr_bench.strategies.registry import available_strategies, get_strategy
+
+    print("datasets:")
+    for name in available_datasets():
+        print(f"  {name:18s} {DATASETS[name].description.strip().splitlines()[0]}")
+    print("strategies:")
+    for name in available_strategies():
+        cls = get_strategy(name)
+        fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:12s} {fields:40s} {doc}")
+    return 0
+
+
+def cmd_pretrain(argv: list[str]) -> int:
+    p = _run_parser()
+    p.prog = "run-benchmark pretrain"
+    args = p.parse_args(argv)
+    cfg = resolve_config(args)
+    from pathlib import Path
+
+    from metalr_bench.benchmark.pretrain import pretrained_checkpoint
+    from metalr_bench.benchmark.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking_uri, cfg.name)
+    for size in sorted({d.size for d in cfg.datasets}):
+        path = pretrained_checkpoint(
+            cfg.model.arch, cfg.model.pretrain, size,
+            cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
+            device=cfg.resolved_device(), amp=cfg.use_amp(),
+            channels_last=cfg.use_channels_last(), tracker=tracker,
+        )
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    handlers = {"list": cmd_list, "pretrain": cmd_pretrain}
+    extra = _extra_subcommands()
+    handlers |= extra
+    try:
+        if argv and argv[0] in handlers:
+            return handlers[argv[0]](argv[1:])
+        return cmd_run(argv)
+    except ConfigError as exc:
+        print(f"run-benchmark: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("run-benchmark: interrupted; finished runs are in MLflow", file=sys.stderr)
+        return 130
+
+
+def _extra_subcommands() -> dict[str, Any]:
+    """Subcommands contributed by other modules (report, tune, ...), registered lazily."""
+    out: dict[str, Any] = {}
+    try:
+        from metalr_bench.reports.cli import cmd_report
+
+        out["report"] = cmd_report
+    except ImportError:
+        pass
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

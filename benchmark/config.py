@@ -1,0 +1,303 @@
+"""The typed benchmark config: YAML file and/or CLI flags (CLI overrides file).
+
+A benchmark is datasets x strategies (each with its parameters) x seeds, as in benchopt. A list
+value in a strategy's parameters expands to several grid cells (``k: [1, 2]`` -> two cells).
+Unknown keys and bad values are rejected with a :class:`ConfigError` that names the field, the
+allowed values and what to do.
+
+``config_hash`` identifies one cell: everything that changes its result (dataset, size, split
+options, model, weights, strategy + params, seed, epochs, optimizer, code version). It tags the
+MLflow run; resume and de-duplication look it up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from metalr_bench.benchmark import __version__
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: bump when a change alters results of existing cells (invalidates resume)
+CODE_VERSION = __version__
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(description="dataset name (see `run-benchmark list`)")
+    root: str | None = Field(None, description="folder holding the dataset files")
+    size: int = Field(28, ge=8, le=1024, description="image side in pixels")
+    download: bool = False
+    allow_md5_mismatch: bool = False
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
+
+    @model_validator(mode="after")
+    def _known(self) -> DatasetSpec:
+        from metalr_bench.datasets.registry import available_datasets, get_entry
+
+        names = available_datasets()
+        if self.name not in names:
+            raise ValueError(f"unknown dataset {self.name!r}; available: {', '.join(names)}")
+        try:
+            get_entry(self.name).options_model(**self.options)
+        except ValidationError as exc:
+            raise ValueError(f"options of dataset {self.name!r}: {_explain(exc)}") from None
+        return self
+
+
+class StrategySpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> StrategySpec:
+        from metalr_bench.strategies.registry import available_strategies, get_strategy
+
+        if self.name not in available_strategies():
+            raise ValueError(
+                f"unknown strategy {self.name!r}; available: {', '.join(available_strategies())}"
+            )
+        cls = get_strategy(self.name)
+        for combo in self.expand():
+            try:
+                cls.Params(**combo)
+            except ValidationError as exc:
+                raise ValueError(f"params of strategy {self.name!r}: {_explain(exc)}") from None
+        return self
+
+    def expand(self) -> list[dict[str, Any]]:
+        """All parameter combinations (lists expand, scalars stay)."""
+        keys = list(self.params)
+        values = [v if isinstance(v, list) else [v] for v in self.params.values()]
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+class PretrainSpec(_Strict):
+    """The suite's own pre-training stage (``model.weights: pretrain``)."""
+
+    dataset: str = "synthetic-source"
+    root: str | None = None
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=2)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(_Strict):
+    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121"] = "resnet18"
+    weights: str = Field(
+        "pretrain", description="none | imagenet | pretrain | path to a .pt checkpoint"
+    )
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if v in ("none", "imagenet", "pretrain") or v.endswith((".pt", ".pth", ".ckpt")):
+            return v
+        raise ValueError(
+            f"weights={v!r}: expected none, imagenet, pretrain or a path ending in .pt/.pth/.ckpt"
+        )
+
+
+def _dataset_default() -> list[DatasetSpec]:
+    return [DatasetSpec(name="synthetic")]
+
+
+def _strategy_default() -> list[StrategySpec]:
+    from metalr_bench.strategies.registry import DEFAULT_STRATEGIES
+
+    return [StrategySpec(name=n) for n in DEFAULT_STRATEGIES]
+
+
+class BenchmarkConfig(_Strict):
+    name: str = Field("quick", min_length=1, description="MLflow experiment name")
+    datasets: list[DatasetSpec] = Field(default_factory=_dataset_default, min_length=1)
+    strategies: list[StrategySpec] = Field(default_factory=_strategy_default, min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=2)
+    eval_batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    augment: bool = True
+    selection_metric: Literal["auc", "acc", "balanced_acc", "f1"] = "auc"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    log_every_n_steps: int = Field(0, ge=0)
+    tracking_uri: str = "sqlite:///mlflow.db"
+    output_dir: str = "benchmark-output"
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _dataset_shorthand(cls, v: Any) -> Any:
+        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, v: Any) -> Any:
+        return [{"name": s} if isinstance(s, str) else s for s in v] if isinstance(v, list) else v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device={v!r}: expected auto, cpu, cuda or cuda:N")
+
+    # -- resolution -------------------------------------------------------------------------------
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={self.device!r} but no CUDA GPU is visible; use `--device cpu`"
+            )
+        return self.device
+
+    def use_amp(self) -> bool:
+        return self.amp == "bf16" or (self.amp == "auto" and self.resolved_device() != "cpu")
+
+    def use_channels_last(self) -> bool:
+        on = self.channels_last == "on"
+        return on or (self.channels_last == "auto" and self.resolved_device() != "cpu")
+
+    def cells(self) -> list[Cell]:
+        """The grid, dataset-major then strategy, params and seed (stable order)."""
+        return [
+            Cell(dataset=d, strategy=s.name, params=p, seed=seed)
+            for d in self.datasets
+            for s in self.strategies
+            for p in s.expand()
+            for seed in self.seeds
+        ]
+
+    def config_hash(self, cell: Cell) -> str:
+        """Hash of everything that changes the result of ``cell``."""
+        from metalr_bench.strategies.registry import get_strategy
+
+        params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
+        payload = {
+            "dataset": cell.dataset.model_dump(mode="json", exclude={"download", "root"}),
+            "model": self.model.model_dump(mode="json"),
+            "strategy": cell.strategy,
+            "params": params,
+            "seed": cell.seed,
+            **self.model_dump(
+                mode="json",
+                include={"epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
+                         "augment", "selection_metric"},
+            ),
+            "code_version": CODE_VERSION,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (dataset, strategy, params, seed) run of the grid."""
+
+    dataset: DatasetSpec
+    strategy: str
+    params: dict[str, Any]
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """``strategy`` or ``strategy(k=2)`` when parameters were set explicitly."""
+        if not self.params:
+            return self.strategy
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.strategy}({inner})"
+
+    @property
+    def dataset_label(self) -> str:
+        return f"{self.dataset.name}@{self.dataset.size}"
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per problem: ``field: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
+        loc = loc.replace(".[", "[")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        got = err.get("input")
+        show_got = err["type"] not in ("extra_forbidden", "missing") and not isinstance(
+            got, dict | list
+        )
+        lines.append(f"`{loc}`: {msg}" + (f" (got {got!r})" if show_got else "") if loc else msg)
+    return "; ".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def validate_config(data: dict[str, Any]) -> BenchmarkConfig:
+    """Validate a plain dict; raise :class:`ConfigError` with one readable line per problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(data).__name__}")
+    try:
+        return BenchmarkConfig(**data)
+    except ValidationError as exc:
+        extra = [e for e in exc.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+        hint = f" Allowed top-level keys: {_allowed_keys(BenchmarkConfig)}." if extra else ""
+        raise ConfigError(f"invalid config: {_explain(exc)}.{hint}") from None
+    except TypeError as exc:  # e.g. a non-string key
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
+    """Read YAML ``path`` (optional), apply CLI ``overrides`` on top, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    return validate_config(deep_merge(data, overrides or {}))

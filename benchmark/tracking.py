@@ -1,0 +1,150 @@
+"""MLflow tracking: one experiment per benchmark, a parent run per call, a child run per cell.
+
+Why :class:`mlflow.MlflowClient` and explicit run ids instead of ``mlflow.start_run``: the
+fluent API keeps one global "active run" per process, which breaks as soon as cells run in
+worker threads or processes (executors) or a pre-training run nests inside a benchmark run.
+Metrics are buffered and written with ``log_batch`` (one request per epoch, not one per value).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from metalr_bench.benchmark.trainer import EpochCallback
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+_MAX_METRICS = 1000  # MLflow's per-request limits
+_MAX_PARAMS = 100
+_MAX_PARAM_LEN = 6000
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Artifacts next to a SQLite DB (``mlartifacts/``), so ``mlflow ui`` finds them."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None  # a server decides (`--artifacts-destination`)
+    db = Path(uri[len("sqlite:///"):]).expanduser()
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+class Tracker:
+    """Thin layer over :class:`MlflowClient` for the benchmark's run structure."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_root_for(tracking_uri)
+            )
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        self.experiment_name = experiment
+
+    # -- runs -------------------------------------------------------------------------------------
+    def start_run(
+        self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None
+    ) -> str:
+        all_tags = {MLFLOW_RUN_NAME: name, **{k: str(v) for k, v in (tags or {}).items()}}
+        if parent_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def run(self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None):
+        """A run that ends FINISHED, FAILED (exception, reason tagged) or KILLED (Ctrl-C)."""
+        run_id = self.start_run(name, tags, parent_id)
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException as exc:
+            self.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.end_run(run_id, "FAILED")
+            raise
+        else:
+            self.end_run(run_id, "FINISHED")
+
+    # -- data -------------------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), _MAX_PARAMS):
+            self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), _MAX_PARAMS):
+            self.client.log_batch(run_id, tags=items[i : i + _MAX_PARAMS])
+
+    def log_metrics(
+        self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp: int | None = None
+    ) -> None:
+        ts = timestamp or int(time.time() * 1000)
+        self.log_metric_batch(run_id, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_metric_batch(self, run_id: str, metrics: Iterable[Metric]) -> None:
+        items = list(metrics)
+        for i in range(0, len(items), _MAX_METRICS):
+            self.client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS])
+
+    def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
+        self.client.log_dict(run_id, data, path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None):
+        self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    def log_figure(self, run_id: str, figure: Any, path: str) -> None:
+        self.client.log_figure(run_id, figure, path)
+
+
+class MetricsLogger(EpochCallback):
+    """Trainer callback: buffers per-epoch and per-step numbers, one ``log_batch`` per epoch."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self._buffer: list[Metric] = []
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(f"step/{k}", float(v), ts, step) for k, v in values.items()]
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]
+        self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self.tracker.log_metric_batch(self.run_id, self._buffer)
+            self._buffer = []
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list | dict) else v
+    return out

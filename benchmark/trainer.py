@@ -1,0 +1,277 @@
+"""The one training loop every strategy is measured by.
+
+Per epoch: train (the strategy may replace the step), validate, keep the checkpoint with the
+best validation metric; after the last epoch, evaluate that checkpoint on the test split once.
+The test split is read in exactly one place (:meth:`Trainer._test`) and only after training.
+
+GPU-first: data stays on the device (``datasets.tensors``), bf16 autocast and channels_last are
+on by default on CUDA, and the hot loop never calls ``.item()``: losses accumulate on the device
+and are read once per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from metalr_bench.benchmark.layer_groups import LayerGroup
+from metalr_bench.benchmark.metrics import compute_metrics, loss_fn_for, scores_from_logits
+from metalr_bench.datasets.base import DatasetBundle, Split
+from metalr_bench.datasets.splits import group_holdout
+from metalr_bench.datasets.tensors import AugmentSpec, make_loader
+from metalr_bench.strategies.base import StepContext, Strategy
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    epochs: int = 5
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast (CUDA) / off
+    channels_last: bool = False
+    compile: bool = False
+    augment: bool = True
+    selection_metric: str = "auc"
+    seed: int = 0
+    log_every_n_steps: int = 0  # 0: strategy values once per epoch only
+    meta_fraction: float = 0.2  # held-out share of train for strategies with meta_source="holdout"
+
+
+class EpochCallback:
+    """Receives per-epoch (and optional per-step) numbers; tracking and tuning implement it."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:  # noqa: B027
+        """``metrics``: train/val losses and metrics, epoch time and the strategy's values."""
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:  # noqa: B027
+        """Every ``log_every_n_steps`` steps: the strategy's values."""
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val: dict[str, float]
+    test: dict[str, float]
+    history: list[dict[str, float]]
+    drift: dict[str, float]
+    peak_memory_mb: float
+    mean_epoch_time_s: float
+    total_time_s: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        """Flat final numbers: test metrics, best validation metrics, cost."""
+        out = {f"test_{k}": v for k, v in self.test.items()}
+        out |= {f"best_val_{k}": v for k, v in self.best_val.items()}
+        out |= {
+            "best_epoch": float(self.best_epoch),
+            "peak_memory_mb": self.peak_memory_mb,
+            "mean_epoch_time_s": self.mean_epoch_time_s,
+            "total_time_s": self.total_time_s,
+        }
+        return out
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Trainer:
+    def __init__(
+        self,
+        bundle: DatasetBundle,
+        model: nn.Module,
+        groups: list[LayerGroup],
+        strategy: Strategy,
+        options: TrainerOptions,
+        callbacks: list[EpochCallback] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.options = options
+        self.device = torch.device(options.device)
+        self.model = model.to(self.device)
+        if options.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.groups = groups
+        self.strategy = strategy
+        self.callbacks = callbacks or []
+        self.loss_fn = loss_fn_for(bundle.task)
+        self.forward = torch.compile(self.model) if options.compile else self.model
+        self.optimizer = strategy.build_optimizer()
+        self._start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+        train = bundle.train
+        self.meta_split: Split | None = None
+        if strategy.meta_source in ("holdout", "fixed"):
+            train, self.meta_split = group_holdout(
+                train, options.meta_fraction, seed=options.seed, stratify=True
+            )
+        elif strategy.meta_source == "val":
+            self.meta_split = bundle.val
+        elif strategy.meta_source is not None:
+            raise ValueError(
+                f"strategy {strategy.name!r} asks for meta_source={strategy.meta_source!r}; "
+                "expected holdout, fixed or val"
+            )
+        common = dict(device=self.device, channels_last=options.channels_last,
+                      image_size=bundle.image_size, in_channels=bundle.in_channels)
+        self.train_loader = make_loader(
+            train, options.batch_size, shuffle=True, drop_last=True, seed=options.seed,
+            augment=AugmentSpec() if options.augment else None, **common,
+        )
+        self._eval_loaders = {
+            name: make_loader(split, options.eval_batch_size, shuffle=False, **common)
+            for name, split in (("val", bundle.val), ("test", bundle.test))
+        }
+        self._meta_iter = self._meta_batches(common) if self.meta_split is not None else None
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.options.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _meta_batches(self, common: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless meta batches: re-sampled each call, or one fixed batch (``fixed``)."""
+        assert self.meta_split is not None
+        loader = make_loader(
+            self.meta_split, self.options.batch_size, shuffle=True, seed=self.options.seed + 1,
+            drop_last=True, **common,
+        )
+        if self.strategy.meta_source == "fixed":
+            batch = next(iter(loader))
+            while True:
+                yield batch
+        while True:
+            yield from loader
+
+    def _default_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.loss_fn(self.forward(x), y)
+            extra = self.strategy.loss_term(self.model)
+            total = loss if extra is None else loss + extra
+        total.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss and metrics on ``split`` ("val" or "test") with the current weights."""
+        self.model.eval()
+        logits, labels = [], []
+        for x, y in self._eval_loaders[split]:
+            with self.autocast():
+                logits.append(self.forward(x).float())
+            labels.append(y)
+        out = torch.cat(logits)
+        y = torch.cat(labels)
+        loss = float(self.loss_fn(out, y))
+        scores = scores_from_logits(self.bundle.task, out).cpu().numpy()
+        return {"loss": loss, **compute_metrics(self.bundle.task, y.cpu().numpy(), scores)}
+
+    def _better(self, val: dict[str, float], best: dict[str, float] | None) -> bool:
+        if best is None:
+            return True
+        key = self.options.selection_metric
+        a, b = val.get(key, math.nan), best.get(key, math.nan)
+        if math.isnan(a) or math.isnan(b) or a == b:
+            return val["loss"] < best["loss"]
+        return a > b
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        t_start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        history: list[dict[str, float]] = []
+        best_val, best_epoch, best_state = None, -1, None
+        step = 0
+        n = self.options.log_every_n_steps
+        for epoch in range(self.options.epochs):
+            t0 = time.perf_counter()
+            self.strategy.on_epoch_start(epoch)
+            self.strategy.set_train_mode(self.model)
+            loss_sum = torch.zeros((), device=self.device)
+            n_batches = 0
+            for x, y in self.train_loader:
+                ctx = StepContext(
+                    model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                    autocast=self.autocast, epoch=epoch, step=step,
+                    meta_batch=(lambda: next(self._meta_iter)) if self._meta_iter else None,
+                )
+                loss = self.strategy.train_step(ctx, (x, y))
+                if loss is None:
+                    loss = self._default_step(x, y)
+                loss_sum += loss.float()
+                n_batches += 1
+                step += 1
+                if n and step % n == 0:
+                    values = self.strategy.log_values()
+                    for cb in self.callbacks:
+                        cb.on_step(step, values)
+            val = self.evaluate("val")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            record = {
+                "train_loss": float(loss_sum) / max(n_batches, 1),
+                **{f"val_{k}": v for k, v in val.items()},
+                "epoch_time_s": time.perf_counter() - t0,
+                **self.strategy.log_values(),
+            }
+            history.append(record)
+            if self._better(val, best_val):
+                best_val, best_epoch = val, epoch
+                best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            for cb in self.callbacks:
+                cb.on_epoch_end(epoch, record)
+        assert best_state is not None and best_val is not None, "epochs must be >= 1"
+        self.model.load_state_dict(best_state)
+        test = self._test()
+        times = [h["epoch_time_s"] for h in history]
+        return TrainResult(
+            best_epoch=best_epoch,
+            best_val={k: v for k, v in best_val.items()},
+            test=test,
+            history=history,
+            drift=self.drift(),
+            peak_memory_mb=_peak_memory_mb(self.device),
+            mean_epoch_time_s=float(np.mean(times)),
+            total_time_s=time.perf_counter() - t_start,
+        )
+
+    def _test(self) -> dict[str, float]:
+        """The only read of the test split: once, on the selected checkpoint."""
+        return self.evaluate("test")
+
+    def drift(self) -> dict[str, float]:
+        """Per layer group: ||θ − θ_pretrained|| / ||θ_pretrained|| over its parameters."""
+        now = dict(self.model.named_parameters())
+        out = {}
+        for g in self.groups:
+            num = sum(float((now[p].detach() - self._start[p]).pow(2).sum()) for p in g.params)
+            den = sum(float(self._start[p].pow(2).sum()) for p in g.params)
+            out[g.name] = math.sqrt(num) / math.sqrt(den) if den > 0 else 0.0
+        return out
+
+
+StepHook = Callable[[int, dict[str, float]], None]
