@@ -136,6 +136,7 @@ class BenchmarkConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     augment: bool = True
+    precise_bn: bool = Field(True, description="re-estimate BatchNorm statistics before evaluation")
     selection_metric: Literal["auc", "acc", "balanced_acc", "f1"] = "auc"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: Literal["auto", "bf16", "off"] = "auto"
@@ -212,7 +213,7 @@ class BenchmarkConfig(_Strict):
             **self.model_dump(
                 mode="json",
                 include={"epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
-                         "augment", "selection_metric"},
+                         "augment", "precise_bn", "selection_metric"},
             ),
             "code_version": CODE_VERSION,
         }

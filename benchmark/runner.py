@@ -108,7 +108,8 @@ def train_cell(
     options = TrainerOptions(
         epochs=epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         device=cfg.resolved_device(), amp=cfg.use_amp(), channels_last=cfg.use_channels_last(),
-        compile=cfg.compile, augment=cfg.augment, selection_metric=cfg.selection_metric,
+        compile=cfg.compile, augment=cfg.augment, precise_bn=cfg.precise_bn,
+        selection_metric=cfg.selection_metric,
         seed=cell.seed, log_every_n_steps=cfg.log_every_n_steps,
     )
     n_train = len(bundle.train)

@@ -44,6 +44,8 @@ class TrainerOptions:
     seed: int = 0
     log_every_n_steps: int = 0  # 0: strategy values once per epoch only
     meta_fraction: float = 0.2  # held-out share of train for strategies with meta_source="holdout"
+    precise_bn: bool = True  # re-estimate trainable BatchNorm statistics before each evaluation
+    precise_bn_batches: int = 50
 
 
 class EpochCallback:
@@ -143,6 +145,7 @@ class Trainer:
             for name, split in (("val", bundle.val), ("test", bundle.test))
         }
         self._meta_iter = self._meta_batches(common) if self.meta_split is not None else None
+        self._bn_loader = make_loader(train, options.batch_size, shuffle=False, **common)
 
     # -- helpers ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -173,6 +176,35 @@ class Trainer:
         total.backward()
         self.optimizer.step()
         return loss.detach()
+
+    @torch.no_grad()
+    def recalibrate_bn(self) -> None:
+        """PreciseBN (Wu & Johnson, 2021): exact BatchNorm statistics of the current weights.
+
+        Why: fine-tuning a few hundred images for a few dozen steps moves the weights faster than
+        BatchNorm's running averages (momentum 0.1) follow, so eval-mode predictions collapse
+        (seen here: train-mode accuracy 0.77, eval-mode 0.57 on the same weights). Re-estimating
+        the statistics of the *trainable* BatchNorm layers over training batches (no augmentation)
+        before each evaluation fixes that identically for every strategy; BatchNorm layers a
+        strategy keeps in eval mode (last-k's frozen groups) are left untouched.
+        """
+        self.strategy.set_train_mode(self.model)
+        bns = [m for m in self.model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               and m.track_running_stats]
+        if not bns:
+            return
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        for i, (x, _) in enumerate(self._bn_loader):
+            if i >= self.options.precise_bn_batches:
+                break
+            with self.autocast():
+                self.forward(x)
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -229,6 +261,8 @@ class Trainer:
                     values = self.strategy.log_values()
                     for cb in self.callbacks:
                         cb.on_step(step, values)
+            if self.options.precise_bn:
+                self.recalibrate_bn()
             val = self.evaluate("val")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

@@ -1,0 +1,77 @@
+"""Two strategies x two seeds through the real runner into a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from metalr_bench.benchmark.cli import main
+from metalr_bench.benchmark.config import validate_config
+from metalr_bench.benchmark.runner import leaderboard, run_benchmark
+
+
+def test_grid_lands_child_runs_with_tags(tiny_config) -> None:
+    cfg = validate_config(tiny_config)
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name("test")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
+    )
+    seen = sorted((r.data.tags["strategy"], r.data.tags["seed"]) for r in children)
+    assert seen == [("full", "0"), ("full", "1"), ("last_k", "0"), ("last_k", "1")]
+    hashes = {r.data.tags["config_hash"] for r in children}
+    assert len(hashes) == 4
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["dataset"] == "synthetic"
+        assert {"test_auc", "test_acc", "test_balanced_acc", "test_f1", "best_val_auc",
+                "peak_memory_mb", "mean_epoch_time_s"} <= set(r.data.metrics)
+        assert r.data.params["epochs"] == "2"
+        history = client.get_metric_history(r.info.run_id, "val_auc")
+        assert [m.step for m in history] == [0, 1]
+        assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 2
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert "config.json" in artifacts
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "benchmark"
+    board = leaderboard(outcome.results)
+    assert board["n_seeds"].tolist() == [2, 2]
+    by_run = {(r.data.tags["strategy"], r.data.tags["seed"]): r.data.metrics["test_auc"]
+              for r in children}
+    full_mean = (by_run[("full", "0")] + by_run[("full", "1")]) / 2
+    assert board.loc[("synthetic@16", "full"), "test_auc_mean"] == pytest.approx(full_mean)
+
+
+def test_last_k_run_keeps_frozen_drift_at_zero(tiny_config) -> None:
+    tiny_config |= {"strategies": [{"name": "last_k", "params": {"k": 1}}], "seeds": [0]}
+    cfg = validate_config(tiny_config)
+    outcome = run_benchmark(cfg, progress=False)
+    run = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri).get_run(outcome.results[0].run_id)
+    assert run.data.metrics["drift/stem"] == 0.0
+    assert run.data.metrics["drift/head"] > 0.0
+
+
+def test_cli_prints_leaderboard(tiny_config, tmp_path, capsys) -> None:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    assert main(["--config", str(path), "--seeds", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Leaderboard" in out and "synthetic@16" in out and "last_k" in out
+    assert "mlflow ui --backend-store-uri" in out
+
+
+def test_pretrain_stage_is_cached_and_logged(tiny_config) -> None:
+    tiny_config |= {"strategies": ["full"], "seeds": [0, 1],
+                    "model": {"arch": "smallcnn", "weights": "pretrain",
+                              "pretrain": {"epochs": 1, "options": {"n_images": 64}}}}
+    cfg = validate_config(tiny_config)
+    run_benchmark(cfg, progress=False)
+    run_benchmark(cfg, progress=False)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name("test")
+    pre = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain'")
+    assert len(pre) == 1  # trained once, reused by both seeds and by the second call
+    assert pre[0].data.metrics["best_val_acc"] >= 0

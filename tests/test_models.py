@@ -1,0 +1,70 @@
+"""Model zoo, layer grouping per family, and loading pre-trained states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from metalr_bench.benchmark.layer_groups import layer_groups
+from metalr_bench.benchmark.models import adapt_input_conv, build_model, load_state, read_checkpoint
+
+
+@pytest.mark.parametrize(
+    ("arch", "names"),
+    [
+        ("smallcnn", ["stem", "block1", "block2", "block3", "head"]),
+        ("resnet18", ["stem"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+         + ["head"]),
+        ("resnet50", ["stem"] + [f"layer{i}.{j}" for i, n in zip(range(1, 5), (3, 4, 6, 3),
+                                                              strict=True) for j in range(n)]
+         + ["head"]),
+        ("densenet121", ["stem", "denseblock1", "transition1", "denseblock2", "transition2",
+                         "denseblock3", "transition3", "denseblock4", "head"]),
+    ],
+)
+def test_layer_groups_cover_every_parameter_once(arch: str, names: list[str]) -> None:
+    model = build_model(arch, in_channels=1, num_outputs=3)
+    groups = layer_groups(model)
+    assert [g.name for g in groups] == names
+    all_params = [n for n, _ in model.named_parameters()]
+    grouped = [p for g in groups for p in g.params]
+    assert sorted(grouped) == sorted(all_params)  # each exactly once
+    head = dict(model.named_parameters())[groups[-1].params[0]]
+    assert head.shape[0] == 3  # the head is the task's new classifier
+    assert groups[0].params[0] in {"conv1.weight", "features.conv0.weight", "stem.0.weight"}
+
+
+def test_build_adapts_channels_and_head() -> None:
+    model = build_model("resnet18", in_channels=1, num_outputs=5)
+    out = model(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 5)
+
+
+def test_adapt_input_conv_sums_rgb_for_grey() -> None:
+    w = torch.randn(4, 3, 3, 3)
+    assert torch.allclose(adapt_input_conv(w, 1), w.sum(1, keepdim=True))
+    w4 = adapt_input_conv(w, 4)
+    assert w4.shape == (4, 4, 3, 3)
+
+
+def test_load_state_keeps_new_head_and_adapts_stem(tmp_path) -> None:
+    src = build_model("resnet18", in_channels=3, num_outputs=10)
+    path = tmp_path / "src.pt"
+    torch.save({"model": src.state_dict()}, path)
+    dst = build_model("resnet18", in_channels=1, num_outputs=2)
+    head_before = dst.fc.weight.clone()
+    load_state(dst, "resnet18", read_checkpoint(path), str(path))
+    assert torch.equal(dst.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
+    assert torch.allclose(dst.conv1.weight, src.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(dst.fc.weight, head_before)
+
+
+def test_mismatching_checkpoint_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "small.pt"
+    torch.save(build_model("smallcnn", 1, 2).state_dict(), path)
+    with pytest.raises(ValueError, match=r"does not match model 'resnet18'.*missing keys"):
+        load_state(build_model("resnet18", 1, 2), "resnet18", read_checkpoint(path), str(path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        read_checkpoint(tmp_path / "junk.pt")
