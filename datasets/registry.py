@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from metalr_bench.datasets.base import DatasetBundle
+from pydantic import BaseModel, ConfigDict
 
 
 class NoOptions(BaseModel):

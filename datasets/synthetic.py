@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from metalr_bench.datasets.base import DatasetBundle, Split, TaskType
 from metalr_bench.datasets.registry import register_dataset
 from metalr_bench.datasets.splits import group_train_val_test
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SyntheticOptions(BaseModel):
