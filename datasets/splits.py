@@ -8,6 +8,8 @@ stratified on the label when asked and possible.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from metalr_bench.datasets.base import Split
 from metalr_bench.datasets.errors import DatasetError, GroupLeakageError
@@ -97,8 +99,12 @@ def group_train_val_test(
     return train, val, test
 
 
-def assert_group_disjoint(*splits: Split) -> None:
-    """Raise if any group id appears in two of ``splits`` (used by adapters and tests)."""
+def assert_group_disjoint(*splits: Split, names: Sequence[str] | None = None) -> None:
+    """Raise if any group id appears in two of ``splits`` (used by adapters and tests).
+
+    ``names`` (e.g. ``("train", "val", "test")``) only make the message clearer.
+    """
+    label = list(names) if names is not None else [f"split {i}" for i in range(len(splits))]
     seen: dict[object, int] = {}
     for i, s in enumerate(splits):
         if s.groups is None:
@@ -106,7 +112,8 @@ def assert_group_disjoint(*splits: Split) -> None:
         for g in np.unique(s.groups):
             if seen.setdefault(g, i) != i:
                 raise GroupLeakageError(
-                    f"group {g!r} appears in split {seen[g]} and split {i}"
+                    f"group {g!r} appears in both {label[seen[g]]} and {label[i]}: images of one "
+                    "patient / video / lesion must stay on one side of a split"
                 )
 
 
