@@ -109,7 +109,7 @@ def assert_group_disjoint(*splits: Split, names: Sequence[str] | None = None) ->
     for i, s in enumerate(splits):
         if s.groups is None:
             continue
-        for g in np.unique(s.groups):
+        for g in np.unique(s.groups).tolist():  # python scalars: readable in the message
             if seen.setdefault(g, i) != i:
                 raise GroupLeakageError(
                     f"group {g!r} appears in both {label[seen[g]]} and {label[i]}: images of one "
