@@ -37,7 +37,7 @@ def md5sum(path: Path) -> str:
 
 
 def check_md5(path: Path, expected: str | None, *, allow_mismatch: bool) -> str:
-    """Return the MD5 of ``path``; raise (or warn, when ``allow_mismatch``) if it is not ``expected``."""
+    """MD5 of ``path``; raise if it is not ``expected`` (only warn when ``allow_mismatch``)."""
     actual = md5sum(path)
     if expected is None or actual == expected:
         return actual
@@ -74,8 +74,7 @@ def download_url(url: str, dest: Path, *, timeout: float = 60.0) -> None:
                     bar.update(len(chunk))
         if total is not None and tmp.stat().st_size != total:
             raise DatasetError(
-                f"download of {url} stopped after {tmp.stat().st_size} of {total} bytes; "
-                "try again"
+                f"download of {url} stopped after {tmp.stat().st_size} of {total} bytes; try again"
             )
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as exc:

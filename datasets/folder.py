@@ -1,4 +1,4 @@
-"""Adapters for the user's own data: an ImageFolder tree (``imagefolder``) or a CSV manifest (``csv``).
+"""Adapters for the user's own data: an ImageFolder tree (``imagefolder``) or a CSV (``csv``).
 
 Why group-aware everything: the small clinical sets this benchmark targets (POCUS videos, BUSI
 patients, HAM10000 lesions) hold several near-identical images per video / patient / lesion.
@@ -44,11 +44,14 @@ class FolderOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     group_pattern: str | None = Field(
-        None, description="regex over the file's path relative to its class folder (imagefolder) "
+        None,
+        description="regex over the file's path relative to its class folder (imagefolder) "
         "or its file name (csv without a group column); the named group `group` (else the first "
         "group, else the whole match) is the group id, e.g. '^(?P<group>[^_]+)_'",
     )
-    exclude_pattern: str | None = Field(None, description="skip files whose path matches (e.g. '_mask')")
+    exclude_pattern: str | None = Field(
+        None, description="skip files whose path matches (e.g. '_mask')"
+    )
     class_names: list[str] | None = Field(None, description="class order (default: sorted)")
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -138,15 +141,22 @@ def _split(rec: Records, opts: FolderOptions, seed: int) -> tuple[Split, Split, 
     train, val, test = group_train_val_test(
         pool, val_fraction=opts.val_fraction, test_fraction=opts.test_fraction, seed=s
     )
-    return train, val, test, f"group holdout val={opts.val_fraction:g} test={opts.test_fraction:g} (seed {s})"
+    return (
+        train,
+        val,
+        test,
+        f"group holdout val={opts.val_fraction:g} test={opts.test_fraction:g} (seed {s})",
+    )
 
 
 def decode_split(split: Split, size: int, channels: int, workers: int = 4) -> Split:
-    """Decode a path split into a uint8 (N, C, size, size) tensor split (threads: PIL frees the GIL)."""
+    """Decode a path split into a uint8 (N, C, size, size) split (threads: PIL frees the GIL)."""
     assert split.paths is not None
     with ThreadPoolExecutor(workers) as ex:
         it = ex.map(lambda p: decode_image(p, size, channels), split.paths)
-        images = list(tqdm(it, total=len(split), desc="decode", leave=False, disable=len(split) < 2000))
+        images = list(
+            tqdm(it, total=len(split), desc="decode", leave=False, disable=len(split) < 2000)
+        )
     return Split(labels=split.labels, images=torch.stack(images), groups=split.groups)
 
 
@@ -165,18 +175,30 @@ def build_bundle(
     if in_memory:
         train, val, test = (decode_split(p, size, channels) for p in (train, val, test))
     return DatasetBundle(
-        name=name, task=task, class_names=rec.class_names, in_channels=channels, image_size=size,
-        train=train, val=val, test=test,
+        name=name,
+        task=task,
+        class_names=rec.class_names,
+        in_channels=channels,
+        image_size=size,
+        train=train,
+        val=val,
+        test=test,
         info={"source": source, "split": how, "storage": "memory" if in_memory else "files"},
     )
 
 
 @register_dataset(
-    "imagefolder", options_model=FolderOptions,
+    "imagefolder",
+    options_model=FolderOptions,
     description="root/<class>/<images>; group-aware stratified splits (group_pattern)",
 )
 def load_imagefolder(
-    *, root: Path | None, size: int, seed: int, download: bool, allow_md5_mismatch: bool,
+    *,
+    root: Path | None,
+    size: int,
+    seed: int,
+    download: bool,
+    allow_md5_mismatch: bool,
     **options: object,
 ) -> DatasetBundle:
     """An ImageFolder tree; ``download``/``allow_md5_mismatch`` do not apply (local data)."""
@@ -185,18 +207,26 @@ def load_imagefolder(
         raise DatasetError("imagefolder needs root (the folder with one sub-folder per class)")
     root = Path(root).expanduser()
     rec = scan_imagefolder(
-        root, group_pattern=opts.group_pattern, exclude_pattern=opts.exclude_pattern,
+        root,
+        group_pattern=opts.group_pattern,
+        exclude_pattern=opts.exclude_pattern,
         class_names=opts.class_names,
     )
     return build_bundle(root.name, rec, opts, size=size, seed=seed, source=str(root))
 
 
 @register_dataset(
-    "csv", options_model=CsvOptions,
+    "csv",
+    options_model=CsvOptions,
     description="CSV manifest image,label[,group][,split]; multi-label as 'a|b'",
 )
 def load_csv(
-    *, root: Path | None, size: int, seed: int, download: bool, allow_md5_mismatch: bool,
+    *,
+    root: Path | None,
+    size: int,
+    seed: int,
+    download: bool,
+    allow_md5_mismatch: bool,
     **options: object,
 ) -> DatasetBundle:
     """A manifest CSV; relative ``manifest`` paths start at ``root``, images at the manifest."""

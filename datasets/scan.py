@@ -22,9 +22,14 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
 }
 _INT = re.compile(r"^\d+$")
 
@@ -57,7 +62,10 @@ def group_of(name: str, pattern: re.Pattern[str] | None, default: str) -> str:
 
 
 def scan_imagefolder(
-    root: Path, *, group_pattern: str | None, exclude_pattern: str | None,
+    root: Path,
+    *,
+    group_pattern: str | None,
+    exclude_pattern: str | None,
     class_names: list[str] | None,
 ) -> Records:
     """``root/<class>/**/<image>``: one folder per class, class names from the folder names."""
@@ -74,8 +82,11 @@ def scan_imagefolder(
     paths, labels, groups = [], [], []
     for ci, name in enumerate(names):
         files = sorted(
-            p for p in dirs[name].rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+            p
+            for p in dirs[name].rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.is_file()
+            and not p.name.startswith(".")
             and not (xpat and xpat.search(p.relative_to(dirs[name]).as_posix()))
         )
         if not files:
@@ -89,12 +100,17 @@ def scan_imagefolder(
             labels.append(ci)
             groups.append(group_of(rel, gpat, default=f"{name}/{rel}"))
     return Records(
-        paths=paths, labels=torch.tensor(labels, dtype=torch.int64),
-        groups=np.asarray(groups, dtype=str), class_names=list(names), multilabel=False,
+        paths=paths,
+        labels=torch.tensor(labels, dtype=torch.int64),
+        groups=np.asarray(groups, dtype=str),
+        class_names=list(names),
+        multilabel=False,
     )
 
 
-def _single_labels(raw: list[str], class_names: list[str] | None, where: list[str]) -> tuple[list[int], list[str]]:
+def _single_labels(
+    raw: list[str], class_names: list[str] | None, where: list[str]
+) -> tuple[list[int], list[str]]:
     """Class ids from names or integer ids; class names sorted unless given."""
     for r, w in zip(raw, where, strict=True):
         if not r:
@@ -123,7 +139,9 @@ def _multi_labels(
 ) -> tuple[torch.Tensor, list[str]]:
     """'a|b' -> float32 (N, L) 0/1 rows; an empty cell is a row with no positive label."""
     tokens = [[t.strip() for t in r.split(sep) if t.strip()] for r in raw]
-    names = list(class_names) if class_names is not None else sorted({t for ts in tokens for t in ts})
+    names = (
+        list(class_names) if class_names is not None else sorted({t for ts in tokens for t in ts})
+    )
     index = {n: i for i, n in enumerate(names)}
     y = torch.zeros(len(raw), len(names), dtype=torch.float32)
     for row, (ts, w) in enumerate(zip(tokens, where, strict=True)):
@@ -140,7 +158,9 @@ def read_manifest(manifest: Path, opts: CsvOptions) -> Records:
         raise DatasetNotFoundError(f"manifest {manifest} does not exist")
     base = manifest.parent
     if opts.image_root is not None:
-        base = opts.image_root if opts.image_root.is_absolute() else manifest.parent / opts.image_root
+        base = (
+            opts.image_root if opts.image_root.is_absolute() else manifest.parent / opts.image_root
+        )
     with manifest.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
@@ -176,9 +196,7 @@ def read_manifest(manifest: Path, opts: CsvOptions) -> Records:
         if has_split:
             value = (row.get(opts.split_column) or "").strip().lower()
             if value not in SPLIT_ALIASES:
-                raise DatasetError(
-                    f"{w}: split {value!r} is not one of train/val/test"
-                )
+                raise DatasetError(f"{w}: split {value!r} is not one of train/val/test")
             splits.append(SPLIT_ALIASES[value])
         paths.append(str(p))
         raw.append((row.get(opts.label_column) or "").strip())
@@ -192,6 +210,10 @@ def read_manifest(manifest: Path, opts: CsvOptions) -> Records:
         ids, names = _single_labels(raw, opts.class_names, where)
         labels = torch.tensor(ids, dtype=torch.int64)
     return Records(
-        paths=paths, labels=labels, groups=np.asarray(groups, dtype=str), class_names=names,
-        multilabel=multilabel, split=np.asarray(splits, dtype=str) if has_split else None,
+        paths=paths,
+        labels=labels,
+        groups=np.asarray(groups, dtype=str),
+        class_names=names,
+        multilabel=multilabel,
+        split=np.asarray(splits, dtype=str) if has_split else None,
     )

@@ -19,7 +19,11 @@ CLASSES = ("benign", "malignant")
 
 
 def make_folder(
-    root: Path, classes=CLASSES, videos: int = 6, frames: int = 4, mode: str = "L",
+    root: Path,
+    classes=CLASSES,
+    videos: int = 6,
+    frames: int = 4,
+    mode: str = "L",
     sizes=((40, 32),),
 ) -> list[Path]:
     """root/<class>/<class[:3]><video>_frame<k>.png: ``videos`` groups of ``frames`` per class."""
@@ -44,7 +48,9 @@ def group_set(split) -> set[str]:
 def test_imagefolder_holdout_is_group_disjoint_and_complete(tmp_path: Path) -> None:
     files = make_folder(tmp_path / "us")
     b = load_dataset(
-        "imagefolder", root=tmp_path / "us", size=16,
+        "imagefolder",
+        root=tmp_path / "us",
+        size=16,
         options={"group_pattern": PATTERN, "in_memory": False},
     )
     assert b.task is TaskType.BINARY and b.class_names == list(CLASSES) and b.in_channels == 1
@@ -69,10 +75,17 @@ def test_imagefolder_in_memory_and_seeds(tmp_path: Path) -> None:
     b = load_dataset("imagefolder", root=tmp_path / "us", size=24, seed=2, options=opts)
     assert group_set(a.test) == group_set(b.test)  # split_seed=0: split fixed across run seeds
     runs = {
-        frozenset(group_set(load_dataset(
-            "imagefolder", root=tmp_path / "us", size=24, seed=s,
-            options={**opts, "split_seed": None},
-        ).test))
+        frozenset(
+            group_set(
+                load_dataset(
+                    "imagefolder",
+                    root=tmp_path / "us",
+                    size=24,
+                    seed=s,
+                    options={**opts, "split_seed": None},
+                ).test
+            )
+        )
         for s in range(4)
     }
     assert len(runs) > 1  # split_seed=None follows the run seed
@@ -83,7 +96,9 @@ def test_kfold_test_parts_partition_groups(tmp_path: Path) -> None:
     tests = []
     for fold in range(3):
         b = load_dataset(
-            "imagefolder", root=tmp_path / "us", size=16,
+            "imagefolder",
+            root=tmp_path / "us",
+            size=16,
             options={"group_pattern": PATTERN, "n_folds": 3, "fold": fold},
         )
         assert_group_disjoint(b.train, b.val, b.test)
@@ -125,7 +140,9 @@ def test_empty_class_folder_is_named(tmp_path: Path) -> None:
     make_folder(tmp_path / "us")
     (tmp_path / "us" / "normal").mkdir()
     (tmp_path / "us" / "normal" / "notes.txt").write_text("no images here")
-    with pytest.raises(DatasetError, match=f"class folder {tmp_path / 'us' / 'normal'} holds no images"):
+    with pytest.raises(
+        DatasetError, match=f"class folder {tmp_path / 'us' / 'normal'} holds no images"
+    ):
         load_dataset("imagefolder", root=tmp_path / "us")
 
 
@@ -134,7 +151,9 @@ def test_unreadable_image_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "us" / "benign" / "ben77_frame000.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(CorruptDataError, match=f"cannot read image {bad}"):
-        load_dataset("imagefolder", root=tmp_path / "us", size=16, options={"group_pattern": PATTERN})
+        load_dataset(
+            "imagefolder", root=tmp_path / "us", size=16, options={"group_pattern": PATTERN}
+        )
 
 
 def test_unmatched_group_pattern_is_an_error(tmp_path: Path) -> None:
@@ -155,8 +174,11 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
 def manifest_rows(files: list[Path], root: Path, *, split_of=None) -> list[dict[str, str]]:
     rows = []
     for f in files:
-        row = {"image": f.relative_to(root).as_posix(), "label": f.parent.name,
-               "group": f.name.split("_")[0]}
+        row = {
+            "image": f.relative_to(root).as_posix(),
+            "label": f.parent.name,
+            "group": f.name.split("_")[0],
+        }
         if split_of is not None:
             row["split"] = split_of(f)
         rows.append(row)
@@ -171,10 +193,14 @@ def test_csv_with_group_column(tmp_path: Path) -> None:
     assert_group_disjoint(b.train, b.val, b.test)
     assert len(b.train) + len(b.val) + len(b.test) == 30
     # relative manifest path resolved against root; image_root for images elsewhere
-    rows = [{**r, "image": Path(r["image"]).relative_to("img").as_posix()}
-            for r in manifest_rows(files, tmp_path)]
+    rows = [
+        {**r, "image": Path(r["image"]).relative_to("img").as_posix()}
+        for r in manifest_rows(files, tmp_path)
+    ]
     write_manifest(tmp_path / "m2.csv", rows)
-    b2 = load_dataset("csv", root=tmp_path, size=16, options={"manifest": "m2.csv", "image_root": "img"})
+    b2 = load_dataset(
+        "csv", root=tmp_path, size=16, options={"manifest": "m2.csv", "image_root": "img"}
+    )
     assert torch.equal(b.test.images, b2.test.images)
 
 
@@ -202,7 +228,9 @@ def test_csv_multilabel_int_labels_and_ordinal(tmp_path: Path) -> None:
     files = make_folder(tmp_path / "img", videos=5, frames=2)
     labels = ["a|b", "b", "", "a|c", "c"]
     rows = [{"image": str(f), "label": labels[i % 5]} for i, f in enumerate(files)]
-    b = load_dataset("csv", size=16, options={"manifest": str(write_manifest(tmp_path / "ml.csv", rows))})
+    b = load_dataset(
+        "csv", size=16, options={"manifest": str(write_manifest(tmp_path / "ml.csv", rows))}
+    )
     assert b.task is TaskType.MULTILABEL and b.class_names == ["a", "b", "c"]
     assert b.train.labels.dtype == torch.float32 and b.train.labels.shape[1] == 3
 
@@ -230,8 +258,12 @@ def test_csv_errors_name_the_line(tmp_path: Path) -> None:
 def test_lazy_paths_match_in_memory(tmp_path: Path, augment: AugmentSpec | None) -> None:
     make_folder(tmp_path / "us", mode="RGB", sizes=((40, 32), (33, 33)))
     opts = {"group_pattern": PATTERN}
-    mem = load_dataset("imagefolder", root=tmp_path / "us", size=32, options={**opts, "in_memory": True})
-    lazy = load_dataset("imagefolder", root=tmp_path / "us", size=32, options={**opts, "in_memory": False})
+    mem = load_dataset(
+        "imagefolder", root=tmp_path / "us", size=32, options={**opts, "in_memory": True}
+    )
+    lazy = load_dataset(
+        "imagefolder", root=tmp_path / "us", size=32, options={**opts, "in_memory": False}
+    )
     assert lazy.train.paths is not None and mem.train.images is not None
     kw = {"shuffle": True, "seed": 5, "augment": augment, "image_size": 32, "in_channels": 3}
     a = list(make_loader(mem.train, 7, **kw))

@@ -29,8 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_npz(
-    root: Path, flag: str, size: int, counts=(20, 6, 8), *, drop: tuple[str, ...] = (),
-    image_size: int | None = None, seed: int = 0,
+    root: Path,
+    flag: str,
+    size: int,
+    counts=(20, 6, 8),
+    *,
+    drop: tuple[str, ...] = (),
+    image_size: int | None = None,
+    seed: int = 0,
 ) -> Path:
     """A small file in the official layout: (N,H,W) grey or (N,H,W,3) RGB, labels (N,1)/(N,L)."""
     info = INFO[flag]
@@ -43,7 +49,9 @@ def write_npz(
         if info.task is TaskType.MULTILABEL:
             arrays[f"{split}_labels"] = rng.integers(0, 2, (n, len(info.labels)), dtype=np.uint8)
         else:
-            arrays[f"{split}_labels"] = (np.arange(n) % len(info.labels)).reshape(n, 1).astype(np.uint8)
+            arrays[f"{split}_labels"] = (
+                (np.arange(n) % len(info.labels)).reshape(n, 1).astype(np.uint8)
+            )
     for k in drop:
         del arrays[k]
     root.mkdir(parents=True, exist_ok=True)
@@ -67,9 +75,20 @@ def official(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_all_twelve_registered_with_four_sizes() -> None:
-    flags = {"pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist",
-             "retinamnist", "breastmnist", "bloodmnist", "tissuemnist", "organamnist",
-             "organcmnist", "organsmnist"}
+    flags = {
+        "pathmnist",
+        "chestmnist",
+        "dermamnist",
+        "octmnist",
+        "pneumoniamnist",
+        "retinamnist",
+        "breastmnist",
+        "bloodmnist",
+        "tissuemnist",
+        "organamnist",
+        "organcmnist",
+        "organsmnist",
+    }
     assert flags <= set(available_datasets())
     assert set(INFO) == flags
     for flag in flags:
@@ -247,8 +266,11 @@ def test_download_failure_names_url(
 
 
 def _shared_data() -> Path | None:
-    candidates = [os.environ.get("METALR_BENCH_DATA"), REPO.parent / "shared" / "data",
-                  Path("/work/shared/data")]
+    candidates = [
+        os.environ.get("METALR_BENCH_DATA"),
+        REPO.parent / "shared" / "data",
+        Path("/work/shared/data"),
+    ]
     for c in candidates:
         if c and (Path(c) / "pneumoniamnist.npz").is_file():
             return Path(c)

@@ -64,9 +64,14 @@ def test_state_dict_resumes_the_same_order() -> None:
 
 
 def test_batches_are_normalised_floats() -> None:
-    s = Split(labels=torch.tensor([0, 1]), images=torch.tensor([0, 255], dtype=torch.uint8)
-              .view(2, 1, 1, 1).expand(2, 1, 4, 4).contiguous())
-    (x, y), = list(make_loader(s, 2))
+    s = Split(
+        labels=torch.tensor([0, 1]),
+        images=torch.tensor([0, 255], dtype=torch.uint8)
+        .view(2, 1, 1, 1)
+        .expand(2, 1, 4, 4)
+        .contiguous(),
+    )
+    ((x, y),) = list(make_loader(s, 2))
     assert x.dtype == torch.float32 and x.shape == (2, 1, 4, 4)
     assert torch.all(x[0] == -1) and torch.all(x[1] == 1)
     assert torch.equal(to_float(s.images), x)
