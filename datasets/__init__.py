@@ -5,6 +5,14 @@ Adapters register themselves by name in :data:`~metalr_bench.datasets.registry.D
 """
 
 from metalr_bench.datasets.base import DatasetBundle, Split, TaskType
+from metalr_bench.datasets.errors import DatasetError
 from metalr_bench.datasets.registry import available_datasets, load_dataset
 
-__all__ = ["DatasetBundle", "Split", "TaskType", "available_datasets", "load_dataset"]
+__all__ = [
+    "DatasetBundle",
+    "DatasetError",
+    "Split",
+    "TaskType",
+    "available_datasets",
+    "load_dataset",
+]

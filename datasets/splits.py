@@ -8,8 +8,11 @@ stratified on the label when asked and possible.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from metalr_bench.datasets.base import Split
+from metalr_bench.datasets.errors import DatasetError, GroupLeakageError
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 
@@ -29,7 +32,7 @@ def group_kfold_indices(
     groups = _groups(split)
     n_groups = len(np.unique(groups))
     if n_folds < 2 or n_folds > n_groups:
-        raise ValueError(
+        raise DatasetError(
             f"n_folds={n_folds} is invalid for {n_groups} groups: use 2 <= n_folds <= {n_groups}"
         )
     x = np.zeros(len(split))
@@ -59,8 +62,11 @@ def group_holdout(
     uniq, inverse = np.unique(groups, return_inverse=True)
     if stratify:
         y = _strat_labels(split)
-        # a group's stratum is its most frequent label
-        stratum = np.array([np.bincount(y[inverse == i]).argmax() for i in range(len(uniq))])
+        # a group's stratum is its most frequent label (one vectorised (group, label) count table,
+        # not a scan of all images per group: that was quadratic for one-image groups)
+        counts = np.zeros((len(uniq), int(y.max()) + 1), dtype=np.int64)
+        np.add.at(counts, (inverse, y), 1)
+        stratum = counts.argmax(1)
     else:
         stratum = np.zeros(len(uniq), dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -70,7 +76,7 @@ def group_holdout(
         take = int(round(fraction * len(members)))
         held_groups.extend(members[:take].tolist())
     if not held_groups or len(held_groups) == len(uniq):
-        raise ValueError(
+        raise DatasetError(
             f"cannot hold out {fraction:.0%} of {len(uniq)} groups: one side would be empty"
         )
     held_mask = np.isin(inverse, held_groups)
@@ -93,12 +99,52 @@ def group_train_val_test(
     return train, val, test
 
 
-def assert_group_disjoint(*splits: Split) -> None:
-    """Raise if any group id appears in two of ``splits`` (used by adapters and tests)."""
+def assert_group_disjoint(*splits: Split, names: Sequence[str] | None = None) -> None:
+    """Raise if any group id appears in two of ``splits`` (used by adapters and tests).
+
+    ``names`` (e.g. ``("train", "val", "test")``) only make the message clearer.
+    """
+    label = list(names) if names is not None else [f"split {i}" for i in range(len(splits))]
     seen: dict[object, int] = {}
     for i, s in enumerate(splits):
         if s.groups is None:
             continue
-        for g in np.unique(s.groups):
+        for g in np.unique(s.groups).tolist():  # python scalars: readable in the message
             if seen.setdefault(g, i) != i:
-                raise ValueError(f"group {g!r} appears in split {seen[g]} and split {i}")
+                raise GroupLeakageError(
+                    f"group {g!r} appears in both {label[seen[g]]} and {label[i]}: images of one "
+                    "patient / video / lesion must stay on one side of a split"
+                )
+
+
+def stratified_subsample(split: Split, n: int, *, seed: int = 0) -> Split:
+    """``n`` samples of ``split`` with the label proportions kept, for small-data experiments.
+
+    Every class present gets at least one sample when ``n`` allows it (a class missing from a
+    tiny training set would make its metrics undefined). Multi-label rows are stratified on their
+    first positive label (all-negative rows form their own stratum). The result keeps the
+    original order of the samples, so it is the same tensor slice for the same ``seed``.
+    """
+    total = len(split)
+    if not 1 <= n <= total:
+        raise DatasetError(f"cannot subsample {n} of {total} samples: use 1 <= n <= {total}")
+    y = split.labels.numpy()
+    if y.ndim == 2:
+        y = np.where(y.any(1), y.argmax(1) + 1, 0)
+    strata, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    alloc = np.ones(len(strata), np.int64) if n >= len(strata) else np.zeros(len(strata), np.int64)
+    cap = counts - alloc
+    rest = n - int(alloc.sum())
+    quota = rest * cap / max(int(cap.sum()), 1)
+    alloc += np.floor(quota).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    left = n - int(alloc.sum())
+    if left:  # largest remainders first, ties broken at random but reproducibly
+        frac = quota - np.floor(quota) + rng.random(len(strata)) * 1e-9
+        frac[alloc >= counts] = -1
+        alloc[np.argsort(-frac)[:left]] += 1
+    picked = [
+        rng.choice(np.flatnonzero(inverse == s), size=int(k), replace=False)
+        for s, k in enumerate(alloc)
+    ]
+    return split.subset(np.sort(np.concatenate(picked)))
