@@ -56,6 +56,13 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     p.add_argument("--output-dir", help="where leaderboards, reports and caches go")
+    p.add_argument("--executor", choices=["serial", "local", "ray"],
+                   help="serial (default) | local: worker processes | ray: Ray tasks")
+    p.add_argument("--workers", type=int,
+                   help="local executor: worker processes (default: one per visible GPU)")
+    p.add_argument("--gpus-per-run", type=float,
+                   help="GPU share per run, e.g. 0.25 for 28 px models (local and ray)")
+    p.add_argument("--ray-address", help="Ray cluster to join, e.g. auto (default: local Ray)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -65,7 +72,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """CLI flags -> a partial config dict (only what was given)."""
     o: dict[str, Any] = {}
     for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
-                "compile", "tracking_uri", "output_dir"):
+                "compile", "tracking_uri", "output_dir", "executor", "workers", "gpus_per_run",
+                "ray_address"):
         if getattr(args, key, None) is not None:
             o[key] = getattr(args, key)
     if args.strategies:

@@ -145,6 +145,16 @@ class BenchmarkConfig(_Strict):
     log_every_n_steps: int = Field(0, ge=0)
     tracking_uri: str = "sqlite:///mlflow.db"
     output_dir: str = "benchmark-output"
+    executor: Literal["serial", "local", "ray"] = Field(
+        "serial", description="where cells run: this process, local worker processes, or Ray"
+    )
+    workers: int | None = Field(
+        None, ge=1, description="local executor: worker processes (default: one per GPU)"
+    )
+    gpus_per_run: float = Field(
+        1.0, gt=0, le=8, description="GPUs per cell (0.25 packs 4 small runs on one GPU)"
+    )
+    ray_address: str | None = Field(None, description="Ray cluster address, e.g. auto")
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -161,6 +171,13 @@ class BenchmarkConfig(_Strict):
     def _unique_seeds(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @field_validator("gpus_per_run")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"gpus_per_run={v}: fractions must be <= 1 (e.g. 0.25) or whole GPUs")
         return v
 
     @field_validator("device")

@@ -26,7 +26,6 @@ from metalr_bench.datasets.base import DatasetBundle
 from metalr_bench.datasets.registry import load_dataset
 from metalr_bench.strategies.base import TrainSettings
 from metalr_bench.strategies.registry import get_strategy
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -213,19 +212,29 @@ def environment_tags() -> dict[str, str]:
 
 
 def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> BenchmarkOutcome:
-    """Run every cell of ``cfg`` under one parent run; returns what happened to each."""
-    tracker = Tracker(cfg.tracking_uri, cfg.name)
+    """Run every cell of ``cfg`` under one parent run; returns what happened to each.
+
+    ``cfg.executor`` decides where cells run; with several workers the driver and workers log
+    through an ``mlflow server`` (started here for a sqlite store, stopped at the end).
+    """
+    from metalr_bench.benchmark.executors import get_executor
+
+    executor = get_executor(cfg)
+    with executor.tracking(cfg.tracking_uri) as uri:
+        return _run_grid(cfg, executor, uri, progress)
+
+
+def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
+              progress: bool) -> BenchmarkOutcome:
+    tracker = Tracker(tracking_uri, cfg.name)
     cells = cfg.cells()
     data = DataCache()
-    results: list[CellResult] = []
     with tracker.run(f"{cfg.name}-benchmark", tags={"kind": "benchmark", **environment_tags()}) as parent:
         tracker.log_dict(parent, cfg.model_dump(mode="json"), "config.json")
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
-        bar = tqdm(cells, desc="benchmark", unit="run", disable=not progress)
-        for cell in bar:
-            bar.set_postfix_str(f"{cell.dataset.name} {cell.label} seed={cell.seed}")
-            results.append(run_cell(cfg, cell, tracker, parent, data))
+        results = executor.map_cells(cfg, cells, parent, tracking_uri, tracker=tracker,
+                                     data=data, progress=progress)
         board = leaderboard(results)
         if not board.empty:
             out = Path(cfg.output_dir)

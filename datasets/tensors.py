@@ -43,7 +43,10 @@ def augment_batch(
     n = x.shape[0]
     dev = x.device
     u = torch.rand(n, 5, generator=generator, device=generator.device if generator else "cpu")
-    u = u.to(dev)
+    if u.device != dev:
+        # a pageable host->GPU copy blocks the host until the GPU queue drains (a per-step sync);
+        # pinned + non_blocking keeps the hot loop asynchronous with the same random numbers
+        u = u.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else u.to(dev)
     ang = (u[:, 0] * 2 - 1) * math.radians(spec.max_rotate_deg)
     lo, hi = spec.scale
     s = lo + (hi - lo) * u[:, 1]
