@@ -148,6 +148,7 @@ class Trainer:
             for name, split in (("val", bundle.val), ("test", bundle.test))
         }
         self._common = common
+        self._epoch = -1  # for divergence messages from evaluate()
         self._meta_pos: tuple[Any, int] | None = None  # (loader state at pass start, batches drawn)
         self._meta_iter = self._meta_batches(common) if self.meta_split is not None else None
 
@@ -209,6 +210,7 @@ class Trainer:
         out = torch.cat(logits)
         y = torch.cat(labels)
         loss = float(self.loss_fn(out, y))
+        check_finite(self._epoch, {f"{split}_loss": loss})  # NaN outputs: diverged weights
         scores = scores_from_logits(self.bundle.task, out).cpu().numpy()
         return {"loss": loss, **compute_metrics(self.bundle.task, y.cpu().numpy(), scores)}
 
@@ -290,16 +292,18 @@ class Trainer:
                     values = self.strategy.log_values()
                     for cb in self.callbacks:
                         cb.on_step(step, values)
+            train_loss = float(loss_sum) / max(n_batches, 1)  # the epoch's one sync
+            check_finite(epoch, {"train_loss": train_loss})
+            self._epoch = epoch
             val = self.evaluate("val")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             record = {
-                "train_loss": float(loss_sum) / max(n_batches, 1),
+                "train_loss": train_loss,
                 **{f"val_{k}": v for k, v in val.items()},
                 "epoch_time_s": time.perf_counter() - t0,
                 **self.strategy.log_values(),
             }
-            check_finite(epoch, {"train_loss": record["train_loss"], "val_loss": val["loss"]})
             history.append(record)
             if self._better(val, best_val):
                 best_val, best_epoch = val, epoch
