@@ -21,6 +21,7 @@ from metalr_bench.benchmark.config import ConfigError, load_config
 SUBCOMMANDS: dict[str, str] = {
     "list": "list datasets and strategies",
     "pretrain": "run (or reuse) the pre-training stage only",
+    "replay-metrics": "send metrics saved while the tracking server was down",
 }
 
 
@@ -63,6 +64,11 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-run", type=float,
                    help="GPU share per run, e.g. 0.25 for 28 px models (local and ray)")
     p.add_argument("--ray-address", help="Ray cluster to join, e.g. auto (default: local Ray)")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="re-run every cell, also those already FINISHED (default: skip them "
+                   "and resume interrupted ones from their last epoch)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch deterministic algorithms (bit-exact resume, slower on GPU)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -73,7 +79,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {}
     for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
                 "compile", "tracking_uri", "output_dir", "executor", "workers", "gpus_per_run",
-                "ray_address"):
+                "ray_address", "force", "deterministic"):
         if getattr(args, key, None) is not None:
             o[key] = getattr(args, key)
     if args.strategies:
@@ -125,6 +131,10 @@ def cmd_run(argv: list[str]) -> int:
           f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
           f"tracking {cfg.tracking_uri}", flush=True)
     outcome = run_benchmark(cfg, progress=not args.no_progress)
+    skipped = sum(r.skipped for r in outcome.results)
+    if skipped:
+        print(f"run-benchmark: {skipped} run(s) already FINISHED earlier were skipped "
+              "(use --force to re-run them)")
     print("\nLeaderboard (test metrics of the checkpoint chosen on validation, mean ± std "
           "over seeds):")
     print(format_leaderboard(leaderboard(outcome.results)))
@@ -176,19 +186,41 @@ def cmd_pretrain(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    handlers = {"list": cmd_list, "pretrain": cmd_pretrain}
+    handlers = {"list": cmd_list, "pretrain": cmd_pretrain, "replay-metrics": cmd_replay}
     extra = _extra_subcommands()
     handlers |= extra
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])
         return cmd_run(argv)
-    except ConfigError as exc:
-        print(f"run-benchmark: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # also preflight.InputError: bad files, servers, parameters
+        print(f"run-benchmark: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("run-benchmark: interrupted; finished runs are in MLflow", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from metalr_bench.benchmark.signals import exit_code_for
+
+        print("run-benchmark: interrupted; finished runs are in MLflow, the interrupted run is "
+              "marked KILLED and its last epoch is checkpointed: run the same command again to "
+              "resume", file=sys.stderr)
+        return exit_code_for(exc)
+
+
+def cmd_replay(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run-benchmark replay-metrics",
+                                description=SUBCOMMANDS["replay-metrics"])
+    p.add_argument("files", nargs="+", help="JSONL files from <output_dir>/unlogged-metrics/")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from metalr_bench.benchmark.faults import replay_unlogged
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=args.tracking_uri)
+    for f in args.files:
+        n = replay_unlogged(Path(f), client)
+        print(f"{f}: {n} metric(s) logged")
+    return 0
 
 
 def _extra_subcommands() -> dict[str, Any]:

@@ -155,6 +155,11 @@ class BenchmarkConfig(_Strict):
         1.0, gt=0, le=8, description="GPUs per cell (0.25 packs 4 small runs on one GPU)"
     )
     ray_address: str | None = Field(None, description="Ray cluster address, e.g. auto")
+    force: bool = Field(False, description="re-run cells that already have a FINISHED run")
+    deterministic: bool = Field(False, description="torch deterministic algorithms")
+    tracking_retry_s: float = Field(
+        60.0, ge=0, le=3600, description="how long to retry an unreachable tracking server"
+    )
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -292,7 +297,10 @@ def validate_config(data: dict[str, Any]) -> BenchmarkConfig:
     except ValidationError as exc:
         extra = [e for e in exc.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
         hint = f" Allowed top-level keys: {_allowed_keys(BenchmarkConfig)}." if extra else ""
-        raise ConfigError(f"invalid config: {_explain(exc)}.{hint}") from None
+        raise ConfigError(
+            f"invalid config: {_explain(exc)}.{hint} Fix the value in the YAML file or with the "
+            "matching flag (`run-benchmark --help`)."
+        ) from None
     except TypeError as exc:  # e.g. a non-string key
         raise ConfigError(f"invalid config: {exc}") from None
 

@@ -16,10 +16,15 @@ from typing import Any
 
 import pandas as pd
 import torch
+from metalr_bench.benchmark.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.config import BenchmarkConfig, Cell
+from metalr_bench.benchmark.faults import RetryPolicy, explain_oom
 from metalr_bench.benchmark.layer_groups import layer_groups
 from metalr_bench.benchmark.models import build_model, imagenet_state, load_state, read_checkpoint
+from metalr_bench.benchmark.preflight import preflight
 from metalr_bench.benchmark.pretrain import pretrained_checkpoint
+from metalr_bench.benchmark.resume import mark_stale_parents, owner_tags, plan_cell
+from metalr_bench.benchmark.signals import terminate_as_interrupt
 from metalr_bench.benchmark.tracking import MetricsLogger, Tracker
 from metalr_bench.benchmark.trainer import Trainer, TrainerOptions, TrainResult, seed_everything
 from metalr_bench.datasets.base import DatasetBundle
@@ -38,6 +43,7 @@ class CellResult:
     status: str
     summary: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    skipped: bool = False  # an earlier call already finished it (resume)
 
 
 @dataclass
@@ -96,6 +102,8 @@ def train_cell(
     callbacks: list[Any] | None = None,
     *,
     epochs: int | None = None,
+    checkpoint: CellCheckpoint | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> tuple[TrainResult, Any]:
     """Build model + strategy for ``cell`` and train it; no tracking in here."""
     seed_everything(cell.seed)
@@ -110,6 +118,7 @@ def train_cell(
         compile=cfg.compile, augment=cfg.augment, precise_bn=cfg.precise_bn,
         selection_metric=cfg.selection_metric,
         seed=cell.seed, log_every_n_steps=cfg.log_every_n_steps,
+        deterministic=cfg.deterministic,
     )
     n_train = len(bundle.train)
     settings = TrainSettings(
@@ -118,8 +127,8 @@ def train_cell(
         steps_per_epoch=max(n_train // cfg.batch_size, 1),
     )
     strategy = get_strategy(cell.strategy)(cell.params, model, groups, settings)
-    trainer = Trainer(bundle, model, groups, strategy, options, callbacks)
-    return trainer.fit(), strategy
+    trainer = Trainer(bundle, model, groups, strategy, options, callbacks, checkpoint)
+    return trainer.fit(resume), strategy
 
 
 def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
@@ -157,32 +166,52 @@ def run_cell(
     bundle = data.get(cell)
     name = f"{cell.dataset_label}/{cell.label}/seed{cell.seed}"
     result = CellResult(cell, "", h, "RUNNING")
+    ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", h)
+    plan = plan_cell(tracker, h, ckpt, force=cfg.force)
+    if plan.action in ("skip", "busy"):
+        busy = plan.action == "busy"
+        return CellResult(cell, plan.run_id or "", h, "RUNNING" if busy else "FINISHED",
+                          plan.summary, skipped=True,
+                          error=f"run {plan.run_id} is still RUNNING in another process"
+                          if busy else None)
     try:
         weights, source = starting_weights(cfg, bundle, tracker, parent_id)
-        with tracker.run(name, tags=cell_tags(cfg, cell), parent_id=parent_id) as run_id:
+        tags = {**cell_tags(cfg, cell), **owner_tags()}
+        if plan.payload is not None:
+            tags["resumed_from_epoch"] = plan.resume_epoch
+        with tracker.run(name, tags=tags, parent_id=parent_id, reopen=plan.run_id) as run_id:
             result.run_id = run_id
-            tracker.log_params(run_id, {**cell_params(cfg, cell), "weights_source": source})
-            tracker.log_dict(run_id, {
-                "benchmark": cfg.model_dump(mode="json", exclude={"datasets", "strategies",
-                                                                  "seeds"}),
-                "dataset": cell.dataset.model_dump(mode="json"),
-                "strategy": {"name": cell.strategy, "params": cell.params},
-                "seed": cell.seed, "config_hash": h,
-            }, "config.json")
+            ckpt.meta = {"run_id": run_id}
+            if plan.run_id is None:  # a new run (a reopened one has all this already)
+                tracker.log_params(run_id, {**cell_params(cfg, cell), "weights_source": source})
+                tracker.log_dict(run_id, {
+                    "benchmark": cfg.model_dump(mode="json", exclude={"datasets", "strategies",
+                                                                      "seeds"}),
+                    "dataset": cell.dataset.model_dump(mode="json"),
+                    "strategy": {"name": cell.strategy, "params": cell.params},
+                    "seed": cell.seed, "config_hash": h,
+                }, "config.json")
             logger = MetricsLogger(tracker, run_id)
-            train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger])
-            logger.flush()
+            if plan.payload is not None and plan.run_id is None:  # resumed into a new run
+                for epoch, record in enumerate(plan.payload["trainer"]["history"]):
+                    logger.on_epoch_end(epoch, record)
+            with explain_oom(cfg.batch_size, cfg.resolved_device()):
+                train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
+                                                    checkpoint=ckpt, resume=plan.payload)
+            logger.flush(final=True)
             final = train_result.summary()
             final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
             tracker.log_metrics(run_id, final, step=cfg.epochs)
             for artifact in getattr(strategy, "artifacts", lambda: {})().items():
                 tracker.log_figure(run_id, artifact[1], artifact[0])
         result.status, result.summary = "FINISHED", train_result.summary()
-    except KeyboardInterrupt:
+        ckpt.delete()
+    except KeyboardInterrupt:  # the checkpoint stays: the next call resumes from it
         result.status = "KILLED"
         raise
     except Exception as exc:  # one failing cell must not stop the grid
         log.exception("cell %s failed", name)
+        ckpt.delete()  # a failure starts over next time (same inputs fail the same way)
         result.status, result.error = "FAILED", f"{type(exc).__name__}: {exc}"
     return result
 
@@ -214,22 +243,30 @@ def environment_tags() -> dict[str, str]:
 def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> BenchmarkOutcome:
     """Run every cell of ``cfg`` under one parent run; returns what happened to each.
 
-    ``cfg.executor`` decides where cells run; with several workers the driver and workers log
-    through an ``mlflow server`` (started here for a sqlite store, stopped at the end).
+    Bad input fails in the pre-flight, before any MLflow run exists. ``cfg.executor`` decides
+    where cells run; with several workers the driver and workers log through an ``mlflow
+    server`` (started here for a sqlite store, stopped at the end).
     """
     from metalr_bench.benchmark.executors import get_executor
 
+    data = DataCache()
+    preflight(cfg, data)
     executor = get_executor(cfg)
     with executor.tracking(cfg.tracking_uri) as uri:
-        return _run_grid(cfg, executor, uri, progress)
+        return _run_grid(cfg, executor, uri, progress, data)
 
 
 def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
-              progress: bool) -> BenchmarkOutcome:
-    tracker = Tracker(tracking_uri, cfg.name)
+              progress: bool, data: DataCache) -> BenchmarkOutcome:
     cells = cfg.cells()
-    data = DataCache()
-    with tracker.run(f"{cfg.name}-benchmark", tags={"kind": "benchmark", **environment_tags()}) as parent:
+    tracker = Tracker(tracking_uri, cfg.name,
+                      retry=RetryPolicy(max_total_s=cfg.tracking_retry_s),
+                      fallback_dir=Path(cfg.output_dir) / "unlogged-metrics")
+    mark_stale_parents(tracker)
+    results: list[CellResult] = []
+    with terminate_as_interrupt(), tracker.run(
+        f"{cfg.name}-benchmark", tags={"kind": "benchmark", **environment_tags(), **owner_tags()}
+    ) as parent:
         tracker.log_dict(parent, cfg.model_dump(mode="json"), "config.json")
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
@@ -242,7 +279,8 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
             board.to_csv(out / f"{cfg.name}-leaderboard.csv")
             tracker.log_artifact(parent, out / f"{cfg.name}-leaderboard.csv")
         n_failed = sum(r.status != "FINISHED" for r in results)
-        tracker.set_tags(parent, {"n_failed": n_failed})
+        tracker.set_tags(parent, {"n_failed": n_failed,
+                                  "n_skipped": sum(r.skipped for r in results)})
     return BenchmarkOutcome(parent, tracker.experiment_id, results)
 
 

@@ -9,6 +9,7 @@ Metrics are buffered and written with ``log_batch`` (one request per epoch, not 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -16,6 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from metalr_bench.benchmark.faults import (
+    RetryPolicy,
+    TrackingError,
+    describe_metrics,
+    retry_call,
+    save_unlogged,
+)
 from metalr_bench.benchmark.trainer import EpochCallback
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -24,6 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 _MAX_METRICS = 1000  # MLflow's per-request limits
 _MAX_PARAMS = 100
 _MAX_PARAM_LEN = 6000
+log = logging.getLogger(__name__)
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -38,9 +47,19 @@ def artifact_root_for(uri: str) -> str | None:
 class Tracker:
     """Thin layer over :class:`MlflowClient` for the benchmark's run structure."""
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        *,
+        retry: RetryPolicy | None = None,
+        fallback_dir: str | Path | None = None,
+    ) -> None:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.retry = retry or RetryPolicy()
+        #: where metrics go that MLflow would not take (see faults.save_unlogged)
+        self.fallback_dir = Path(fallback_dir) if fallback_dir else Path("unlogged-metrics")
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             exp_id = self.client.create_experiment(
@@ -58,24 +77,55 @@ class Tracker:
         all_tags = {MLFLOW_RUN_NAME: name, **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self._call(self.client.create_run, self.experiment_id, run_name=name,
+                         tags=all_tags)
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._call(self.client.set_terminated, run_id, status=status)
+
+    def _end_quietly(self, run_id: str, status: str) -> None:
+        try:
+            self.end_run(run_id, status)
+        except Exception as exc:
+            log.error("could not mark run %s %s in MLflow (%s)", run_id, status, exc)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """One MLflow call, retried with backoff while the server is unreachable."""
+        return retry_call(fn, *args, policy=self.retry, what=getattr(fn, "__name__", ""),
+                          **kwargs)
+
+    def reopen_run(self, run_id: str, tags: dict[str, Any] | None = None) -> str:
+        """Mark an interrupted run RUNNING again so a resumed cell keeps logging into it."""
+        self._call(self.client.update_run, run_id, status="RUNNING")
+        if tags:
+            self.set_tags(run_id, tags)
+        return run_id
 
     @contextmanager
-    def run(self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None):
-        """A run that ends FINISHED, FAILED (exception, reason tagged) or KILLED (Ctrl-C)."""
-        run_id = self.start_run(name, tags, parent_id)
+    def run(self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None,
+            *, reopen: str | None = None):
+        """A run that ends FINISHED, FAILED (exception, reason tagged) or KILLED (Ctrl-C).
+
+        ``reopen``: continue the existing run with this id instead of creating one (resume).
+        """
+        if reopen:
+            run_id = self.reopen_run(reopen, {**(tags or {}), **(
+                {MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {})})
+        else:
+            run_id = self.start_run(name, tags, parent_id)
         try:
             yield run_id
         except KeyboardInterrupt:
-            self.end_run(run_id, "KILLED")
+            self._end_quietly(run_id, "KILLED")
             raise
         except BaseException as exc:
-            self.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-            self.end_run(run_id, "FAILED")
+            reason = f"{type(exc).__name__}: {exc}"[:5000]
+            try:
+                self.set_tags(run_id, {"error": reason, "failure_reason": reason})
+            except Exception:  # the server may be what failed; keep the original error
+                log.warning("could not tag run %s with its failure reason", run_id)
+            self._end_quietly(run_id, "FAILED")
             raise
         else:
             self.end_run(run_id, "FINISHED")
@@ -84,12 +134,12 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in flatten(params).items()]
         for i in range(0, len(items), _MAX_PARAMS):
-            self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
+            self._call(self.client.log_batch, run_id, params=items[i : i + _MAX_PARAMS])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), _MAX_PARAMS):
-            self.client.log_batch(run_id, tags=items[i : i + _MAX_PARAMS])
+            self._call(self.client.log_batch, run_id, tags=items[i : i + _MAX_PARAMS])
 
     def log_metrics(
         self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp: int | None = None
@@ -100,7 +150,7 @@ class Tracker:
     def log_metric_batch(self, run_id: str, metrics: Iterable[Metric]) -> None:
         items = list(metrics)
         for i in range(0, len(items), _MAX_METRICS):
-            self.client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS])
+            self._call(self.client.log_batch, run_id, metrics=items[i : i + _MAX_METRICS])
 
     def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
         self.client.log_dict(run_id, data, path)
@@ -130,12 +180,33 @@ class MetricsLogger(EpochCallback):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]
-        self.flush()
+        try:
+            self.flush()
+        except TrackingError as exc:  # keep training; the buffer is retried next epoch
+            log.warning("%s; will retry after the next epoch", exc)
 
-    def flush(self) -> None:
-        if self._buffer:
+    def flush(self, *, final: bool = False) -> None:
+        """Send the buffer (retried with backoff). On failure the metrics stay buffered and
+        :class:`TrackingError` is raised; with ``final`` they are also saved to a JSONL file."""
+        if not self._buffer:
+            return
+        try:
             self.tracker.log_metric_batch(self.run_id, self._buffer)
-            self._buffer = []
+        except Exception as exc:
+            pending = list(self._buffer)
+            where = ""
+            if final:
+                path = save_unlogged(self.tracker.fallback_dir / f"{self.run_id}.jsonl",
+                                     self.run_id, pending)
+                self._buffer = []
+                where = f"; they were saved to {path} (replay them with " \
+                        f"`run-benchmark replay-metrics {path}` once the server is back)"
+            raise TrackingError(
+                f"tracking server {self.tracker.uri} unreachable ({type(exc).__name__}: {exc}); "
+                f"{len(pending)} metric(s) of run {self.run_id} not logged: "
+                f"{describe_metrics(pending)}{where}"
+            ) from exc
+        self._buffer = []
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

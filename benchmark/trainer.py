@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from metalr_bench.benchmark.checkpoint import CellCheckpoint, CheckpointMismatch, restore_rng
+from metalr_bench.benchmark.faults import check_finite
 from metalr_bench.benchmark.layer_groups import LayerGroup
 from metalr_bench.benchmark.metrics import compute_metrics, loss_fn_for, scores_from_logits
 from metalr_bench.datasets.base import DatasetBundle, Split
@@ -46,6 +48,7 @@ class TrainerOptions:
     meta_fraction: float = 0.2  # held-out share of train for strategies with meta_source="holdout"
     precise_bn: bool = True  # re-estimate trainable BatchNorm statistics before each evaluation
     precise_bn_batches: int = 50
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume on GPU too)
 
 
 class EpochCallback:
@@ -106,8 +109,10 @@ class Trainer:
         strategy: Strategy,
         options: TrainerOptions,
         callbacks: list[EpochCallback] | None = None,
+        checkpoint: CellCheckpoint | None = None,
     ) -> None:
         self.bundle = bundle
+        self.checkpoint = checkpoint  # saved after every epoch when given (resume)
         self.options = options
         self.device = torch.device(options.device)
         self.model = model.to(self.device)
@@ -144,6 +149,9 @@ class Trainer:
             name: make_loader(split, options.eval_batch_size, shuffle=False, **common)
             for name, split in (("val", bundle.val), ("test", bundle.test))
         }
+        self._common = common
+        self._epoch = -1  # for divergence messages from evaluate()
+        self._meta_pos: tuple[Any, int] | None = None  # (loader state at pass start, batches drawn)
         self._meta_iter = self._meta_batches(common) if self.meta_split is not None else None
         self._bn_loader = make_loader(train, options.batch_size, shuffle=False, **common)
 
@@ -153,8 +161,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _meta_batches(self, common: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless meta batches: re-sampled each call, or one fixed batch (``fixed``)."""
+    def _meta_batches(
+        self, common: dict[str, Any], resume: tuple[Any, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless meta batches: re-sampled each call, or one fixed batch (``fixed``).
+
+        The position (loader RNG state at the start of the current pass + batches drawn) is kept
+        in ``_meta_pos`` so a resumed run draws exactly the batches an uninterrupted one would.
+        """
         assert self.meta_split is not None
         loader = make_loader(
             self.meta_split, self.options.batch_size, shuffle=True, seed=self.options.seed + 1,
@@ -164,8 +178,18 @@ class Trainer:
             batch = next(iter(loader))
             while True:
                 yield batch
+        skip = 0
+        if resume is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(resume[0])
+            skip = resume[1]
         while True:
-            yield from loader
+            start = loader.state_dict() if hasattr(loader, "state_dict") else None
+            for i, batch in enumerate(loader):
+                self._meta_pos = (start, i + 1)
+                if i < skip:
+                    continue
+                yield batch
+            skip = 0
 
     def _default_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -218,6 +242,7 @@ class Trainer:
         out = torch.cat(logits)
         y = torch.cat(labels)
         loss = float(self.loss_fn(out, y))
+        check_finite(self._epoch, {f"{split}_loss": loss})  # NaN outputs: diverged weights
         scores = scores_from_logits(self.bundle.task, out).cpu().numpy()
         return {"loss": loss, **compute_metrics(self.bundle.task, y.cpu().numpy(), scores)}
 
@@ -230,16 +255,54 @@ class Trainer:
             return val["loss"] < best["loss"]
         return a > b
 
+    # -- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self, loop: dict[str, Any]) -> dict[str, Any]:
+        """Everything an exact resume needs (RNG states are added by the checkpoint)."""
+        return {
+            **loop,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "train_loader": getattr(self.train_loader, "state_dict", dict)(),
+            "meta_pos": self._meta_pos,
+        }
+
+    def load_state_dict(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Restore a checkpoint payload; returns the loop variables to continue from."""
+        state = payload["trainer"]
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointMismatch(f"resume checkpoint does not match the model: {exc}") from exc
+        self.strategy.load_state_dict(state["strategy"])
+        if state.get("train_loader") and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(state["train_loader"])
+        if self.meta_split is not None and state.get("meta_pos") is not None:
+            self._meta_pos = state["meta_pos"]
+            self._meta_iter = self._meta_batches(self._common, resume=self._meta_pos)
+        restore_rng(payload["rng"])
+        keys = ("epoch", "history", "best_val", "best_epoch", "best_state", "step", "elapsed_s")
+        return {k: state[k] for k in keys}
+
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self) -> TrainResult:
+    def fit(self, resume: dict[str, Any] | None = None) -> TrainResult:
+        """Train; ``resume`` (a :class:`CellCheckpoint` payload) continues after its epoch."""
         t_start = time.perf_counter()
+        if self.options.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         history: list[dict[str, float]] = []
         best_val, best_epoch, best_state = None, -1, None
-        step = 0
+        step, first_epoch, elapsed_before = 0, 0, 0.0
+        if resume is not None:
+            loop = self.load_state_dict(resume)
+            history, best_val, best_epoch = loop["history"], loop["best_val"], loop["best_epoch"]
+            best_state, step = loop["best_state"], loop["step"]
+            first_epoch, elapsed_before = loop["epoch"] + 1, loop["elapsed_s"]
         n = self.options.log_every_n_steps
-        for epoch in range(self.options.epochs):
+        for epoch in range(first_epoch, self.options.epochs):
             t0 = time.perf_counter()
             self.strategy.on_epoch_start(epoch)
             self.strategy.set_train_mode(self.model)
@@ -261,13 +324,16 @@ class Trainer:
                     values = self.strategy.log_values()
                     for cb in self.callbacks:
                         cb.on_step(step, values)
+            train_loss = float(loss_sum) / max(n_batches, 1)  # the epoch's one sync
+            check_finite(epoch, {"train_loss": train_loss})
+            self._epoch = epoch
             if self.options.precise_bn:
                 self.recalibrate_bn()
             val = self.evaluate("val")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             record = {
-                "train_loss": float(loss_sum) / max(n_batches, 1),
+                "train_loss": train_loss,
                 **{f"val_{k}": v for k, v in val.items()},
                 "epoch_time_s": time.perf_counter() - t0,
                 **self.strategy.log_values(),
@@ -278,6 +344,12 @@ class Trainer:
                 best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             for cb in self.callbacks:
                 cb.on_epoch_end(epoch, record)
+            if self.checkpoint is not None:
+                self.checkpoint.save(self.state_dict({
+                    "epoch": epoch, "history": history, "best_val": best_val,
+                    "best_epoch": best_epoch, "best_state": best_state, "step": step,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                }))
         assert best_state is not None and best_val is not None, "epochs must be >= 1"
         self.model.load_state_dict(best_state)
         test = self._test()
@@ -290,7 +362,7 @@ class Trainer:
             drift=self.drift(),
             peak_memory_mb=_peak_memory_mb(self.device),
             mean_epoch_time_s=float(np.mean(times)),
-            total_time_s=time.perf_counter() - t_start,
+            total_time_s=elapsed_before + time.perf_counter() - t_start,
         )
 
     def _test(self) -> dict[str, float]:

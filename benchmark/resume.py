@@ -1,0 +1,133 @@
+"""Re-running the same command continues the grid instead of starting it over.
+
+Rules, per cell (identified by its ``config_hash`` tag, which includes the code version):
+
+* a FINISHED run exists            -> skip the cell; its metrics feed the leaderboard;
+* a checkpoint exists (the cell was interrupted) -> resume from its last epoch, logging into
+  the same MLflow run when it still exists (earlier epochs' metrics are already there);
+* FAILED / KILLED / stale RUNNING   -> train again;
+* ``force``                         -> train again whatever exists (checkpoint discarded).
+
+A run left RUNNING by a process that died without a word (SIGKILL, power loss) is *stale*: its
+``run.host`` tag is this machine and its ``run.pid`` is no longer alive. Stale runs are marked
+KILLED, so nothing stays RUNNING forever. A RUNNING run owned by a live process (or by another
+machine) is left alone and the cell is reported as busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from metalr_bench.benchmark.checkpoint import CellCheckpoint
+from metalr_bench.benchmark.tracking import Tracker
+from mlflow.entities import Run, ViewType
+
+log = logging.getLogger(__name__)
+
+#: final numbers a skipped cell contributes to the leaderboard
+SUMMARY_PREFIXES = ("test_", "best_val_")
+SUMMARY_KEYS = ("best_epoch", "peak_memory_mb", "mean_epoch_time_s", "total_time_s")
+
+
+def owner_tags() -> dict[str, str]:
+    """Who runs this: lets a later call tell a dead run from a live one."""
+    return {"run.host": platform.node(), "run.pid": str(os.getpid())}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(run: Run) -> bool:
+    """RUNNING, started on this host by a process that no longer exists."""
+    if run.info.status != "RUNNING":
+        return False
+    tags = run.data.tags
+    if tags.get("run.host") != platform.node():
+        return False
+    try:
+        pid = int(tags.get("run.pid", ""))
+    except ValueError:
+        return False
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def mark_stale(tracker: Tracker, runs: list[Run]) -> list[str]:
+    """Mark stale RUNNING runs KILLED; returns their ids."""
+    ids = []
+    for run in runs:
+        if is_stale(run):
+            tracker.set_tags(run.info.run_id, {"failure_reason": "process died (found stale)"})
+            tracker.end_run(run.info.run_id, "KILLED")
+            ids.append(run.info.run_id)
+            log.warning("run %s was left RUNNING by a dead process; marked KILLED",
+                        run.info.run_id)
+    return ids
+
+
+def mark_stale_parents(tracker: Tracker) -> list[str]:
+    runs = tracker._call(
+        tracker.client.search_runs, [tracker.experiment_id],
+        filter_string="tags.kind = 'benchmark' and attributes.status = 'RUNNING'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+    )
+    return mark_stale(tracker, list(runs))
+
+
+def runs_for(tracker: Tracker, config_hash: str) -> list[Run]:
+    """Every live (not deleted) run of this cell in the experiment, newest first."""
+    return list(tracker._call(
+        tracker.client.search_runs, [tracker.experiment_id],
+        filter_string=f"tags.config_hash = '{config_hash}'",
+        run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"],
+    ))
+
+
+def summary_of(run: Run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items()
+            if k.startswith(SUMMARY_PREFIXES) or k in SUMMARY_KEYS}
+
+
+@dataclass
+class CellPlan:
+    action: Literal["skip", "busy", "resume", "new"]
+    run_id: str | None = None  # skip/busy: the existing run; resume: the run to reopen (or None)
+    payload: dict[str, Any] | None = None  # resume: the checkpoint payload
+    summary: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def resume_epoch(self) -> int | None:
+        return None if self.payload is None else int(self.payload["trainer"]["epoch"])
+
+
+def plan_cell(tracker: Tracker, config_hash: str, checkpoint: CellCheckpoint,
+              force: bool = False) -> CellPlan:
+    """Decide what to do with one cell (see the module docstring)."""
+    runs = runs_for(tracker, config_hash)
+    stale = set(mark_stale(tracker, runs))
+    if force:
+        checkpoint.delete()
+        return CellPlan("new")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        checkpoint.delete()  # a leftover from an older interrupted attempt
+        return CellPlan("skip", finished[0].info.run_id, summary=summary_of(finished[0]))
+    live = [r for r in runs if r.info.status == "RUNNING" and r.info.run_id not in stale]
+    if live:
+        return CellPlan("busy", live[0].info.run_id)
+    payload = checkpoint.load()
+    if payload is None:
+        return CellPlan("new")
+    run_id = checkpoint.meta.get("run_id")
+    reopen = run_id if any(r.info.run_id == run_id for r in runs) else None
+    return CellPlan("resume", reopen, payload=payload)

@@ -1,0 +1,43 @@
+"""SIGTERM behaves like Ctrl-C: the grid stops cleanly instead of dying mid-write.
+
+Why: a scheduler (Slurm, Kubernetes, ``timeout``) stops jobs with SIGTERM. Python's default is
+to die at once, leaving the MLflow run RUNNING forever. Raising :class:`Terminated` (a
+``KeyboardInterrupt``) instead reuses the Ctrl-C path: the current cell's run and the parent
+run are marked KILLED, the checkpoint of the last completed epoch stays on disk, and the CLI
+exits 143 (130 for Ctrl-C). Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+    exit_code = 143
+
+
+def exit_code_for(exc: KeyboardInterrupt) -> int:
+    return getattr(exc, "exit_code", 130)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; else no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"received signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

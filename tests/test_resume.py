@@ -1,0 +1,182 @@
+"""Resume and idempotency: skip FINISHED cells, re-run FAILED/KILLED ones, resume from the
+last epoch's checkpoint with the same final numbers, and never leave a run RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from fault_strategies import InterruptOnce, registered
+from metalr_bench.benchmark.checkpoint import CellCheckpoint
+from metalr_bench.benchmark.cli import main
+from metalr_bench.benchmark.config import load_config
+from metalr_bench.benchmark.runner import run_benchmark
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+TESTS = Path(__file__).resolve().parent
+FINAL = ("test_auc", "test_acc", "test_balanced_acc", "test_f1", "best_val_auc", "best_epoch")
+
+
+@pytest.fixture(autouse=True)
+def _fault_strategies():
+    with registered():
+        yield
+
+
+def _runs(uri: str, name: str) -> list[Any]:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    return list(client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL))
+
+
+def _children(uri: str, name: str) -> list[Any]:
+    return [r for r in _runs(uri, name) if "config_hash" in r.data.tags]
+
+
+def _with_dirs(cfg: dict[str, Any], root: Path) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
+    return {**cfg, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "output_dir": str(root / "out")}
+
+
+def test_rerun_skips_finished_and_force_reruns(tiny_config):
+    cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1})
+    first = run_benchmark(cfg, progress=False)
+    assert [r.status for r in first.results] == ["FINISHED"]
+    second = run_benchmark(cfg, progress=False)
+    assert all(r.skipped and r.status == "FINISHED" for r in second.results)
+    assert [r.run_id for r in second.results] == [r.run_id for r in first.results]
+    assert second.results[0].summary["test_auc"] == first.results[0].summary["test_auc"]
+    assert len(_children(cfg.tracking_uri, cfg.name)) == 1  # nothing trained again
+    forced = run_benchmark(cfg.model_copy(update={"force": True}), progress=False)
+    assert not any(r.skipped for r in forced.results)
+    assert len(_children(cfg.tracking_uri, cfg.name)) == 2
+    assert not (Path(cfg.output_dir) / "checkpoints").exists() or not any(
+        (Path(cfg.output_dir) / "checkpoints").iterdir())
+
+
+def test_changed_config_is_a_new_cell(tiny_config):
+    cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1})
+    run_benchmark(cfg, progress=False)
+    again = run_benchmark(cfg.model_copy(update={"lr": 2e-3}), progress=False)
+    assert not again.results[0].skipped
+
+
+def test_ctrl_c_marks_killed_keeps_checkpoint_and_resumes_exactly(tiny_config, tmp_path):
+    base = {**tiny_config, "seeds": [0], "strategies": ["interrupt_once"], "epochs": 3,
+            "deterministic": True}
+    cfg = load_config(None, _with_dirs(base, tmp_path / "a"))
+    InterruptOnce.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(cfg, progress=False)
+    runs = _runs(cfg.tracking_uri, cfg.name)
+    assert {r.info.status for r in runs} == {"KILLED"}  # parent and child
+    cell = cfg.cells()[0]
+    ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", cfg.config_hash(cell))
+    payload = ckpt.load()
+    assert payload is not None and payload["trainer"]["epoch"] == 0
+    killed_child = _children(cfg.tracking_uri, cfg.name)[0].info.run_id
+
+    resumed = run_benchmark(cfg, progress=False).results[0]
+    assert resumed.status == "FINISHED" and resumed.run_id == killed_child  # same run reopened
+    assert not ckpt.exists()
+    straight = run_benchmark(load_config(None, _with_dirs(base, tmp_path / "b")),
+                             progress=False).results[0]
+    for k in FINAL:
+        assert resumed.summary[k] == pytest.approx(straight.summary[k], abs=1e-6), k
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    history = client.get_metric_history(killed_child, "val_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert client.get_run(killed_child).data.tags["resumed_from_epoch"] == "0"
+
+
+def test_corrupt_checkpoint_starts_over(tiny_config):
+    cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1})
+    ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", cfg.config_hash(cfg.cells()[0]))
+    ckpt.path.parent.mkdir(parents=True)
+    ckpt.path.write_bytes(b"PK\x03\x04 truncated")
+    assert ckpt.load() is None
+    assert run_benchmark(cfg, progress=False).results[0].status == "FINISHED"
+
+
+def _subprocess_cli(config: Path, env: dict[str, str]) -> subprocess.Popen:
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv.pop(1)); import fault_strategies as f; "
+        f"f.register_all(); torch.set_num_threads({torch.get_num_threads()}); "
+        "from metalr_bench.benchmark.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(TESTS), "--config", str(config), "--no-progress"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for_epoch(ckpt: CellCheckpoint, proc: subprocess.Popen, epoch: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"benchmark ended early:\n{proc.stdout.read()}"
+        payload = ckpt.load()
+        if payload is not None and payload["trainer"]["epoch"] >= epoch:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint within 120 s")
+
+
+_STRAIGHT: dict[str, dict[str, float]] = {}
+
+
+def _uninterrupted(base: dict[str, Any], factory: pytest.TempPathFactory) -> dict[str, float]:
+    """The same cell trained in one go (once per session; both kill tests compare to it)."""
+    if "sleepy" not in _STRAIGHT:
+        cfg = load_config(None, _with_dirs(base, factory.mktemp("straight")))
+        _STRAIGHT["sleepy"] = run_benchmark(cfg, progress=False).results[0].summary
+    return _STRAIGHT["sleepy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_subprocess_resumes_to_the_uninterrupted_result(tiny_config, tmp_path, sig,
+                                                                tmp_path_factory):
+    base = {**tiny_config, "seeds": [0], "strategies": ["sleepy"], "epochs": 3,
+            "deterministic": True}
+    data = _with_dirs(base, tmp_path / "killed")
+    config = tmp_path / "killed" / "bench.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cfg = load_config(config)
+    ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", cfg.config_hash(cfg.cells()[0]))
+
+    proc = _subprocess_cli(config, {"SLEEPY_S": "60"})
+    _wait_for_epoch(ckpt, proc, 0)  # epoch 0 done and checkpointed; asleep before epoch 1
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    out = proc.stdout.read()
+    statuses = {r.info.status for r in _runs(cfg.tracking_uri, cfg.name)}
+    if sig == signal.SIGTERM:  # a clean stop: runs marked KILLED, exit 143
+        assert rc == 143, out
+        assert "run the same command again to resume" in out
+        assert statuses == {"KILLED"}
+    else:  # SIGKILL: nothing can run; the runs stay RUNNING until the next call
+        assert rc == -signal.SIGKILL
+        assert statuses == {"RUNNING"}
+    assert ckpt.load()["trainer"]["epoch"] == 0
+
+    assert main(["--config", str(config), "--no-progress"]) == 0  # resumes in this process
+    runs = _runs(cfg.tracking_uri, cfg.name)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    children = _children(cfg.tracking_uri, cfg.name)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.tags["resumed_from_epoch"] == "0"
+    resumed = children[0].data.metrics
+    straight = _uninterrupted(base, tmp_path_factory)
+    for k in FINAL:
+        assert resumed[k] == pytest.approx(straight[k], abs=1e-6), k
