@@ -51,6 +51,8 @@ class Lookahead:
         self._buffer_names: list[str] = []
         self._buffers: list[torch.Tensor] = []
         self._scratch: list[torch.Tensor] = []
+        self._ahead: dict[str, torch.Tensor] = {}  # persistent look-ahead leaves θ̂
+        self._index_cache: dict[Any, torch.Tensor] = {}
 
     def scratch_buffers(self) -> dict[str, torch.Tensor]:
         """Fresh copies of the model's buffers (BN running stats) for the look-ahead forward."""
@@ -66,25 +68,40 @@ class Lookahead:
         return dict(zip(self._buffer_names, self._scratch, strict=True))
 
     @torch.no_grad()
-    def params_at(self, alpha: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[list[Any]]]:
-        """θ̂ = θ − α_j·g_j as new leaf tensors; returns the name->tensor map and, per group,
-        the (look-ahead tensor, g) pairs that enter the hyper-gradient."""
+    def params_at(self, alpha: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """θ̂ = θ − α_j·g_j written into persistent leaf tensors (one pass, no allocation).
+
+        Returns the name->tensor map for :func:`functional_call` and the ``(θ̂, g, group)``
+        triples that enter the hyper-gradient.
+        """
         out: dict[str, torch.Tensor] = {n: p for n, p in self.others}
-        pairs: list[list[Any]] = []
-        a = alpha.unbind()
+        triples: list[Any] = []
+        neg = (-alpha).unbind()
         for j, members in enumerate(self.members):
-            live = [(n, p) for n, p in members if p.grad is not None]
-            out |= {n: p.detach() for n, p in members if p.grad is None}
-            if not live:
-                pairs.append([])
-                continue
-            grads = [p.grad for _, p in live]
-            step = torch._foreach_mul(grads, a[j].to(grads[0].dtype))
-            ahead = torch._foreach_sub([p.detach() for _, p in live], step)
-            for (n, _), t in zip(live, ahead, strict=True):
-                out[n] = t.requires_grad_(True)
-            pairs.append(list(zip(ahead, grads, strict=True)))
-        return out, pairs
+            for n, p in members:
+                if p.grad is None:
+                    out[n] = p.detach()
+                    continue
+                t = self._ahead.get(n)
+                if t is None or t.shape != p.shape or t.device != p.device or (
+                    t.dtype != p.dtype or t.stride() != p.stride()
+                ):
+                    t = self._ahead[n] = torch.empty_like(p).requires_grad_(True)
+                torch.addcmul(p, p.grad, neg[j].to(p.dtype), out=t)
+                out[n] = t
+                triples.append((t, p.grad, j))
+        return out, triples
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ in one pass: a BLAS dot over memory order when both share a dense layout
+    (contiguous or channels_last), else an elementwise product and sum."""
+    dense = a.is_contiguous() or (a.ndim == 4 and a.is_contiguous(memory_format=torch.channels_last))
+    if dense and a.stride() == b.stride() and a.dtype == b.dtype:
+        n = a.numel()
+        return torch.dot(a.as_strided((n,), (1,), a.storage_offset()),
+                         b.as_strided((n,), (1,), b.storage_offset()))
+    return (a * b).sum()
 
 
 def hypergradient(
@@ -100,27 +117,26 @@ def hypergradient(
     Returns a tensor of shape ``[n_groups]`` on ``alpha``'s device (no host sync) and the detached
     validation loss at the look-ahead point.
     """
-    params, pairs = look.params_at(alpha)
+    params, triples = look.params_at(alpha)
     buffers = look.scratch_buffers()
     with autocast():
         out = functional_call(look.model, (params, buffers), (x_val,), strict=False)
         loss = loss_fn(out, y_val)
-    leaves = [t for group in pairs for t, _ in group]
     h = torch.zeros(look.n_groups, dtype=alpha.dtype, device=alpha.device)
-    if not leaves:
+    if not triples:
         return h, loss.detach()
-    vgrads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    k = 0
-    for j, group in enumerate(pairs):
-        if not group:
-            continue
-        vg = vgrads[k : k + len(group)]
-        k += len(group)
-        used = [(v, g) for v, (_, g) in zip(vg, group, strict=True) if v is not None]
-        if not used:
-            continue
-        prods = torch._foreach_mul([v for v, _ in used], [g for _, g in used])
-        h[j] = -torch.stack([p.sum() for p in prods]).sum().to(h.dtype)
+    vgrads = torch.autograd.grad(loss, [t for t, _, _ in triples], allow_unused=True)
+    dots, index = [], []
+    for v, (_, g, j) in zip(vgrads, triples, strict=True):
+        if v is not None:
+            dots.append(_dot(v, g).to(h.dtype))
+            index.append(j)
+    if dots:
+        key = (tuple(index), h.device)
+        idx = look._index_cache.get(key)
+        if idx is None:  # built once per pattern: a host->device copy would sync each step
+            idx = look._index_cache[key] = torch.tensor(index, device=h.device)
+        h.index_add_(0, idx, torch.stack(dots), alpha=-1)
     return h, loss.detach()
 
 

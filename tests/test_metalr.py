@@ -246,3 +246,12 @@ def test_short_run_logs_lr_curves_to_mlflow(tiny_config: dict, tmp_path: Path) -
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path)))
                       .read_text())["strategy"]["name"] == "metalr"
+
+
+def test_bench_step_runs_both_modes() -> None:
+    from metalr_bench.benchmark.bench_step import main
+
+    (row,) = main(["--arch", "smallcnn", "--size", "16", "--batch", "4", "--in-channels", "1",
+                   "--device", "cpu", "--warmup", "1", "--iters", "2", "--no-memory"])
+    assert row["full_s"] > 0 and row["metalr_s"] > 0
+    assert row["time_ratio"] == pytest.approx(row["metalr_s"] / row["full_s"])
