@@ -1,0 +1,256 @@
+"""MetaLR (Chen et al., MICCAI 2023): layer-wise learning rates meta-learned online.
+
+Each iteration, with a training batch and a meta (validation) batch:
+
+1. look-ahead   θ̂_j = θ_j − α_j·g_j, with g = ∇_θ L_train(θ), per layer group j;
+2. LR update    α_j ← α_j − η·∂L_val(θ̂)/∂α_j (multiplicative by default, see below);
+3. real update  of θ with the new α_j by the real optimizer, reusing g.
+
+The hyper-gradient is exact and first-order (:mod:`metalr_bench.strategies.hypergrad`): one
+extra forward/backward on the meta batch per meta-step, no model copy.
+
+Defaults follow the public code (Schuture/MetaLR, ``MetaLR_POCUS/train.py``): groups = stem,
+each residual block, head; α⁰ = 0.1·lr for the backbone and lr for the head; the multiplicative
+rule α ← clip(α·(1 − η·h), 1e-6, 1e-2) with η = 0.1 and the raw (un-normalised) hyper-gradient h;
+head LR pinned to lr for the first 5 epochs; the real step is Adam (weight decay 1e-4) with the
+learned α as each group's LR. Note the look-ahead is the SGD step of eq. 1 while the real step
+is Adam's; the paper and its code do the same, and we keep it.
+
+Fixed relative to the public code: the look-ahead descends (θ − α·g; the code's
+``parameter.sub(-lr * grad)`` ascends), the meta batch is re-sampled from a held-out part of the
+training data (the code re-creates its iterator each call and so always uses the first training
+batch), the best epoch is chosen on validation data by the trainer (the code picks it on the
+test fold), and no model is rebuilt or state dict reloaded per iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from metalr_bench.strategies.base import StepContext, Strategy, register
+from metalr_bench.strategies.hypergrad import Lookahead, hypergradient, update_rates
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: keep at most this many LR snapshots for the figure (older ones are thinned 2:1)
+_MAX_HISTORY = 2048
+
+
+class MetaLRParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyper_lr: float = Field(0.1, gt=0, description="η, the step size of the LR update")
+    update: Literal["multiplicative", "additive"] = Field(
+        "multiplicative",
+        description="multiplicative: α·(1−η·h) (public code); additive: α−η·h (needs a much "
+        "smaller hyper_lr, e.g. 1e-4)",
+    )
+    lr_min: float = Field(1e-6, gt=0, description="lower bound on every learned LR")
+    lr_max: float = Field(1e-2, gt=0, description="upper bound on every learned LR")
+    backbone_lr_scale: float = Field(0.1, gt=0, description="initial backbone LR = scale · lr")
+    meta_interval: int = Field(1, ge=1, description="update the LRs every k iterations")
+    meta_source: Literal["holdout", "fixed", "val"] = Field(
+        "holdout",
+        description="holdout: a held-out share of the training data, re-sampled each meta-step; "
+        "fixed: one held-out batch; val: the real validation split (also used for model "
+        "selection, so its scores become optimistic)",
+    )
+    head_pin_epochs: int = Field(5, ge=0, description="keep the head's LR at lr this many epochs")
+    optimizer: Literal["adam", "adamw", "sgd"] | None = Field(
+        None, description="real optimizer; default: the benchmark's optimizer setting"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetaLRParams:
+        if self.lr_min >= self.lr_max:
+            raise ValueError(
+                f"lr_min ({self.lr_min:g}) must be smaller than lr_max ({self.lr_max:g})"
+            )
+        if self.update == "multiplicative" and self.hyper_lr >= 10:
+            raise ValueError(
+                f"hyper_lr={self.hyper_lr:g} with the multiplicative rule flips the sign of "
+                "α·(1−η·h) for any |h| > 1/η; use a value below 10 (default 0.1)"
+            )
+        return self
+
+
+@register
+class MetaLR(Strategy):
+    """Meta-learned layer-wise learning rates with an exact first-order hyper-gradient."""
+
+    name = "metalr"
+    Params = MetaLRParams
+    test_params = [
+        {},
+        {"update": "additive", "hyper_lr": 1e-4, "meta_interval": 2, "meta_source": "fixed",
+         "head_pin_epochs": 1},
+    ]
+    meta_source = "holdout"  # class default; each instance takes its own from params
+
+    def __init__(self, params, model, groups, settings) -> None:
+        super().__init__(params, model, groups, settings)
+        p: MetaLRParams = self.params
+        self.meta_source = p.meta_source
+        if p.optimizer is not None:
+            self.settings = dataclasses.replace(settings, optimizer=p.optimizer)
+        lr = self.settings.lr
+        init = [p.backbone_lr_scale * lr] * (len(groups) - 1) + [lr]
+        bad = [(g.name, a) for g, a in zip(groups, init, strict=True)
+               if not p.lr_min <= a <= p.lr_max]
+        if bad:
+            raise ValueError(
+                f"metalr: initial learning rates {', '.join(f'{n}={a:g}' for n, a in bad)} lie "
+                f"outside [lr_min, lr_max] = [{p.lr_min:g}, {p.lr_max:g}]; change lr "
+                f"({lr:g}), backbone_lr_scale or the bounds"
+            )
+        self.group_names = [g.name for g in groups]
+        self.head_index = len(groups) - 1
+        self._init = init
+        self.alpha = torch.tensor(init, dtype=torch.float32)
+        self.hypergrad = torch.zeros(len(groups))
+        self.meta_loss = torch.full((), float("nan"))
+        self.step = 0
+        self._look: Lookahead | None = None
+        self._views: list[torch.Tensor] = []
+        self._hist: list[torch.Tensor] = []
+        self._hist_steps: list[int] = []
+        self._hist_every = 1
+
+    # -- optimizer with the learned rates as device tensors ---------------------------------------
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        device = next(self.model.parameters()).device
+        self.alpha = self.alpha.to(device)
+        self.hypergrad = self.hypergrad.to(device)
+        self.meta_loss = self.meta_loss.to(device)
+        self._views = list(self.alpha.unbind())
+        self._look = Lookahead(self.model, self.groups)  # after the trainer moved the model
+        groups = [self._group(i, lr=self._views[i]) for i in range(len(self.groups))]
+        groups = [g for g in groups if g["params"]]
+        s = self.settings
+        # fused kernels take a device-tensor LR without a host sync; on CPU the plain loop reads
+        # it as a number (no device to sync with)
+        extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": False}
+        opt = s.optimizer.lower()
+        if opt == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay,
+                                              **extra)
+        elif opt == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay,
+                                               **extra)
+        elif opt == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum,
+                                             weight_decay=s.weight_decay, **extra)
+        else:
+            raise ValueError(f"unknown optimizer {s.optimizer!r}; choose adam, adamw or sgd")
+        self._index = [self.group_names.index(g["name"]) for g in self.optimizer.param_groups]
+        return self.optimizer
+
+    # -- the step -----------------------------------------------------------------------------------
+    def meta_update(self, ctx: StepContext) -> None:
+        """Steps 1-2: look ahead with the current α, update α from the meta batch.
+
+        Expects ``.grad`` to hold g = ∇L_train(θ). Leaves the parameters, their gradients and the
+        BatchNorm running statistics untouched.
+        """
+        if ctx.meta_batch is None:
+            raise RuntimeError(
+                "metalr needs meta batches: run it through the Trainer (which reads "
+                "strategy.meta_source) or pass StepContext.meta_batch"
+            )
+        p: MetaLRParams = self.params
+        if self._look is None:
+            self._look = Lookahead(self.model, self.groups)
+        x_val, y_val = ctx.meta_batch()
+        h, meta_loss = hypergradient(self._look, self.alpha, x_val, y_val, ctx.loss_fn,
+                                     ctx.autocast)
+        new = update_rates(self.alpha, h, rule=p.update, hyper_lr=p.hyper_lr, lr_min=p.lr_min,
+                           lr_max=p.lr_max)
+        self.alpha.copy_(new)  # in place: the optimizer's LR tensors are views of alpha
+        self.hypergrad.copy_(h.to(self.hypergrad.dtype))
+        self.meta_loss.copy_(meta_loss.float())
+
+    def pin_head(self, epoch: int) -> None:
+        if epoch < self.params.head_pin_epochs:
+            self.alpha[self.head_index] = self.settings.lr
+
+    def train_step(
+        self, ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        x, y = batch
+        model, opt = ctx.model, ctx.optimizer
+        opt.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            loss = ctx.loss_fn(model(x), y)
+        loss.backward()  # g, reused by the look-ahead and by the real step
+        if self.step % self.params.meta_interval == 0:
+            self.meta_update(ctx)
+        self.pin_head(ctx.epoch)
+        for g, i in zip(opt.param_groups, self._index, strict=True):
+            g["lr"] = self._views[i]  # re-bind after an optimizer load_state_dict, cheap
+        opt.step()
+        self._record()
+        self.step += 1
+        return loss.detach()
+
+    def _record(self) -> None:
+        if self.step % self._hist_every:
+            return
+        self._hist.append(self.alpha.detach().clone())
+        self._hist_steps.append(self.step)
+        if len(self._hist) > _MAX_HISTORY:  # thin 2:1, keep sampling evenly
+            self._hist, self._hist_steps = self._hist[::2], self._hist_steps[::2]
+            self._hist_every *= 2
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def log_values(self) -> dict[str, float]:
+        """Every group's current LR and last hyper-gradient (one host sync)."""
+        a = self.alpha.detach().cpu().tolist()
+        h = self.hypergrad.detach().cpu().tolist()
+        out = {f"lr/{n}": v for n, v in zip(self.group_names, a, strict=True)}
+        out |= {f"hypergrad/{n}": v for n, v in zip(self.group_names, h, strict=True)}
+        meta = float(self.meta_loss)
+        if meta == meta:  # not NaN: at least one meta-step happened
+            out["meta_loss"] = meta
+        return out
+
+    def lr_history(self) -> tuple[list[int], np.ndarray]:
+        """(iterations, rates [n, groups]) sampled during training, plus the current rates."""
+        steps = list(self._hist_steps)
+        rows = [t.cpu() for t in self._hist]
+        if not steps or steps[-1] != self.step:
+            steps.append(self.step)
+            rows.append(self.alpha.detach().cpu())
+        return steps, torch.stack(rows).double().numpy()
+
+    def artifacts(self) -> dict[str, Any]:
+        """Figures the runner logs to the run: the learned LR curves (paper's Fig. 4)."""
+        from metalr_bench.strategies.lr_curves import lr_curves_figure
+
+        steps, rates = self.lr_history()
+        return {"lr_curves.png": lr_curves_figure(steps, rates, self.group_names)}
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha.detach().cpu().clone(),
+            "hypergrad": self.hypergrad.detach().cpu().clone(),
+            "meta_loss": self.meta_loss.detach().cpu().clone(),
+            "step": self.step,
+            "history": torch.stack([t.cpu() for t in self._hist]) if self._hist else None,
+            "history_steps": list(self._hist_steps),
+            "history_every": self._hist_every,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.alpha.copy_(state["alpha"])
+            self.hypergrad.copy_(state["hypergrad"])
+            self.meta_loss.copy_(state["meta_loss"])
+        self.step = int(state["step"])
+        hist = state.get("history")
+        dev = self.alpha.device
+        self._hist = [] if hist is None else [r.to(dev) for r in hist.unbind()]
+        self._hist_steps = list(state.get("history_steps", []))
+        self._hist_every = int(state.get("history_every", 1))
+
