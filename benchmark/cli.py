@@ -21,6 +21,7 @@ from metalr_bench.benchmark.config import ConfigError, load_config
 SUBCOMMANDS: dict[str, str] = {
     "list": "list datasets and strategies",
     "pretrain": "run (or reuse) the pre-training stage only",
+    "report": "rebuild the report notebook/HTML from MLflow",
 }
 
 
@@ -57,6 +58,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     p.add_argument("--output-dir", help="where leaderboards, reports and caches go")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-report", dest="report", action="store_false", default=None,
+                   help="skip the report notebook/HTML at the end")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -65,7 +68,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """CLI flags -> a partial config dict (only what was given)."""
     o: dict[str, Any] = {}
     for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
-                "compile", "tracking_uri", "output_dir"):
+                "compile", "tracking_uri", "output_dir", "report"):
         if getattr(args, key, None) is not None:
             o[key] = getattr(args, key)
     if args.strategies:
@@ -122,6 +125,8 @@ def cmd_run(argv: list[str]) -> int:
     print(format_leaderboard(leaderboard(outcome.results)))
     print(f"\nMLflow: experiment {cfg.name!r}, parent run {outcome.parent_run_id}. "
           f"Browse with: mlflow ui --backend-store-uri {cfg.tracking_uri}")
+    if outcome.report is not None:
+        print(f"Report: {outcome.report.html} (notebook, results.csv/.parquet alongside)")
     for r in outcome.failed:
         print(f"FAILED {r.cell.dataset_label} {r.cell.label} seed={r.cell.seed}: {r.error}",
               file=sys.stderr)

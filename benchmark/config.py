@@ -144,6 +144,7 @@ class BenchmarkConfig(_Strict):
     log_every_n_steps: int = Field(0, ge=0)
     tracking_uri: str = "sqlite:///mlflow.db"
     output_dir: str = "benchmark-output"
+    report: bool = Field(True, description="build the report notebook/HTML after the grid")
 
     @field_validator("datasets", mode="before")
     @classmethod
