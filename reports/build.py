@@ -50,7 +50,8 @@ def kernel_for_this_python() -> Iterator[str]:
 
     with tempfile.TemporaryDirectory(prefix="metalr-kernel-") as tmp:
         write_kernel_spec(Path(tmp) / "kernels" / KERNEL_NAME, overrides={
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=ERROR"],  # no TCP-encryption chatter
             "display_name": f"Python {sys.version_info.major}.{sys.version_info.minor} "
                             "(metalr-bench)",
         })
@@ -146,6 +147,11 @@ def build_report(
                 str(source), str(notebook), parameters=params, kernel_name=kernel,
                 progress_bar=progress, cwd=str(out), execution_timeout=timeout_s,
             )
+        # the temporary kernel is gone: point the saved notebook at the standard one
+        done = nbformat.read(notebook, as_version=4)
+        done.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+        nbformat.write(done, notebook)
     html = to_html(notebook, out / "report.html")
     paths = ReportPaths(notebook, html, csv, parquet, parents.split(",")[0])
     if log_artifacts:

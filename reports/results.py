@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -47,7 +47,6 @@ class BenchmarkRuns:
     experiment_name: str
     parents: list[Run]
     children: list[Run]
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parent_ids(self) -> list[str]:

@@ -15,6 +15,8 @@ from metalr_bench.reports.stats import PairedTest, mean_ci, paired_test, ranks
 
 METRIC_NAMES = {"test_auc": "AUC", "test_acc": "accuracy", "test_balanced_acc": "balanced acc.",
                 "test_f1": "F1"}
+#: metrics that live in [0, 1] (their confidence intervals are clipped to it)
+BOUNDED = frozenset(METRIC_NAMES)
 CSS = """
 <style>
 table.metalr-table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1em 0; }
@@ -53,6 +55,8 @@ def leaderboard(results: pd.DataFrame, metrics: list[str], primary: str,
         row = {"dataset": ds, "strategy": s, "n_seeds": int(g["seed"].nunique())}
         for m in metrics:
             mean, std, lo, hi, _ = mean_ci(g[m] if m in g else [], level)
+            if m in BOUNDED:  # a t-interval from 2-3 seeds can leave [0, 1]: clip it
+                lo, hi = max(lo, 0.0), min(hi, 1.0)
             row |= {f"{m}_mean": mean, f"{m}_std": std, f"{m}_ci_low": lo, f"{m}_ci_high": hi}
         rows.append(row)
     board = pd.DataFrame(rows)

@@ -85,6 +85,12 @@ def test_report_built_by_the_benchmark_holds_the_right_leaderboard(bench) -> Non
     assert logged == {"report/report.ipynb", "report/report.html", "report/results.csv",
                       "report/results.parquet"}
 
+    import nbformat
+
+    nb = nbformat.read(paths.notebook, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"  # opens anywhere, not our temp kernel
+    assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
+
     # tidy table: one row per child run
     table = pd.read_parquet(paths.parquet)
     assert len(table) == len(SIZES) * len(STRATEGIES) * 2
@@ -113,7 +119,8 @@ def test_report_built_by_the_benchmark_holds_the_right_leaderboard(bench) -> Non
         mean, std = values.mean(), values.std(ddof=1)
         half = sps.t.ppf(0.975, len(values) - 1) * std / math.sqrt(len(values))
         shown = [float(x) for x in NUMBER.findall(cells[auc_col].get_text(" "))]
-        np.testing.assert_allclose(shown, [mean, std, mean - half, mean + half], atol=6e-4)
+        np.testing.assert_allclose(shown, [mean, std, max(mean - half, 0), min(mean + half, 1)],
+                                   atol=6e-4)
         best = truth[truth.dataset == ds].groupby("strategy")["value"].mean().max()
         assert (cells[auc_col].find("strong") is not None) == math.isclose(mean, best)
     assert seen == {(f"synthetic@{s}", st) for s in SIZES for st in STRATEGIES}
@@ -161,6 +168,17 @@ def test_report_for_an_unknown_experiment_says_what_exists(bench, tmp_path: Path
     cfg, _ = bench
     with pytest.raises(ReportDataError, match="existing: .*test"):
         build_report(cfg.tracking_uri, "nope", output_dir=tmp_path, log_artifacts=False)
+
+
+def test_cli_report_flags(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from metalr_bench.benchmark.cli import _run_parser, main, overrides_from_args
+
+    assert overrides_from_args(_run_parser().parse_args(["--no-report"]))["report"] is False
+    assert "report" not in overrides_from_args(_run_parser().parse_args([]))
+    cfg, _ = bench
+    rc = main(["report", "--experiment", "missing", "--tracking-uri", cfg.tracking_uri,
+               "--output-dir", str(tmp_path)])
+    assert rc == 2 and "no MLflow experiment named 'missing'" in capsys.readouterr().err
 
 
 def test_ci_and_paired_tests_match_scipy() -> None:

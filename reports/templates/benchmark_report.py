@@ -79,8 +79,9 @@ display(Markdown(
 # ## Leaderboard
 #
 # Test metrics per dataset and strategy over seeds: **mean ± standard deviation [95% confidence
-# interval from the t-distribution]**. The best mean per dataset and metric is in bold; the rank
-# (1 = best) is on the primary metric. A dataset is a (dataset, image size) pair.
+# interval from the t-distribution, clipped to [0, 1]]**. The best mean per dataset and metric
+# is in bold; the rank (1 = best) is on the primary metric. A dataset is a (dataset, image size)
+# pair.
 
 # %%
 board = tables.leaderboard(results, metrics, primary_metric, ci_level)
