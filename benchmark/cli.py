@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "list": "list datasets and strategies",
     "pretrain": "run (or reuse) the pre-training stage only",
     "replay-metrics": "send metrics saved while the tracking server was down",
+    "report": "rebuild the report notebook/HTML from MLflow",
 }
 
 
@@ -70,6 +71,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="torch deterministic algorithms (bit-exact resume, slower on GPU)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-report", dest="report", action="store_false", default=None,
+                   help="skip the report notebook/HTML at the end")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -79,7 +82,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {}
     for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
                 "compile", "tracking_uri", "output_dir", "executor", "workers", "gpus_per_run",
-                "ray_address", "force", "deterministic"):
+                "ray_address", "force", "deterministic", "report"):
         if getattr(args, key, None) is not None:
             o[key] = getattr(args, key)
     if args.strategies:
@@ -140,6 +143,8 @@ def cmd_run(argv: list[str]) -> int:
     print(format_leaderboard(leaderboard(outcome.results)))
     print(f"\nMLflow: experiment {cfg.name!r}, parent run {outcome.parent_run_id}. "
           f"Browse with: mlflow ui --backend-store-uri {cfg.tracking_uri}")
+    if outcome.report is not None:
+        print(f"Report: {outcome.report.html} (notebook, results.csv/.parquet alongside)")
     for r in outcome.failed:
         print(f"FAILED {r.cell.dataset_label} {r.cell.label} seed={r.cell.seed}: {r.error}",
               file=sys.stderr)

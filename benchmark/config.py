@@ -160,6 +160,7 @@ class BenchmarkConfig(_Strict):
     tracking_retry_s: float = Field(
         60.0, ge=0, le=3600, description="how long to retry an unreachable tracking server"
     )
+    report: bool = Field(True, description="build the report notebook/HTML after the grid")
 
     @field_validator("datasets", mode="before")
     @classmethod

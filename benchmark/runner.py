@@ -51,6 +51,7 @@ class BenchmarkOutcome:
     parent_run_id: str
     experiment_id: str
     results: list[CellResult]
+    report: Any = None  # reports.build.ReportPaths when a report was built
 
     @property
     def failed(self) -> list[CellResult]:
@@ -281,7 +282,12 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
         n_failed = sum(r.status != "FINISHED" for r in results)
         tracker.set_tags(parent, {"n_failed": n_failed,
                                   "n_skipped": sum(r.skipped for r in results)})
-    return BenchmarkOutcome(parent, tracker.experiment_id, results)
+    outcome = BenchmarkOutcome(parent, tracker.experiment_id, results)
+    if cfg.report:  # after the parent run ended, so the report sees it FINISHED
+        from metalr_bench.reports.build import report_after_benchmark
+
+        outcome.report = report_after_benchmark(cfg, parent, progress=progress)
+    return outcome
 
 
 LEADERBOARD_METRICS = ("test_auc", "test_acc", "test_balanced_acc", "test_f1",

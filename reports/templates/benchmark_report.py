@@ -1,0 +1,267 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # metalr-bench report
+#
+# Which fine-tuning strategy transfers a pre-trained network best to a small medical dataset?
+# This report is regenerated from the MLflow store alone (`run-benchmark report --experiment NAME`):
+# every number below is read from MLflow runs, never from the benchmark's memory.
+# Test metrics are those of the checkpoint chosen on the **validation** split.
+
+# %% tags=["parameters"]
+tracking_uri = "sqlite:///mlflow.db"  # MLflow store holding the benchmark
+experiment = "quick"  # MLflow experiment name, i.e. the benchmark name
+parent_run_id = ""  # benchmark parent run id(s), comma-separated; empty: the latest one
+output_dir = "."  # where the report's side files go (not used for reading)
+primary_metric = "test_auc"  # metric used for ranks, paired tests and the CD diagram
+ci_level = 0.95  # confidence level of the intervals
+
+# %%
+import warnings
+
+warnings.filterwarnings("ignore")  # library chatter must not end up in the report
+import html
+import json
+import os
+import platform
+from importlib import metadata
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import HTML, Markdown, display
+
+from metalr_bench.reports import figures, results as res, stats, tables
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.titlesize": 10})
+
+
+def show(fig, alt):
+    """Display a figure as an inline PNG with alt text, and free it."""
+    display(HTML(figures.figure_html(fig, alt)))
+
+
+runs = res.load_runs(tracking_uri, experiment, parent_run_id or None)
+all_results = res.results_table(runs)
+if all_results.empty:
+    raise RuntimeError(f"the parent run(s) {runs.parent_ids} have no child runs to report on")
+results = all_results[all_results["status"] == "FINISHED"].copy()
+failed = all_results[all_results["status"] != "FINISHED"]
+metrics = [m for m in res.TEST_METRICS if m in results]
+if primary_metric not in metrics:
+    raise ValueError(f"primary_metric={primary_metric!r} is not logged; available: {metrics}")
+hist = res.with_cell(res.metric_histories(tracking_uri, runs), results)
+drift = res.with_cell(res.drift_table(results), results)
+groups = res.group_order(results)
+datasets = sorted(results["dataset_key"].unique())
+strategies = sorted(results["strategy_label"].unique())
+parent = res.parent_provenance(tracking_uri, runs)
+display(HTML(tables.CSS))
+display(Markdown(
+    f"**Experiment** `{runs.experiment_name}` · **parent run** `{', '.join(runs.parent_ids)}` "
+    f"(started {parent['start_time']:%Y-%m-%d %H:%M} UTC, status {parent['status']}) · "
+    f"**{len(results)} finished runs**: {len(datasets)} dataset(s) × {len(strategies)} "
+    f"strateg{'y' if len(strategies) == 1 else 'ies'} × {results['seed'].nunique()} seed(s)"
+    + (f" · **{len(failed)} run(s) did not finish** (listed under Provenance)" if len(failed) else "")
+))
+
+# %% [markdown]
+# ## Leaderboard
+#
+# Test metrics per dataset and strategy over seeds: **mean ± standard deviation [95% confidence
+# interval from the t-distribution, clipped to [0, 1]]**. The best mean per dataset and metric
+# is in bold; the rank (1 = best) is on the primary metric. A dataset is a (dataset, image size)
+# pair.
+
+# %%
+board = tables.leaderboard(results, metrics, primary_metric, ci_level)
+display(HTML(tables.leaderboard_html(board, metrics, primary_metric)))
+
+# %% [markdown]
+# ### Average rank across datasets
+#
+# Rank of each strategy on every dataset (by the mean of the primary metric over seeds) and the
+# average over datasets; lower is better.
+
+# %%
+avg = tables.average_ranks(board, primary_metric)
+display(HTML(tables.average_ranks_html(avg)))
+
+# %% [markdown]
+# ## Paired statistics
+#
+# Per dataset, every strategy against the best one, paired on seeds (same seed = same split and
+# initialisation). The test is named in each row: Wilcoxon signed-rank with ≥ 6 seeds, otherwise a
+# paired t-test (Wilcoxon cannot reach p < 0.05 with fewer pairs). p < 0.05 in bold. With few
+# seeds these tests have little power: a large p-value is *not* evidence that two strategies are equal.
+
+# %%
+paired = tables.paired_vs_best(results, board, primary_metric)
+if paired.empty:
+    display(Markdown("_Only one strategy: nothing to compare._"))
+else:
+    display(HTML(tables.paired_html(paired)))
+
+# %% [markdown]
+# ### Across datasets: Friedman test and critical-difference diagram
+#
+# Friedman's test on the per-dataset ranks; if strategies differ, the Nemenyi critical difference
+# (CD) says which average ranks are far enough apart. Strategies joined by a thick bar are **not**
+# significantly different (Demšar 2006). Needs at least 3 datasets.
+
+# %%
+scores = board.pivot(index="dataset", columns="strategy", values=f"{primary_metric}_mean")
+if len(datasets) >= 3 and len(strategies) >= 2:
+    fn = stats.friedman_nemenyi(scores)
+    display(Markdown(
+        f"Friedman χ² = {fn.statistic:.3f}, p = {fn.p_value:.3g} ({fn.n_datasets} datasets, "
+        f"{fn.n_strategies} strategies); Nemenyi CD at α = {fn.alpha} is **{fn.cd:.3f}** ranks."
+    ))
+    show(figures.cd_diagram(fn.avg_ranks, fn.cd, stats.cliques(fn.avg_ranks, fn.cd),
+                            title=f"critical difference on {primary_metric}"), "critical-difference diagram")
+else:
+    display(Markdown(f"_Skipped: the diagram needs ≥ 3 datasets and ≥ 2 strategies "
+                     f"(this benchmark has {len(datasets)} and {len(strategies)})._"))
+
+# %% [markdown]
+# ## Learning curves
+#
+# Validation metric and losses per epoch: the line is the mean over seeds, the band ± 1 standard
+# deviation.
+
+# %%
+if hist.empty:
+    display(Markdown("_No per-epoch metrics were logged._"))
+else:
+    show(figures.learning_curves(hist), "learning curves")
+
+# %% [markdown]
+# ## Learning rate per layer group
+#
+# MetaLR learns one learning rate per layer group during training (Chen et al., MICCAI 2023,
+# Fig. 3): layers whose features transfer well keep a small rate, layers that must adapt get a
+# larger one. Mean over seeds (± 1 std), log scale. Other layer-wise strategies are shown for
+# contrast; strategies with a single learning rate for the whole network are left out.
+
+# %%
+lr_hist = hist[hist["key"].str.startswith("lr/")] if not hist.empty else hist
+if lr_hist.empty:
+    display(Markdown("_No learning rates per layer group were logged._"))
+else:
+    # layer-wise = more than one distinct learning rate across groups or epochs
+    varied = lr_hist.groupby("strategy_label")["value"].agg(lambda v: v.round(12).nunique())
+    layerwise = varied[varied > 1].index
+    if "metalr" not in set(results["strategy"]):
+        display(Markdown("_No MetaLR runs in this benchmark; showing the other layer-wise "
+                         "strategies' schedules._"))
+    if len(layerwise) == 0:
+        display(Markdown("_No strategy uses more than one learning rate._"))
+    else:
+        show(figures.lr_per_group(lr_hist[lr_hist["strategy_label"].isin(layerwise)], groups),
+             "learning rate per layer group")
+
+# %% [markdown]
+# ## How far each layer moved
+#
+# Relative drift of each layer group from the pre-trained weights,
+# ‖θ<sub>final</sub> − θ<sub>pretrained</sub>‖ / ‖θ<sub>pretrained</sub>‖, mean over seeds.
+# Regularised or partly frozen strategies should stay close to 0 in the early layers.
+
+# %%
+if drift.empty:
+    display(Markdown("_No drift metrics were logged._"))
+else:
+    show(figures.drift_heatmap(drift, groups), "drift heat-map")
+
+# %% [markdown]
+# ## Hyper-parameter tuning (Optuna)
+
+# %%
+studies = res.find_studies(tracking_uri, runs.experiment_id)
+if not studies:
+    display(Markdown("_No Optuna study is recorded in this experiment (runs tagged "
+                     "`optuna.study_name` / `optuna.storage`); run the tuner to fill this section._"))
+for info in studies:
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
+        done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    except Exception as exc:  # a moved or deleted storage must not break the report
+        display(Markdown(f"_Study `{info['study_name']}` at `{info['storage']}` could not be "
+                         f"loaded: {type(exc).__name__}: {exc}_"))
+        continue
+    if not done:
+        display(Markdown(f"_Study `{info['study_name']}` has no completed trial yet._"))
+        continue
+    display(Markdown(
+        f"**Study `{study.study_name}`** ({len(done)} completed trials of {len(study.trials)}); "
+        f"best value {study.best_value:.4f} with `{json.dumps(study.best_params)}`"
+    ))
+    for fig in figures.optuna_figures(study):
+        show(fig, f"optuna study {study.study_name}")
+
+# %% [markdown]
+# ## Cost
+#
+# Wall time per epoch and peak memory (GPU: `torch.cuda.max_memory_allocated`; CPU: the process's
+# peak resident memory, shared by all runs in one process), mean ± std over seeds.
+
+# %%
+cost_cols = [c for c in ("mean_epoch_time_s", "peak_memory_mb", "total_time_s") if c in results]
+if cost_cols:
+    show(figures.cost_bars(results), "cost per strategy")
+    cost = results.groupby(["dataset_key", "strategy_label"])[cost_cols].mean().round(2)
+    cost.columns = [figures.NICE.get(c, c.replace("_", " ")) for c in cost.columns]
+    display(HTML(cost.reset_index().rename(columns={"dataset_key": "dataset",
+                                                    "strategy_label": "strategy"})
+                 .to_html(index=False, table_id="cost", classes="metalr-table", border=0)))
+
+# %% [markdown]
+# ## Provenance
+#
+# What produced these numbers: the benchmark's config, code version, packages and hardware
+# (from the parent run's tags), and the software that rendered this report.
+
+# %%
+tags = parent["tags"]
+prov = {
+    "tracking URI": tracking_uri,
+    "experiment": f"{runs.experiment_name} (id {runs.experiment_id})",
+    "parent run(s)": ", ".join(runs.parent_ids),
+    "git commit": tags.get("mlflow.source.git.commit", "unknown"),
+    "metalr-bench": tags.get("metalr_bench.version", "unknown"),
+    "torch (run)": tags.get("torch", "unknown"),
+    "python (run)": tags.get("python", "unknown"),
+    "host": tags.get("host", "unknown"),
+    "GPU": tags.get("cuda", "unknown"),
+    "benchmark wall time": (str(parent["end_time"] - parent["start_time"]).split(".")[0]
+                            if parent["end_time"] is not None else "still running"),
+}
+for pkg in ("mlflow", "optuna", "pandas", "scipy", "matplotlib", "papermill", "torch"):
+    try:
+        prov[f"{pkg} (report)"] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        pass
+prov["platform (report)"] = platform.platform()
+display(HTML(pd.Series(prov, name="value").rename_axis("item").reset_index()
+             .to_html(index=False, table_id="provenance", classes="metalr-table", border=0)))
+if len(failed):
+    display(Markdown("**Runs that did not finish** (left out of every table and figure):"))
+    display(HTML(failed[["run_name", "status", "run_id"]].to_html(
+        index=False, table_id="failed-runs", classes="metalr-table", border=0)))
+if parent["config"] is not None:
+    text = json.dumps(parent["config"], indent=2)
+    display(HTML(f"<details><summary><b>config.json</b> of the parent run</summary>"
+                 f"<pre>{html.escape(text)}</pre></details>"))
