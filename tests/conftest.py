@@ -61,4 +61,5 @@ def tiny_config(tmp_path: Path, mlflow_uri: str) -> dict[str, Any]:
         "device": "cpu",
         "tracking_uri": mlflow_uri,
         "output_dir": str(tmp_path / "out"),
+        "report": False,  # the report has its own tests (tests/test_reports.py)
     }
