@@ -97,8 +97,13 @@ def train_cell(
     callbacks: list[Any] | None = None,
     *,
     epochs: int | None = None,
+    evaluate_test: bool = True,
 ) -> tuple[TrainResult, Any]:
-    """Build model + strategy for ``cell`` and train it; no tracking in here."""
+    """Build model + strategy for ``cell`` and train it; no tracking in here.
+
+    ``evaluate_test=False`` (tuning) never touches the test split.
+    """
+    cfg = cfg.effective(cell)
     seed_everything(cell.seed)
     model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs)
     if weights is not None:
@@ -109,7 +114,7 @@ def train_cell(
         epochs=epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         device=cfg.resolved_device(), amp=cfg.use_amp(), channels_last=cfg.use_channels_last(),
         compile=cfg.compile, augment=cfg.augment, selection_metric=cfg.selection_metric,
-        seed=cell.seed, log_every_n_steps=cfg.log_every_n_steps,
+        seed=cell.seed, log_every_n_steps=cfg.log_every_n_steps, evaluate_test=evaluate_test,
     )
     n_train = len(bundle.train)
     settings = TrainSettings(
@@ -131,10 +136,12 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
         "seed": cell.seed,
         "model": cfg.model.arch,
         "config_hash": cfg.config_hash(cell),
+        **({"tuned": "true", "optuna.study_name": cell.study} if cell.study else {}),
     }
 
 
 def cell_params(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
+    cfg = cfg.effective(cell)
     strategy_params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
     return {
         "dataset": cell.dataset.name, "image_size": cell.dataset.size, "strategy": cell.strategy,
@@ -153,6 +160,7 @@ def run_cell(
     data: DataCache,
 ) -> CellResult:
     """Train one cell inside its own child run."""
+    cfg = cfg.effective(cell)
     h = cfg.config_hash(cell)
     bundle = data.get(cell)
     name = f"{cell.dataset_label}/{cell.label}/seed{cell.seed}"
@@ -167,7 +175,8 @@ def run_cell(
                                                                   "seeds"}),
                 "dataset": cell.dataset.model_dump(mode="json"),
                 "strategy": {"name": cell.strategy, "params": cell.params},
-                "seed": cell.seed, "config_hash": h,
+                "seed": cell.seed, "config_hash": h, "overrides": cell.overrides,
+                "study": cell.study,
             }, "config.json")
             logger = MetricsLogger(tracker, run_id)
             train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger])
@@ -219,6 +228,11 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> BenchmarkOu
     results: list[CellResult] = []
     with tracker.run(f"{cfg.name}-benchmark", tags={"kind": "benchmark", **environment_tags()}) as parent:
         tracker.log_dict(parent, cfg.model_dump(mode="json"), "config.json")
+        if cfg.tune.enabled:  # studies on validation data pick each strategy's parameters
+            from metalr_bench.benchmark.tuning import tune_all
+
+            tuning = tune_all(cfg, tracker, parent, data, progress=progress)
+            cells, results = tuning.cells, list(tuning.failed)
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
         bar = tqdm(cells, desc="benchmark", unit="run", disable=not progress)

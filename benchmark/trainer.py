@@ -44,6 +44,8 @@ class TrainerOptions:
     seed: int = 0
     log_every_n_steps: int = 0  # 0: strategy values once per epoch only
     meta_fraction: float = 0.2  # held-out share of train for strategies with meta_source="holdout"
+    #: False while tuning: the test split is then never loaded nor evaluated (result.test = {})
+    evaluate_test: bool = True
 
 
 class EpochCallback:
@@ -141,6 +143,7 @@ class Trainer:
         self._eval_loaders = {
             name: make_loader(split, options.eval_batch_size, shuffle=False, **common)
             for name, split in (("val", bundle.val), ("test", bundle.test))
+            if name == "val" or options.evaluate_test
         }
         self._meta_iter = self._meta_batches(common) if self.meta_split is not None else None
 
@@ -246,7 +249,7 @@ class Trainer:
                 cb.on_epoch_end(epoch, record)
         assert best_state is not None and best_val is not None, "epochs must be >= 1"
         self.model.load_state_dict(best_state)
-        test = self._test()
+        test = self._test() if self.options.evaluate_test else {}
         times = [h["epoch_time_s"] for h in history]
         return TrainResult(
             best_epoch=best_epoch,
