@@ -129,6 +129,12 @@ def cmd_run(argv: list[str]) -> int:
           f"{len(cells) // len(cfg.datasets) // len(cfg.seeds)} strategy setting(s) x "
           f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
           f"tracking {cfg.tracking_uri}", flush=True)
+    tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
+                                 ("--pruner", args.pruner), ("--tune-storage", args.tune_storage))
+                  if v is not None]
+    if tune_flags and not cfg.tune.enabled:
+        print(f"run-benchmark: {', '.join(tune_flags)} only matter with --tune (or `tune: "
+              "{enabled: true}` in the config); running without tuning", file=sys.stderr)
     if cfg.tune.enabled:
         from metalr_bench.benchmark.tuning import storage_url
 

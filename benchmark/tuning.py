@@ -447,6 +447,8 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
             probe = Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
                          seed=cfg.tune.seed)
             bundle = data.get(probe)
+            bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
+                                "weights (the pretrain stage runs once, then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id)
             runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
             outcome = runner.run(parent_id, bar)
