@@ -70,6 +70,14 @@ def _run_parser() -> argparse.ArgumentParser:
                    "and resume interrupted ones from their last epoch)")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="torch deterministic algorithms (bit-exact resume, slower on GPU)")
+    p.add_argument("--tune", action="store_true", default=None,
+                   help="tune each strategy with Optuna on validation data first (same trials "
+                   "for every strategy), then run the grid with the best parameters")
+    p.add_argument("--n-trials", type=int, help="Optuna trials per (dataset, strategy) study")
+    p.add_argument("--tune-storage", help="Optuna storage: an RDB URL or a .log/.jsonl journal "
+                   "file (default: optuna.db next to the MLflow DB)")
+    p.add_argument("--sampler", help="tpe | gp | random (tuning)")
+    p.add_argument("--pruner", help="median | hyperband | none (tuning)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the report notebook/HTML at the end")
@@ -87,6 +95,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             o[key] = getattr(args, key)
     if args.strategies:
         o["strategies"] = args.strategies
+    tune = {key: getattr(args, attr) for key, attr in (
+        ("enabled", "tune"), ("n_trials", "n_trials"), ("storage", "tune_storage"),
+        ("sampler", "sampler"), ("pruner", "pruner")) if getattr(args, attr, None) is not None}
+    if tune:
+        o["tune"] = tune
     model: dict[str, Any] = {}
     if args.arch:
         model["arch"] = args.arch
@@ -133,6 +146,19 @@ def cmd_run(argv: list[str]) -> int:
           f"{len(cells) // len(cfg.datasets) // len(cfg.seeds)} strategy setting(s) x "
           f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
           f"tracking {cfg.tracking_uri}", flush=True)
+    tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
+                                 ("--pruner", args.pruner), ("--tune-storage", args.tune_storage))
+                  if v is not None]
+    if tune_flags and not cfg.tune.enabled:
+        print(f"run-benchmark: {', '.join(tune_flags)} only matter with --tune (or `tune: "
+              "{enabled: true}` in the config); running without tuning", file=sys.stderr)
+    if cfg.tune.enabled:
+        from metalr_bench.benchmark.tuning import storage_url
+
+        print(f"tuning first: {cfg.tune.n_trials} trial(s) x {len(cfg.strategies)} strateg(ies) "
+              f"x {len(cfg.datasets)} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
+              f"objective validation {cfg.tune.metric}, storage {storage_url(cfg)}. "
+              f"Browse with: optuna-dashboard {storage_url(cfg)}", flush=True)
     outcome = run_benchmark(cfg, progress=not args.no_progress)
     skipped = sum(r.skipped for r in outcome.results)
     if skipped:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +122,60 @@ def _strategy_default() -> list[StrategySpec]:
     return [StrategySpec(name=n) for n in DEFAULT_STRATEGIES]
 
 
+class SearchDimSpec(_Strict):
+    """A config override of one search dimension (any field left out keeps the default)."""
+
+    type: Literal["float", "int"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool | None = None
+
+
+class TuneSpec(_Strict):
+    """The ``tune:`` block: an Optuna study per (dataset, strategy) on validation data.
+
+    Every strategy gets the same ``n_trials``, the same epochs and the same tuning seed, so
+    the comparison that follows is fair. See :mod:`metalr_bench.benchmark.tuning`.
+    """
+
+    enabled: bool = Field(False, description="tune before the final grid (`--tune`)")
+    n_trials: int = Field(20, ge=1, description="trials per (dataset, strategy) study")
+    epochs: int | None = Field(None, ge=1, description="epochs per trial (default: `epochs`)")
+    seed: int = Field(0, description="the fixed training seed of every trial; also seeds the sampler")
+    metric: Literal["auc", "acc", "balanced_acc", "f1", "val_loss"] = Field(
+        "auc", description="validation objective: maximised, except val_loss (minimised)"
+    )
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = Field(
+        2, ge=0, description="median pruner: trials that are never pruned"
+    )
+    storage: str | None = Field(
+        None, description="None: sqlite optuna.db next to the MLflow DB; an RDB URL; "
+        "or a path ending in .log/.jsonl (JournalStorage file)",
+    )
+    timeout: float | None = Field(None, gt=0, description="seconds per study (optional)")
+    params: dict[str, dict[str, SearchDimSpec | None]] = Field(
+        default_factory=dict,
+        description="per-strategy search-space overrides, e.g. {l2sp: {alpha: {high: 10}}}; "
+        "null drops a dimension (e.g. {full: {lr: null}} keeps lr fixed)",
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is None or "://" in v or v.endswith((".log", ".jsonl")):
+            return v
+        raise ValueError(
+            f"storage={v!r}: expected an RDB URL (sqlite:///optuna.db, postgresql://...) or a "
+            "journal file path ending in .log or .jsonl"
+        )
+
+
+#: config fields a cell may override (tuning sets the base LR per strategy)
+CELL_OVERRIDABLE = ("lr", "weight_decay", "momentum", "batch_size", "epochs")
+
+
 class BenchmarkConfig(_Strict):
     name: str = Field("quick", min_length=1, description="MLflow experiment name")
     datasets: list[DatasetSpec] = Field(default_factory=_dataset_default, min_length=1)
@@ -161,6 +215,7 @@ class BenchmarkConfig(_Strict):
         60.0, ge=0, le=3600, description="how long to retry an unreachable tracking server"
     )
     report: bool = Field(True, description="build the report notebook/HTML after the grid")
+    tune: TuneSpec = Field(default_factory=TuneSpec)
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -222,24 +277,38 @@ class BenchmarkConfig(_Strict):
             for seed in self.seeds
         ]
 
+    def effective(self, cell: Cell) -> BenchmarkConfig:
+        """This config with ``cell.overrides`` applied (idempotent; self when none)."""
+        if not cell.overrides:
+            return self
+        bad = sorted(set(cell.overrides) - set(CELL_OVERRIDABLE))
+        if bad:
+            raise ConfigError(
+                f"cell overrides {bad} are not allowed; a cell may override {CELL_OVERRIDABLE}"
+            )
+        return self.model_copy(update=cell.overrides)
+
     def config_hash(self, cell: Cell) -> str:
         """Hash of everything that changes the result of ``cell``."""
         from metalr_bench.strategies.registry import get_strategy
 
+        eff = self.effective(cell)
         params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
         payload = {
             "dataset": cell.dataset.model_dump(mode="json", exclude={"download", "root"}),
-            "model": self.model.model_dump(mode="json"),
+            "model": eff.model.model_dump(mode="json"),
             "strategy": cell.strategy,
             "params": params,
             "seed": cell.seed,
-            **self.model_dump(
+            **eff.model_dump(
                 mode="json",
                 include={"epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
                          "augment", "precise_bn", "selection_metric"},
             ),
             "code_version": CODE_VERSION,
         }
+        if cell.overrides:
+            payload["overrides"] = cell.overrides
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -252,10 +321,16 @@ class Cell:
     strategy: str
     params: dict[str, Any]
     seed: int
+    #: config fields replaced for this cell only (e.g. the tuned ``lr``), see ``CELL_OVERRIDABLE``
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: the Optuna study whose best trial chose ``params``/``overrides`` (None: not tuned)
+    study: str | None = None
 
     @property
     def label(self) -> str:
-        """``strategy`` or ``strategy(k=2)`` when parameters were set explicitly."""
+        """``strategy``, ``strategy(k=2)`` when parameters were set, ``strategy(tuned)``."""
+        if self.study is not None:
+            return f"{self.strategy}(tuned)"
         if not self.params:
             return self.strategy
         inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))

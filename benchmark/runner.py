@@ -105,8 +105,13 @@ def train_cell(
     epochs: int | None = None,
     checkpoint: CellCheckpoint | None = None,
     resume: dict[str, Any] | None = None,
+    evaluate_test: bool = True,
 ) -> tuple[TrainResult, Any]:
-    """Build model + strategy for ``cell`` and train it; no tracking in here."""
+    """Build model + strategy for ``cell`` and train it; no tracking in here.
+
+    ``evaluate_test=False`` (tuning) never touches the test split.
+    """
+    cfg = cfg.effective(cell)
     seed_everything(cell.seed)
     model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs)
     if weights is not None:
@@ -119,7 +124,7 @@ def train_cell(
         compile=cfg.compile, augment=cfg.augment, precise_bn=cfg.precise_bn,
         selection_metric=cfg.selection_metric,
         seed=cell.seed, log_every_n_steps=cfg.log_every_n_steps,
-        deterministic=cfg.deterministic,
+        deterministic=cfg.deterministic, evaluate_test=evaluate_test,
     )
     n_train = len(bundle.train)
     settings = TrainSettings(
@@ -141,10 +146,12 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
         "seed": cell.seed,
         "model": cfg.model.arch,
         "config_hash": cfg.config_hash(cell),
+        **({"tuned": "true", "optuna.study_name": cell.study} if cell.study else {}),
     }
 
 
 def cell_params(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
+    cfg = cfg.effective(cell)
     strategy_params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
     return {
         "dataset": cell.dataset.name, "image_size": cell.dataset.size, "strategy": cell.strategy,
@@ -163,6 +170,7 @@ def run_cell(
     data: DataCache,
 ) -> CellResult:
     """Train one cell inside its own child run."""
+    cfg = cfg.effective(cell)
     h = cfg.config_hash(cell)
     bundle = data.get(cell)
     name = f"{cell.dataset_label}/{cell.label}/seed{cell.seed}"
@@ -190,7 +198,8 @@ def run_cell(
                                                                       "seeds"}),
                     "dataset": cell.dataset.model_dump(mode="json"),
                     "strategy": {"name": cell.strategy, "params": cell.params},
-                    "seed": cell.seed, "config_hash": h,
+                    "seed": cell.seed, "config_hash": h, "overrides": cell.overrides,
+                    "study": cell.study,
                 }, "config.json")
             logger = MetricsLogger(tracker, run_id)
             if plan.payload is not None and plan.run_id is None:  # resumed into a new run
@@ -269,10 +278,15 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
         f"{cfg.name}-benchmark", tags={"kind": "benchmark", **environment_tags(), **owner_tags()}
     ) as parent:
         tracker.log_dict(parent, cfg.model_dump(mode="json"), "config.json")
+        if cfg.tune.enabled:  # studies on validation data pick each strategy's parameters
+            from metalr_bench.benchmark.tuning import tune_all
+
+            tuning = tune_all(cfg, tracker, parent, data, progress=progress)
+            cells, results = tuning.cells, list(tuning.failed)
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
-        results = executor.map_cells(cfg, cells, parent, tracking_uri, tracker=tracker,
-                                     data=data, progress=progress)
+        results += executor.map_cells(cfg, cells, parent, tracking_uri, tracker=tracker,
+                                      data=data, progress=progress)
         board = leaderboard(results)
         if not board.empty:
             out = Path(cfg.output_dir)

@@ -49,6 +49,8 @@ class TrainerOptions:
     precise_bn: bool = True  # re-estimate trainable BatchNorm statistics before each evaluation
     precise_bn_batches: int = 50
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume on GPU too)
+    #: False while tuning: the test split is then never loaded nor evaluated (result.test = {})
+    evaluate_test: bool = True
 
 
 class EpochCallback:
@@ -148,6 +150,7 @@ class Trainer:
         self._eval_loaders = {
             name: make_loader(split, options.eval_batch_size, shuffle=False, **common)
             for name, split in (("val", bundle.val), ("test", bundle.test))
+            if name == "val" or options.evaluate_test
         }
         self._common = common
         self._epoch = -1  # for divergence messages from evaluate()
@@ -352,7 +355,7 @@ class Trainer:
                 }))
         assert best_state is not None and best_val is not None, "epochs must be >= 1"
         self.model.load_state_dict(best_state)
-        test = self._test()
+        test = self._test() if self.options.evaluate_test else {}
         times = [h["epoch_time_s"] for h in history]
         return TrainResult(
             best_epoch=best_epoch,

@@ -1,0 +1,467 @@
+"""Fair tuning: one Optuna study per (dataset, strategy) on validation data, then the final grid.
+
+Why: a strategy that happens to like the default LR would win an untuned comparison. Every
+strategy here gets the same budget -- the same number of trials, epochs and training seed --
+over its own key knobs (:mod:`metalr_bench.benchmark.tuning_space`), judged by the same
+validation metric. The test split is never loaded while tuning (``evaluate_test=False``); the
+final grid then trains each strategy with its best parameters on every seed and reports test
+metrics like an untuned benchmark does.
+
+Storage and resume: studies live in an Optuna storage (SQLite ``optuna.db`` next to the MLflow
+DB by default), named from everything that defines the objective, and are opened with
+``load_if_exists``: re-running the same config continues the same study and runs only the
+trials still missing. ``optuna-dashboard <storage>`` browses them.
+
+MLflow layout (written by hand with MlflowClient: Optuna's MLflowCallback is deprecated and
+uses the fluent API's global active run)::
+
+    benchmark parent run (kind=benchmark, tuned=true)
+    ├── study run per (dataset, strategy)  kind=study, optuna.study_name, optuna.storage,
+    │   │                                  best.<param> (tags + metrics), best_value
+    │   └── trial run per trial            kind=trial, optuna.trial_number, optuna.state,
+    │                                      params, per-epoch metrics, objective
+    └── final cell runs                    tuned=true, optuna.study_name, the tuned params
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import optuna
+from metalr_bench.benchmark.config import (
+    CODE_VERSION,
+    BenchmarkConfig,
+    Cell,
+    ConfigError,
+    DatasetSpec,
+    TuneSpec,
+)
+from metalr_bench.benchmark.layer_groups import layer_groups
+from metalr_bench.benchmark.models import build_model
+from metalr_bench.benchmark.tracking import MetricsLogger, Tracker
+from metalr_bench.benchmark.trainer import EpochCallback
+from metalr_bench.benchmark.tuning_space import SearchDim, search_space, split_params, suggest
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+#: trial states that count towards ``n_trials`` (a FAIL is retried on the next run)
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# -- settings -> Optuna objects ---------------------------------------------------------------
+def direction(metric: str) -> str:
+    return "minimize" if metric == "val_loss" else "maximize"
+
+
+def metric_key(metric: str) -> str:
+    """The per-epoch record key the objective reads (``val_auc``, ..., ``val_loss``)."""
+    return metric if metric == "val_loss" else f"val_{metric}"
+
+
+def storage_url(cfg: BenchmarkConfig) -> str:
+    """Where the studies live: ``tune.storage``, else ``optuna.db`` next to the MLflow DB.
+
+    A tracking server (no local SQLite file) puts ``optuna.db`` in ``output_dir``.
+    """
+    if cfg.tune.storage is not None:
+        return cfg.tune.storage
+    uri = cfg.tracking_uri
+    if urlparse(uri).scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+    else:
+        folder = Path(cfg.output_dir).expanduser().resolve()
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def is_journal(url: str) -> bool:
+    return "://" not in url and url.endswith((".log", ".jsonl"))
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage for a URL, a JournalStorage for a ``.log``/``.jsonl`` file path."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if is_journal(url):
+        path = Path(url).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # parallel workers wait
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as exc:  # bad driver, unreachable server, ...
+        raise ConfigError(f"`tune.storage`: cannot open Optuna storage {url!r}: {exc}") from None
+
+
+def make_sampler(tune: TuneSpec) -> optuna.samplers.BaseSampler:
+    if tune.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=tune.seed)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tune.seed)
+    return optuna.samplers.TPESampler(seed=tune.seed)
+
+
+def make_pruner(tune: TuneSpec, epochs: int) -> optuna.pruners.BasePruner:
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials)
+
+
+# -- what is tuned ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudyTarget:
+    """One study: a dataset, a strategy, its fixed (untuned) params and its search space."""
+
+    dataset: DatasetSpec
+    strategy: str
+    fixed: dict[str, Any]
+    space: dict[str, SearchDim]
+    name: str
+
+    @property
+    def dataset_label(self) -> str:
+        return f"{self.dataset.name}@{self.dataset.size}"
+
+
+def study_name(
+    cfg: BenchmarkConfig, dataset: DatasetSpec, strategy: str, fixed: dict[str, Any],
+    space: dict[str, SearchDim],
+) -> str:
+    """``<benchmark>-<dataset>@<size>-<strategy>-<hash>``; the hash covers what defines the
+    objective (data, model, training settings, fixed params, space, tuning epochs/seed/metric),
+    so re-running the same config continues the same study and any change starts a new one.
+    ``n_trials``, ``timeout``, sampler and pruner are left out: raising ``n_trials`` extends it.
+    """
+    training = {"batch_size", "optimizer", "weight_decay", "momentum", "augment",
+                "selection_metric"} | ({"lr"} if "lr" not in space else set())
+    payload = {
+        "dataset": dataset.model_dump(mode="json", exclude={"download", "root"}),
+        "model": cfg.model.model_dump(mode="json"),
+        "strategy": strategy,
+        "fixed": fixed,
+        "space": {k: asdict(v) for k, v in sorted(space.items())},
+        "tune": {"epochs": cfg.tune.epochs or cfg.epochs, "seed": cfg.tune.seed,
+                 "metric": cfg.tune.metric},
+        **cfg.model_dump(mode="json", include=training),
+        "code_version": CODE_VERSION,
+    }
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{cfg.name}-{dataset.name}@{dataset.size}-{strategy}-{h[:8]}"
+
+
+def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
+    """Validate the whole tuning plan before any training: one target per (dataset, strategy)."""
+    names = [s.name for s in cfg.strategies]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"`strategies`: {dupes} listed twice; with tuning each strategy is one "
+                          "study, list it once")
+    unknown = sorted(set(cfg.tune.params) - set(names))
+    if unknown:
+        raise ConfigError(f"`tune.params`: {unknown} are not in `strategies` ({', '.join(names)})")
+    targets = []
+    for d in cfg.datasets:
+        bundle = data.get(Cell(dataset=d, strategy=names[0], params={}, seed=cfg.tune.seed))
+        model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs)
+        n_groups = len(layer_groups(model))
+        for s in cfg.strategies:
+            space = search_space(s.name, n_groups, cfg.tune.params)
+            fixed = {k: v for k, v in s.params.items() if k not in space}
+            ignored = sorted(set(s.params) - set(fixed))
+            if ignored:
+                log.warning("strategy %s: %s are tuned, the config's values are ignored",
+                            s.name, ignored)
+            listed = [k for k, v in fixed.items() if isinstance(v, list)]
+            if listed:
+                raise ConfigError(
+                    f"`strategies.{s.name}.params`: {listed} list several values, but a tuned "
+                    "strategy is one study; give one value or tune them via `tune.params`"
+                )
+            name = study_name(cfg, d, s.name, fixed, space)
+            targets.append(StudyTarget(d, s.name, fixed, space, name))
+    return targets
+
+
+# -- the objective --------------------------------------------------------------------------------
+class PruningReporter(EpochCallback):
+    """Report the epoch's validation metric to the trial; raise TrialPruned when told to."""
+
+    def __init__(self, trial: optuna.Trial, key: str) -> None:
+        self.trial = trial
+        self.key = key
+        self.values: list[float] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        value = float(metrics.get(self.key, math.nan))
+        self.values.append(value)
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} ({self.key}={value:.4f})")
+
+
+def best_of(values: list[float], metric: str) -> float:
+    """The objective: the best per-epoch validation value (the checkpoint the trainer keeps)."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        raise ValueError(f"validation {metric} is NaN in every epoch (one class in val?)")
+    return min(finite) if direction(metric) == "minimize" else max(finite)
+
+
+@dataclass
+class StudyOutcome:
+    target: StudyTarget
+    run_id: str
+    best_params: dict[str, Any] | None
+    best_value: float | None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class StudyRunner:
+    """Runs one study: recovery of interrupted trials, the trials, and their MLflow runs."""
+
+    def __init__(self, cfg: BenchmarkConfig, target: StudyTarget, tracker: Tracker,
+                 storage: optuna.storages.BaseStorage, storage_label: str, bundle: Any,
+                 weights: Any, weights_source: str) -> None:
+        self.cfg, self.target, self.tracker = cfg, target, tracker
+        self.storage, self.storage_label = storage, storage_label
+        self.bundle, self.weights, self.weights_source = bundle, weights, weights_source
+        self.epochs = cfg.tune.epochs or cfg.epochs
+        self.study_run_id = ""
+
+    def create_study(self) -> optuna.Study:
+        return optuna.create_study(
+            storage=self.storage, study_name=self.target.name, load_if_exists=True,
+            direction=direction(self.cfg.tune.metric), sampler=make_sampler(self.cfg.tune),
+            pruner=make_pruner(self.cfg.tune, self.epochs),
+        )
+
+    def recover_interrupted(self, study: optuna.Study) -> int:
+        """Mark trials left RUNNING by a killed process as FAIL (and their MLflow runs KILLED).
+
+        Why by hand: Optuna's ``fail_stale_trials`` needs heartbeats, which only RDB storages
+        have. This assumes one process per study at a time -- the runner's model; a study shared
+        by parallel workers would need heartbeats instead. A FAIL does not count towards
+        ``n_trials``, so the trial is run again.
+        """
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in stale:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if run_id:
+                self.tracker.set_tags(run_id, {"optuna.state": "FAIL",
+                                               "error": "interrupted (process killed)"})
+                self.tracker.end_run(run_id, "KILLED")
+        if stale:
+            log.warning("study %s: %d interrupted trial(s) marked FAIL", study.study_name,
+                        len(stale))
+        return len(stale)
+
+    def objective(self, trial: optuna.Trial) -> float:
+        from metalr_bench.benchmark.runner import cell_params, train_cell
+
+        t, cfg = self.target, self.cfg
+        params, overrides = suggest(trial, t.space)
+        cell = Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
+                    seed=cfg.tune.seed, overrides=overrides)
+        run_id = self.tracker.start_run(
+            f"{t.strategy} trial {trial.number}",
+            tags={"kind": "trial", "optuna.study_name": t.name,
+                  "optuna.trial_number": trial.number, "optuna.state": "RUNNING",
+                  "dataset": t.dataset.name, "image_size": t.dataset.size,
+                  "strategy": t.strategy, "seed": cfg.tune.seed, "model": cfg.model.arch},
+            parent_id=self.study_run_id,
+        )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
+        self.tracker.log_params(run_id, {**cell_params(eff, cell),
+                                         "weights_source": self.weights_source,
+                                         **{f"trial.{k}": v for k, v in trial.params.items()}})
+        logger = MetricsLogger(self.tracker, run_id)
+        reporter = PruningReporter(trial, metric_key(cfg.tune.metric))
+        try:
+            result, _ = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
+                                   epochs=self.epochs, evaluate_test=False)
+            value = best_of(reporter.values, cfg.tune.metric)
+        except optuna.TrialPruned:
+            logger.flush()
+            self.tracker.set_tags(run_id, {"optuna.state": "PRUNED"})
+            self.tracker.end_run(run_id, "FINISHED")
+            raise
+        except KeyboardInterrupt:
+            self.tracker.set_tags(run_id, {"optuna.state": "FAIL", "error": "KeyboardInterrupt"})
+            self.tracker.end_run(run_id, "KILLED")
+            raise
+        except BaseException as exc:
+            self.tracker.set_tags(run_id, {"optuna.state": "FAIL",
+                                           "error": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.tracker.end_run(run_id, "FAILED")
+            raise
+        summary = {k: v for k, v in result.summary().items() if not k.startswith("test_")}
+        self.tracker.log_metrics(run_id, {**summary, "objective": value}, step=self.epochs)
+        self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+        self.tracker.end_run(run_id, "FINISHED")
+        return value
+
+    # -- the study's own MLflow run ---------------------------------------------------------------
+    def _find_study_run(self) -> str | None:
+        name = self.target.name.replace("'", "\\'")
+        runs = self.tracker.client.search_runs(
+            [self.tracker.experiment_id],
+            filter_string=f"tags.kind = 'study' and tags.`optuna.study_name` = '{name}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    @contextmanager
+    def study_run(self, parent_id: str) -> Iterator[str]:
+        """The study's MLflow run: reused (and moved under ``parent_id``) when resuming."""
+        t, cfg = self.target, self.cfg
+        tags = {"kind": "study", "optuna.study_name": t.name, "optuna.storage": self.storage_label,
+                "optuna.direction": direction(cfg.tune.metric), "dataset": t.dataset.name,
+                "image_size": t.dataset.size, "strategy": t.strategy, "model": cfg.model.arch,
+                "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
+                "pruner": cfg.tune.pruner}
+        run_id = self._find_study_run()
+        if run_id is None:
+            run_id = self.tracker.start_run(f"{t.dataset_label}/{t.strategy}/study", tags,
+                                            parent_id=parent_id)
+        else:
+            self.tracker.client.update_run(run_id, status="RUNNING")
+            self.tracker.set_tags(run_id, {**tags, MLFLOW_PARENT_RUN_ID: parent_id})
+        self.tracker.log_params(run_id, {
+            "metric": cfg.tune.metric, "tune_epochs": self.epochs, "tune_seed": cfg.tune.seed,
+            "weights_source": self.weights_source,
+            **{f"space.{k}": v.describe() for k, v in t.space.items()},
+            **{f"strategy.{k}": v for k, v in t.fixed.items()},
+        })
+        self.study_run_id = run_id
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.tracker.end_run(run_id, "KILLED")
+            raise
+        except BaseException as exc:
+            self.tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.tracker.end_run(run_id, "FAILED")
+            raise
+        else:
+            self.tracker.end_run(run_id, "FINISHED")
+
+    def run(self, parent_id: str, bar: Any = None) -> StudyOutcome:
+        cfg = self.cfg
+        study = self.create_study()
+        with self.study_run(parent_id) as run_id:
+            self.recover_interrupted(study)
+            done = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+            remaining = max(cfg.tune.n_trials - done, 0)
+
+            def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                if bar is not None:
+                    bar.update(1)
+                    best = _best(study)
+                    bar.set_postfix_str(f"{self.target.strategy} trial {trial.number} "
+                                        f"{trial.state.name}"
+                                        + (f" best={best.value:.4f}" if best else ""))
+
+            if remaining:
+                study.optimize(self.objective, n_trials=remaining, timeout=cfg.tune.timeout,
+                               catch=(Exception,), callbacks=[on_trial])
+            elif bar is not None:
+                bar.update(cfg.tune.n_trials)
+            trials = study.get_trials(deepcopy=False)
+            counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+            self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
+                                     step=len(trials))
+            best = _best(study)
+            if best is None:
+                self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
+                return StudyOutcome(self.target, run_id, None, None, counts)
+            self.tracker.set_tags(run_id, {"optuna.best_trial_number": best.number,
+                                           **{f"best.{k}": v for k, v in best.params.items()}})
+            self.tracker.log_metrics(run_id, {"best_value": best.value,
+                                              **{f"best.{k}": float(v)
+                                                 for k, v in best.params.items()}},
+                                     step=len(trials))
+            return StudyOutcome(self.target, run_id, dict(best.params), best.value, counts)
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    return study.best_trial
+
+
+# -- the whole tuning stage -------------------------------------------------------------------
+@dataclass
+class TuningOutcome:
+    """The final grid's cells (best params per strategy) and the strategies that got none."""
+
+    cells: list[Cell]
+    failed: list[Any]  # runner.CellResult for strategies whose study completed no trial
+    studies: list[StudyOutcome]
+
+
+def final_cells(cfg: BenchmarkConfig, outcome: StudyOutcome) -> list[Cell]:
+    """The strategy's best parameters on every seed of the config."""
+    assert outcome.best_params is not None
+    params, overrides = split_params(outcome.best_params)
+    t = outcome.target
+    return [Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
+                 seed=seed, overrides=overrides, study=t.name) for seed in cfg.seeds]
+
+
+def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
+             *, progress: bool = True) -> TuningOutcome:
+    """Run (or continue) every study under ``parent_id``; return the final grid to train."""
+    from metalr_bench.benchmark.runner import CellResult, starting_weights
+
+    targets = study_targets(cfg, data)
+    url = storage_url(cfg)
+    storage = open_storage(url)
+    tracker.set_tags(parent_id, {"tuned": "true", "optuna.storage": url})
+    if progress:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar says it
+    cells: list[Cell] = []
+    failed: list[Any] = []
+    studies: list[StudyOutcome] = []
+    bar = tqdm(total=len(targets) * cfg.tune.n_trials, desc="tuning", unit="trial",
+               disable=not progress)
+    try:
+        for t in targets:
+            probe = Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
+                         seed=cfg.tune.seed)
+            bundle = data.get(probe)
+            bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
+                                "weights (the pretrain stage runs once, then is cached)")
+            weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+            runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
+            outcome = runner.run(parent_id, bar)
+            studies.append(outcome)
+            if outcome.best_params is not None:
+                cells += final_cells(cfg, outcome)
+                continue
+            error = (f"study {t.name} completed no trial ({outcome.counts}); "
+                     f"see the trial runs under MLflow run {outcome.run_id}")
+            log.error(error)
+            failed += [CellResult(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
+                                       seed=s, study=t.name), outcome.run_id, "", "FAILED",
+                                  error=error) for s in cfg.seeds]
+    finally:
+        bar.close()
+    return TuningOutcome(cells, failed, studies)

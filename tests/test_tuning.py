@@ -1,0 +1,303 @@
+"""Fair tuning: Optuna studies per (dataset, strategy), nested MLflow runs, resume, no test reads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from metalr_bench.benchmark import trainer as trainer_mod
+from metalr_bench.benchmark import tuning
+from metalr_bench.benchmark.cli import _run_parser, resolve_config
+from metalr_bench.benchmark.config import ConfigError, validate_config
+from metalr_bench.benchmark.runner import run_benchmark
+from metalr_bench.benchmark.tuning_space import SEARCH_SPACE, search_space
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+
+def tune_config(tiny: dict[str, Any], **tune: Any) -> dict[str, Any]:
+    return {**tiny, "epochs": 1, "tune": {"enabled": True, "n_trials": 3, **tune}}
+
+
+def runs_by_kind(uri: str, experiment: str) -> dict[str, list[Any]]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    out: dict[str, list[Any]] = {}
+    for r in client.search_runs([exp.experiment_id], max_results=1000):
+        kind = r.data.tags.get("kind") or ("final" if r.data.tags.get("tuned") else "cell")
+        out.setdefault(kind, []).append(r)
+    return out
+
+
+class SplitReads:
+    """Records every split the trainer loads or evaluates, per phase (tuning / final)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.phase = "final"
+        self.loaded: list[tuple[str, str]] = []  # (phase, "train"/"val"/"test"/"other")
+        self.evaluated: list[tuple[str, str]] = []
+        self.tests: list[str] = []
+        self._test_ids: set[int] = set()
+        self._val_ids: set[int] = set()
+        orig_init, orig_loader = trainer_mod.Trainer.__init__, trainer_mod.make_loader
+        orig_eval, orig_test = trainer_mod.Trainer.evaluate, trainer_mod.Trainer._test
+        orig_tune_all = tuning.tune_all
+
+        def init(trainer, bundle, *a, **k):
+            self._test_ids.add(id(bundle.test))
+            self._val_ids.add(id(bundle.val))
+            orig_init(trainer, bundle, *a, **k)
+
+        def loader(split, *a, **k):
+            which = ("test" if id(split) in self._test_ids else
+                     "val" if id(split) in self._val_ids else "train")
+            self.loaded.append((self.phase, which))
+            return orig_loader(split, *a, **k)
+
+        def evaluate(trainer, split):
+            self.evaluated.append((self.phase, split))
+            return orig_eval(trainer, split)
+
+        def test(trainer):
+            self.tests.append(self.phase)
+            return orig_test(trainer)
+
+        def tune_all(*a, **k):
+            self.phase = "tuning"
+            try:
+                return orig_tune_all(*a, **k)
+            finally:
+                self.phase = "final"
+
+        monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
+        monkeypatch.setattr(trainer_mod, "make_loader", loader)
+        monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
+        monkeypatch.setattr(trainer_mod.Trainer, "_test", test)
+        monkeypatch.setattr(tuning, "tune_all", tune_all)
+
+
+class PruneTrialOne(optuna.pruners.BasePruner):
+    """Deterministic: prune trial 1 at its first report, never any other."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number == 1
+
+
+def test_two_strategies_three_trials_nested_runs_pruning_best_params_and_no_test_reads(
+    tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = SplitReads(monkeypatch)
+    monkeypatch.setattr(tuning, "make_pruner", lambda tune, epochs: PruneTrialOne())
+    cfg = validate_config(tune_config(tiny_config, epochs=2))  # trials: 2 epochs; finals: 1
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed and len(outcome.results) == 4  # 2 strategies x 2 seeds
+
+    # the test split: never loaded nor evaluated while tuning; once per final run afterwards
+    assert ("tuning", "test") not in reads.loaded and ("tuning", "test") not in reads.evaluated
+    assert ("tuning", "val") in reads.evaluated and "tuning" not in reads.tests
+    assert reads.tests == ["final"] * 4 and ("final", "test") in reads.loaded
+
+    storage = tuning.storage_url(cfg)
+    assert storage == f"sqlite:///{Path(tiny_config['tracking_uri'][10:]).parent / 'optuna.db'}"
+    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    assert len(summaries) == 2
+    runs = runs_by_kind(cfg.tracking_uri, cfg.name)
+    (parent,) = runs["benchmark"]
+    assert parent.data.tags["tuned"] == "true"
+    assert {r.data.tags["strategy"] for r in runs["study"]} == {"full", "last_k"}
+    assert len(runs["trial"]) == 6 and len(runs["final"]) == 4
+
+    for study_run in runs["study"]:
+        tags = study_run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["optuna.storage"] == storage and tags["optuna.study_name"] in summaries
+        study = optuna.load_study(study_name=tags["optuna.study_name"], storage=storage)
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED,
+                                             TrialState.COMPLETE]
+        assert study.best_trial.number in (0, 2)
+        assert study_run.data.metrics["n_pruned"] == 1
+        mine = [r for r in runs["trial"]
+                if r.data.tags["mlflow.parentRunId"] == study_run.info.run_id]
+        by_number = {int(r.data.tags["optuna.trial_number"]): r for r in mine}
+        assert sorted(by_number) == [0, 1, 2] and len(mine) == 3
+        client = MlflowClient(cfg.tracking_uri)
+        for t in trials:
+            run = by_number[t.number]
+            assert run.info.run_id == t.user_attrs["mlflow_run_id"]
+            assert run.data.tags["optuna.state"] == t.state.name and run.info.status == "FINISHED"
+            assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+            assert not any(k.startswith("test_") for k in run.data.metrics)
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")]
+            if t.state == TrialState.PRUNED:  # stopped after its first epoch
+                assert steps == [0] and "objective" not in run.data.metrics
+            else:
+                assert steps == [0, 1]
+                assert run.data.metrics["objective"] == pytest.approx(t.value)
+        # best params and value logged on the study run
+        assert study_run.data.metrics["best_value"] == pytest.approx(study.best_value)
+        for k, v in study.best_params.items():
+            assert study_run.data.metrics[f"best.{k}"] == pytest.approx(v)
+            assert tags[f"best.{k}"] == str(v)
+
+        # the final runs use the best parameters, on every seed, with test metrics
+        finals = [r for r in runs["final"] if r.data.tags["optuna.study_name"] == study.study_name]
+        assert sorted(int(r.data.tags["seed"]) for r in finals) == [0, 1]
+        for r in finals:
+            assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert r.data.tags["tuned"] == "true" and "test_auc" in r.data.metrics
+            assert r.data.params["epochs"] == "1"
+            assert float(r.data.params["lr"]) == pytest.approx(study.best_params["lr"])
+            if tags["strategy"] == "last_k":
+                assert int(r.data.params["strategy.k"]) == study.best_params["k"]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, json
+    from metalr_bench.benchmark import tuning
+    from metalr_bench.benchmark.config import validate_config
+    from metalr_bench.benchmark.runner import run_benchmark
+
+    orig = tuning.PruningReporter.on_epoch_end
+    def on_epoch_end(self, epoch, metrics):
+        orig(self, epoch, metrics)
+        if self.trial.number == 1:  # trial 0 finished; die hard in the middle of trial 1
+            os.kill(os.getpid(), signal.SIGKILL)
+    tuning.PruningReporter.on_epoch_end = on_epoch_end
+    run_benchmark(validate_config(json.loads(sys.argv[1])), progress=False)
+""")
+
+
+def test_kill_and_rerun_continues_the_same_study(tiny_config: dict[str, Any]) -> None:
+    import json
+
+    data = {**tune_config(tiny_config, pruner="none"), "strategies": ["full"], "seeds": [0]}
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(data)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    cfg = validate_config(data)
+    storage = tuning.storage_url(cfg)
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    before = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
+    first_value = before[0].value
+
+    outcome = run_benchmark(cfg, progress=False)  # re-run: same config -> same study
+    assert not outcome.failed
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    states = [t.state for t in trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                      TrialState.COMPLETE]
+    assert sum(s in tuning.FINISHED_STATES for s in states) == 3
+    assert trials[0].value == first_value  # the finished trial was kept, not re-run
+
+    runs = runs_by_kind(cfg.tracking_uri, cfg.name)
+    assert len(runs["benchmark"]) == 2 and len(runs["study"]) == 1  # the study run is reused
+    (study_run,) = runs["study"]
+    second_parent = [r for r in runs["benchmark"] if r.info.status == "FINISHED"]
+    assert study_run.data.tags["mlflow.parentRunId"] == second_parent[0].info.run_id
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs["trial"]}
+    assert sorted(by_number) == [0, 1, 2, 3] and len(runs["trial"]) == 4
+    assert by_number[1].data.tags["optuna.state"] == "FAIL"
+    assert by_number[1].info.status == "KILLED"
+    for n in (0, 2, 3):
+        assert by_number[n].data.tags["optuna.state"] == "COMPLETE"
+        assert by_number[n].data.tags["mlflow.parentRunId"] == study_run.info.run_id
+    (final,) = runs["final"]
+    best = optuna.load_study(study_name=name, storage=storage).best_params
+    assert float(final.data.params["lr"]) == pytest.approx(best["lr"])
+
+
+def test_keyboard_interrupt_marks_trial_and_run(
+    tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orig = tuning.PruningReporter.on_epoch_end
+
+    def interrupt(self, epoch, metrics):
+        orig(self, epoch, metrics)
+        if self.trial.number == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning.PruningReporter, "on_epoch_end", interrupt)
+    cfg = validate_config({**tune_config(tiny_config), "strategies": ["full"], "seeds": [0]})
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(cfg, progress=False)
+    runs = runs_by_kind(cfg.tracking_uri, cfg.name)
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs["trial"]}
+    assert by_number[1].info.status == "KILLED" and by_number[1].data.tags["optuna.state"] == "FAIL"
+    assert runs["study"][0].info.status == "KILLED" and "final" not in runs
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(tuning.storage_url(cfg))]
+    study = optuna.load_study(study_name=name, storage=tuning.storage_url(cfg))
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_journal_storage_and_study_name(tiny_config: dict[str, Any], tmp_path: Path) -> None:
+    journal = tmp_path / "studies" / "optuna.log"
+    cfg = validate_config({**tune_config(tiny_config, storage=str(journal), n_trials=1),
+                           "strategies": ["l2sp"], "seeds": [0]})
+    assert not run_benchmark(cfg, progress=False).failed
+    assert journal.is_file()
+    storage = tuning.open_storage(str(journal))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.study_name.startswith("test-synthetic@16-l2sp-")
+    assert set(summary.best_trial.params) == {"lr", "alpha"}
+
+    target = tuning.study_targets(cfg, _Data())[0]
+    assert target.name == summary.study_name  # derived from the config: stable
+    more = validate_config({**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "n_trials": 9}})
+    assert tuning.study_targets(more, _Data())[0].name == target.name  # n_trials may grow
+    other = validate_config({**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "epochs": 3}})
+    assert tuning.study_targets(other, _Data())[0].name != target.name
+
+
+class _Data:
+    def get(self, cell: Any) -> Any:
+        from metalr_bench.datasets.registry import load_dataset
+
+        d = cell.dataset
+        return load_dataset(d.name, size=d.size, options=d.options)
+
+
+def test_search_space_table_and_validation() -> None:
+    assert set(SEARCH_SPACE) >= {"full", "last_k", "l2sp", "layer_decay", "metalr"}
+    assert SEARCH_SPACE["metalr"]["hyper_lr"].log
+    space = search_space("last_k", 5)
+    assert space["k"].type == "int" and (space["k"].low, space["k"].high) == (1, 5)
+    assert space["lr"].log
+    assert set(search_space("layer_decay", 5)) == {"lr", "decay"}
+    cfg = validate_config({"tune": {"params": {"last_k": {"k": {"high": 9}},
+                                               "full": {"lr": None}}}})
+    with pytest.raises(ConfigError, match="only 5 layer groups"):
+        search_space("last_k", 5, cfg.tune.params)
+    assert search_space("full", 5, cfg.tune.params) == {}
+    bad = validate_config({"tune": {"params": {"l2sp": {"gamma": {"low": 0, "high": 1}}}}})
+    with pytest.raises(ConfigError, match="no parameter 'gamma'"):
+        search_space("l2sp", 5, bad.tune.params)
+    narrow = validate_config({"tune": {"params": {"l2sp": {"alpha": {"low": 0.01, "high": 0.5}}}}})
+    assert (search_space("l2sp", 5, narrow.tune.params)["alpha"].high) == 0.5
+    with pytest.raises(ConfigError, match="storage"):
+        validate_config({"tune": {"storage": "studies.db"}})
+
+
+def test_cli_flags_and_optuna_objects() -> None:
+    args = _run_parser().parse_args(["--tune", "--n-trials", "4", "--sampler", "gp",
+                                     "--pruner", "hyperband", "--tune-storage", "x.jsonl"])
+    cfg = resolve_config(args)
+    assert cfg.tune.enabled and cfg.tune.n_trials == 4 and cfg.tune.storage == "x.jsonl"
+    assert isinstance(tuning.make_sampler(cfg.tune), optuna.samplers.GPSampler)
+    assert isinstance(tuning.make_pruner(cfg.tune, 5), optuna.pruners.HyperbandPruner)
+    default = resolve_config(_run_parser().parse_args([]))
+    assert not default.tune.enabled
+    assert isinstance(tuning.make_sampler(default.tune), optuna.samplers.TPESampler)
+    assert isinstance(tuning.make_pruner(default.tune, 5), optuna.pruners.MedianPruner)
+    assert tuning.direction("val_loss") == "minimize" and tuning.direction("auc") == "maximize"
+    server = validate_config({"tracking_uri": "http://localhost:5000", "output_dir": "/tmp/o"})
+    assert tuning.storage_url(server) == "sqlite:////tmp/o/optuna.db"
