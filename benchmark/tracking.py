@@ -35,6 +35,19 @@ _MAX_PARAM_LEN = 6000
 log = logging.getLogger(__name__)
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/path/mlflow.db``.
+
+    A relative SQLite path means "relative to the current folder"; anything that runs elsewhere
+    (the report's kernel, a worker with another cwd) must get the absolute one or it silently
+    opens a new, empty store.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    return uri
+
+
 def artifact_root_for(uri: str) -> str | None:
     """Artifacts next to a SQLite DB (``mlartifacts/``), so ``mlflow ui`` finds them."""
     parsed = urlparse(uri)

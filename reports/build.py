@@ -130,7 +130,9 @@ def build_report(
     import jupytext
     import nbformat
     import papermill
+    from metalr_bench.benchmark.tracking import absolute_tracking_uri
 
+    tracking_uri = absolute_tracking_uri(tracking_uri)  # the kernel runs in another folder
     out = Path(output_dir) / "reports" / experiment
     out.mkdir(parents=True, exist_ok=True)
     csv, parquet, parents = export_results(tracking_uri, experiment, parent_run_id, out)

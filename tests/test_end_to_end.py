@@ -75,3 +75,12 @@ def test_pretrain_stage_is_cached_and_logged(tiny_config) -> None:
     pre = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain'")
     assert len(pre) == 1  # trained once, reused by both seeds and by the second call
     assert pre[0].data.metrics["best_val_acc"] >= 0
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch) -> None:
+    from metalr_bench.benchmark.tracking import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
