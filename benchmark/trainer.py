@@ -15,7 +15,7 @@ import contextlib
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,4 +383,3 @@ class Trainer:
         return out
 
 
-StepHook = Callable[[int, dict[str, float]], None]
