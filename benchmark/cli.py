@@ -75,7 +75,10 @@ def _run_parser() -> argparse.ArgumentParser:
                    "for every strategy), then run the grid with the best parameters")
     p.add_argument("--n-trials", type=int, help="Optuna trials per (dataset, strategy) study")
     p.add_argument("--tune-storage", help="Optuna storage: an RDB URL or a .log/.jsonl journal "
-                   "file (default: optuna.db next to the MLflow DB)")
+                   "file (default: optuna.db next to the MLflow DB; optuna-journal.log with "
+                   "--executor local/ray)")
+    p.add_argument("--workers-per-study", type=int,
+                   help="tuning with --executor local/ray: workers sharing each study")
     p.add_argument("--sampler", help="tpe | gp | random (tuning)")
     p.add_argument("--pruner", help="median | hyperband | none (tuning)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -97,7 +100,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         o["strategies"] = args.strategies
     tune = {key: getattr(args, attr) for key, attr in (
         ("enabled", "tune"), ("n_trials", "n_trials"), ("storage", "tune_storage"),
-        ("sampler", "sampler"), ("pruner", "pruner")) if getattr(args, attr, None) is not None}
+        ("sampler", "sampler"), ("pruner", "pruner"), ("workers_per_study", "workers_per_study"))
+        if getattr(args, attr, None) is not None}
     if tune:
         o["tune"] = tune
     model: dict[str, Any] = {}
@@ -147,7 +151,8 @@ def cmd_run(argv: list[str]) -> int:
           f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
           f"tracking {cfg.tracking_uri}", flush=True)
     tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
-                                 ("--pruner", args.pruner), ("--tune-storage", args.tune_storage))
+                                 ("--pruner", args.pruner), ("--tune-storage", args.tune_storage),
+                                 ("--workers-per-study", args.workers_per_study))
                   if v is not None]
     if tune_flags and not cfg.tune.enabled:
         print(f"run-benchmark: {', '.join(tune_flags)} only matter with --tune (or `tune: "

@@ -151,10 +151,14 @@ class TuneSpec(_Strict):
         2, ge=0, description="median pruner: trials that are never pruned"
     )
     storage: str | None = Field(
-        None, description="None: sqlite optuna.db next to the MLflow DB; an RDB URL; "
-        "or a path ending in .log/.jsonl (JournalStorage file)",
+        None, description="None: optuna.db (serial) or optuna-journal.log (local/ray) next to "
+        "the MLflow DB; an RDB URL; or a path ending in .log/.jsonl (JournalStorage file)",
     )
     timeout: float | None = Field(None, gt=0, description="seconds per study (optional)")
+    workers_per_study: int = Field(
+        1, ge=1, le=64, description="with executor local/ray: workers sharing each study "
+        "(studies also run in parallel with each other)",
+    )
     params: dict[str, dict[str, SearchDimSpec | None]] = Field(
         default_factory=dict,
         description="per-strategy search-space overrides, e.g. {l2sp: {alpha: {high: 10}}}; "

@@ -1,10 +1,11 @@
 """Where grid cells run: in this process, in local worker processes, or as Ray tasks.
 
-Why one small protocol: the unit of work stays :func:`runner.run_cell` (so resume, fault
-handling and tracking behave the same everywhere); an executor only decides *where* each call
-happens and hands back plain picklable :class:`CellResult` objects.
+Why one small protocol: the units of work stay :func:`runner.run_cell` and the tuning stage's
+study worker (so resume, fault handling and tracking behave the same everywhere); an executor
+only decides *where* each call happens (``map_calls``) and hands back plain picklable results,
+or the exception of a call whose worker died.
 
-- ``serial``: the historical loop, one cell after the other in the driver.
+- ``serial``: one call after the other in the driver.
 - ``local``: a ``spawn`` process pool on this host. With CUDA: one worker per visible GPU
   (``CUDA_VISIBLE_DEVICES`` pinned per worker; ``gpus_per_run: 0.25`` packs 4 workers per GPU),
   without: ``workers`` CPU workers sharing the cores.
@@ -20,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    """Runs :func:`runner.run_cell` for many cells; results come back in ``cells`` order."""
+    """Runs calls (grid cells, tuning workers) somewhere; results come back in input order."""
 
     name: str
     n_workers: int
@@ -46,14 +47,20 @@ class Executor(Protocol):
         """The tracking URI driver and workers use while the grid runs (may start a server)."""
         ...
 
+    def map_calls(
+        self, fn: WorkerFn, cfg: BenchmarkConfig, tracking_uri: str, calls: list[tuple],
+        *, labels: list[str], bar: tqdm, count: Callable[[], int] | None = None,
+        driver: tuple[Tracker, DataCache] | None = None,
+    ) -> list[Any]: ...
+
     def map_cells(
         self, cfg: BenchmarkConfig, cells: list[Cell], parent_id: str, tracking_uri: str, *,
         tracker: Tracker, data: DataCache, progress: bool = True,
     ) -> list[CellResult]: ...
 
 
-def _bar(total: int, progress: bool, desc: str = "benchmark") -> tqdm:
-    return tqdm(total=total, desc=desc, unit="run", disable=not progress)
+#: a unit of work: ``fn(cfg, tracker, data, *call)``; module-level, so workers can unpickle it
+WorkerFn = Callable[..., Any]
 
 
 def _cell_name(cell: Cell) -> str:
@@ -68,22 +75,59 @@ def _failed(cfg: BenchmarkConfig, cell: Cell, exc: BaseException) -> CellResult:
                       error=f"worker failed: {type(exc).__name__}: {exc}")
 
 
+def _run_cell(cfg: BenchmarkConfig, tracker: Tracker, data: DataCache, cell: Cell,
+              parent_id: str) -> CellResult:
+    from metalr_bench.benchmark.runner import run_cell
+
+    return run_cell(cfg, cell, tracker, parent_id, data)
+
+
+def map_cells(executor: Executor, cfg: BenchmarkConfig, cells: list[Cell], parent_id: str,
+              tracking_uri: str, *, tracker: Tracker, data: DataCache,
+              progress: bool = True) -> list[CellResult]:
+    """Every grid cell through ``executor``; a cell whose worker died comes back FAILED."""
+    with tqdm(total=len(cells), desc="benchmark", unit="run", disable=not progress) as bar:
+        out = executor.map_calls(_run_cell, cfg, tracking_uri, [(c, parent_id) for c in cells],
+                                 labels=[_cell_name(c) for c in cells], bar=bar,
+                                 driver=(tracker, data))
+    return [_failed(cfg, c, r) if isinstance(r, BaseException) else r
+            for c, r in zip(cells, out, strict=True)]
+
+
+class _MapCells:
+    def map_cells(self, cfg, cells, parent_id, tracking_uri, *, tracker, data, progress=True):
+        return map_cells(self, cfg, cells, parent_id, tracking_uri, tracker=tracker, data=data,
+                         progress=progress)
+
+
+def _tick(bar: tqdm, count: Callable[[], int] | None, label: str | None = None) -> None:
+    """Advance the bar: by the driver's own count (e.g. finished trials) or by one call."""
+    if label is not None:
+        bar.set_postfix_str(label)
+    if count is not None:
+        bar.n = count()
+        bar.refresh()
+    elif label is not None:
+        bar.update()
+
+
 # -- serial -----------------------------------------------------------------------------------------
-class SerialExecutor:
+class SerialExecutor(_MapCells):
+    """In this process, with the driver's tracker and data (no server, no pickling)."""
+
     name = "serial"
     n_workers = 1
 
     def tracking(self, uri: str) -> AbstractContextManager[str]:
         return tracking_for_workers(uri, 1)
 
-    def map_cells(self, cfg, cells, parent_id, tracking_uri, *, tracker, data, progress=True):
-        from metalr_bench.benchmark.runner import run_cell
-
-        results = []
-        bar = tqdm(cells, desc="benchmark", unit="run", disable=not progress)
-        for cell in bar:
-            bar.set_postfix_str(_cell_name(cell))
-            results.append(run_cell(cfg, cell, tracker, parent_id, data))
+    def map_calls(self, fn, cfg, tracking_uri, calls, *, labels, bar, count=None, driver=None):
+        tracker, data = driver if driver is not None else _worker_context(cfg, tracking_uri)
+        results: list[Any] = []
+        for call, label in zip(calls, labels, strict=True):
+            bar.set_postfix_str(label)
+            results.append(fn(cfg, tracker, data, *call))
+            _tick(bar, count, label)
         return results
 
 
@@ -91,19 +135,23 @@ class SerialExecutor:
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def run_cell_in_worker(
-    cfg: BenchmarkConfig, cell: Cell, parent_id: str, tracking_uri: str
-) -> CellResult:
-    """One cell in a worker: a per-process Tracker and DataCache, reused across its cells."""
-    from metalr_bench.benchmark.runner import DataCache, run_cell
+def _worker_context(cfg: BenchmarkConfig, tracking_uri: str) -> tuple[Tracker, DataCache]:
+    """A per-process Tracker and DataCache, reused across the calls a worker runs."""
+    from metalr_bench.benchmark.runner import DataCache
     from metalr_bench.benchmark.tracking import Tracker
 
     key = f"{tracking_uri}\0{cfg.name}"
     if _WORKER_STATE.get("key") != key:
         _WORKER_STATE.update(key=key, tracker=Tracker(tracking_uri, cfg.name), data=DataCache())
+    return _WORKER_STATE["tracker"], _WORKER_STATE["data"]
+
+
+def call_in_worker(fn: WorkerFn, cfg: BenchmarkConfig, tracking_uri: str, *call: Any) -> Any:
+    """One call in a worker process or Ray task: ``fn(cfg, tracker, data, *call)``."""
+    tracker, data = _worker_context(cfg, tracking_uri)
     if _WORKER_STATE.get("gpu_pinned") and cfg.device.startswith("cuda:"):
         cfg = cfg.model_copy(update={"device": "cuda"})  # the one GPU this worker sees
-    return run_cell(cfg, cell, _WORKER_STATE["tracker"], parent_id, _WORKER_STATE["data"])
+    return fn(cfg, tracker, data, *call)
 
 
 def _init_local_worker(gpu_queue: Any, threads: int) -> None:
@@ -131,8 +179,16 @@ def _uses_gpu(cfg: BenchmarkConfig) -> bool:
     return cfg.device.startswith("cuda") or (cfg.device == "auto" and bool(visible_gpus()))
 
 
+def _log_failure(label: str, exc: BaseException) -> None:
+    log.error("%s: worker failed\n%s", label, "".join(traceback.format_exception(exc)))
+
+
+#: how often the driver refreshes a bar that counts something else than calls (seconds)
+POLL_S = 2.0
+
+
 # -- local process pool ---------------------------------------------------------------------------
-class LocalExecutor:
+class LocalExecutor(_MapCells):
     """A ``spawn`` process pool on this host (``fork`` is unsafe with CUDA and MLflow threads)."""
 
     name = "local"
@@ -149,39 +205,42 @@ class LocalExecutor:
     def tracking(self, uri: str) -> AbstractContextManager[str]:
         return tracking_for_workers(uri, self.n_workers)
 
-    def map_cells(self, cfg, cells, parent_id, tracking_uri, *, tracker, data, progress=True):
+    def map_calls(self, fn, cfg, tracking_uri, calls, *, labels, bar, count=None, driver=None):
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = mp.get_context("spawn")
-        n = min(self.n_workers, len(cells)) or 1
+        n = min(self.n_workers, len(calls)) or 1
         queue = None
         if self.gpus:
             queue = ctx.Manager().Queue()
             for i in range(n):  # round-robin: several workers per GPU when gpus_per_run < 1
                 queue.put(self.gpus[i % len(self.gpus)])
-        results: dict[int, CellResult] = {}
+        results: dict[int, Any] = {}
         pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_local_worker,
                                    initargs=(queue, self.threads))
         try:
-            futures = {pool.submit(run_cell_in_worker, cfg, c, parent_id, tracking_uri): i
-                       for i, c in enumerate(cells)}
-            with _bar(len(cells), progress) as bar:
-                for fut in as_completed(futures):
+            futures = {pool.submit(call_in_worker, fn, cfg, tracking_uri, *call): i
+                       for i, call in enumerate(calls)}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=POLL_S if count else None,
+                                     return_when=FIRST_COMPLETED)
+                for fut in done:
                     i = futures[fut]
                     try:
                         results[i] = fut.result()
-                    except Exception as exc:  # noqa: BLE001 - a dead worker fails its cell only
-                        log.error("cell %s: worker failed\n%s", _cell_name(cells[i]),
-                                  "".join(traceback.format_exception(exc)))
-                        results[i] = _failed(cfg, cells[i], exc)
-                    bar.set_postfix_str(_cell_name(cells[i]))
-                    bar.update()
+                    except Exception as exc:  # noqa: BLE001 - a dead worker fails its call only
+                        _log_failure(labels[i], exc)
+                        results[i] = exc
+                    _tick(bar, count, labels[i])
+                if not done:
+                    _tick(bar, count)
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        return [results[i] for i in range(len(cells))]
+        return [results[i] for i in range(len(calls))]
 
 
 # -- Ray --------------------------------------------------------------------------------------------
@@ -196,7 +255,7 @@ def import_ray() -> Any:
     return ray
 
 
-class RayExecutor:
+class RayExecutor(_MapCells):
     """One Ray task per cell on an existing cluster (``ray_address``) or a local Ray."""
 
     name = "ray"
@@ -208,8 +267,16 @@ class RayExecutor:
         self.n_workers = 2  # > 1: workers always log through a tracking server
         self._started = False
 
-    def tracking(self, uri: str) -> AbstractContextManager[str]:
-        return tracking_for_workers(uri, self.n_workers)
+    @contextmanager
+    def tracking(self, uri: str) -> Iterator[str]:
+        """The tracking server for the whole call; a Ray started here is shut down after it."""
+        try:
+            with tracking_for_workers(uri, self.n_workers) as worker_uri:
+                yield worker_uri
+        finally:
+            if self._started:
+                self.ray.shutdown()
+                self._started = False
 
     def _ensure_ray(self) -> None:
         if not self.ray.is_initialized():
@@ -240,38 +307,40 @@ class RayExecutor:
                 "reach and pass `--tracking-uri http://<host>:<port>`"
             )
 
-    def map_cells(self, cfg, cells, parent_id, tracking_uri, *, tracker, data, progress=True):
+    def map_calls(self, fn, cfg, tracking_uri, calls, *, labels, bar, count=None, driver=None):
         ray = self.ray
         self._ensure_ray()
         try:
             self._check_reachable_from_cluster(tracking_uri)
             task = ray.remote(num_gpus=self._num_gpus(cfg), num_cpus=self.cpus_per_run,
-                              max_retries=0)(run_cell_in_worker)
-            refs = {task.remote(cfg, c, parent_id, tracking_uri): i for i, c in enumerate(cells)}
-            results: dict[int, CellResult] = {}
+                              max_retries=0)(call_in_worker)
+            refs = {task.remote(fn, cfg, tracking_uri, *call): i for i, call in enumerate(calls)}
+            results: dict[int, Any] = {}
             pending = list(refs)
             try:
-                with _bar(len(cells), progress) as bar:
-                    while pending:
-                        done, pending = ray.wait(pending, num_returns=1)
-                        for ref in done:
-                            i = refs[ref]
-                            try:
-                                results[i] = ray.get(ref)
-                            except Exception as exc:  # noqa: BLE001 - task/worker/node failure
-                                log.error("cell %s: Ray task failed: %s", _cell_name(cells[i]), exc)
-                                results[i] = _failed(cfg, cells[i], exc)
-                            bar.set_postfix_str(_cell_name(cells[i]))
-                            bar.update()
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1,
+                                             timeout=POLL_S if count else None)
+                    for ref in done:
+                        i = refs[ref]
+                        try:
+                            results[i] = ray.get(ref)
+                        except Exception as exc:  # noqa: BLE001 - task/worker/node failure
+                            _log_failure(labels[i], exc)
+                            results[i] = exc
+                        _tick(bar, count, labels[i])
+                    if not done:
+                        _tick(bar, count)
             except KeyboardInterrupt:
                 for ref in pending:
                     ray.cancel(ref, force=True)
                 raise
-            return [results[i] for i in range(len(cells))]
-        finally:
-            if self._started:
+            return [results[i] for i in range(len(calls))]
+        except BaseException:
+            if self._started:  # an interrupted or broken call leaves no Ray behind
                 ray.shutdown()
                 self._started = False
+            raise
 
 
 EXECUTORS: dict[str, Callable[[BenchmarkConfig], Executor]] = {

@@ -281,10 +281,14 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
         if cfg.tune.enabled:  # studies on validation data pick each strategy's parameters
             from metalr_bench.benchmark.tuning import tune_all
 
-            tuning = tune_all(cfg, tracker, parent, data, progress=progress)
+            tuning = tune_all(cfg, tracker, parent, data, progress=progress,
+                              executor=executor, tracking_uri=tracking_uri)
             cells, results = tuning.cells, list(tuning.failed)
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
+        if executor.n_workers > 1:  # pre-train once here, not once per worker at the same time
+            for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
+                starting_weights(cfg, data.get(cell), tracker, parent)
         results += executor.map_cells(cfg, cells, parent, tracking_uri, tracker=tracker,
                                       data=data, progress=progress)
         board = leaderboard(results)

@@ -29,14 +29,17 @@ import hashlib
 import json
 import logging
 import math
+import os
+import platform
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import optuna
+from metalr_bench.benchmark import study_storage
 from metalr_bench.benchmark.config import (
     CODE_VERSION,
     BenchmarkConfig,
@@ -56,8 +59,9 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-#: trial states that count towards ``n_trials`` (a FAIL is retried on the next run)
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+FINISHED_STATES = study_storage.FINISHED_STATES
+#: which process ran a trial (``host:pid``), on the trial and its MLflow run
+WORKER_ID = f"{platform.node()}:{os.getpid()}"
 
 
 # -- settings -> Optuna objects ---------------------------------------------------------------
@@ -71,9 +75,12 @@ def metric_key(metric: str) -> str:
 
 
 def storage_url(cfg: BenchmarkConfig) -> str:
-    """Where the studies live: ``tune.storage``, else ``optuna.db`` next to the MLflow DB.
+    """Where the studies live: ``tune.storage``, else a file next to the MLflow DB.
 
-    A tracking server (no local SQLite file) puts ``optuna.db`` in ``output_dir``.
+    Serial tuning uses SQLite ``optuna.db``; with ``executor: local|ray`` several processes
+    write at once, so the default is a JournalStorage file ``optuna-journal.log`` (Optuna's
+    recommended storage for parallel workers without a database server). A tracking server
+    (no local SQLite file) puts the file in ``output_dir``.
     """
     if cfg.tune.storage is not None:
         return cfg.tune.storage
@@ -82,29 +89,17 @@ def storage_url(cfg: BenchmarkConfig) -> str:
         folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
     else:
         folder = Path(cfg.output_dir).expanduser().resolve()
+    if cfg.executor != "serial":
+        return str(folder / "optuna-journal.log")
     return f"sqlite:///{folder / 'optuna.db'}"
-
-
-def is_journal(url: str) -> bool:
-    return "://" not in url and url.endswith((".log", ".jsonl"))
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An RDB storage for a URL, a JournalStorage for a ``.log``/``.jsonl`` file path."""
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    if is_journal(url):
-        path = Path(url).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # parallel workers wait
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as exc:  # bad driver, unreachable server, ...
-        raise ConfigError(f"`tune.storage`: cannot open Optuna storage {url!r}: {exc}") from None
+        return study_storage.open_storage(url)
+    except study_storage.StorageError as exc:
+        raise ConfigError(f"`tune.storage`: {exc}") from None
 
 
 def make_sampler(tune: TuneSpec) -> optuna.samplers.BaseSampler:
@@ -284,10 +279,12 @@ class StudyRunner:
             tags={"kind": "trial", "optuna.study_name": t.name,
                   "optuna.trial_number": trial.number, "optuna.state": "RUNNING",
                   "dataset": t.dataset.name, "image_size": t.dataset.size,
-                  "strategy": t.strategy, "seed": cfg.tune.seed, "model": cfg.model.arch},
+                  "strategy": t.strategy, "seed": cfg.tune.seed, "model": cfg.model.arch,
+                  "worker": WORKER_ID},
             parent_id=self.study_run_id,
         )
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("worker", WORKER_ID)
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
         self.tracker.log_params(run_id, {**cell_params(eff, cell),
                                          "weights_source": self.weights_source,
@@ -364,6 +361,7 @@ class StudyRunner:
             self.tracker.end_run(run_id, "FINISHED")
 
     def run(self, parent_id: str, bar: Any = None) -> StudyOutcome:
+        """The whole study in this process (serial executor)."""
         cfg = self.cfg
         study = self.create_study()
         with self.study_run(parent_id) as run_id:
@@ -384,21 +382,50 @@ class StudyRunner:
                                catch=(Exception,), callbacks=[on_trial])
             elif bar is not None:
                 bar.update(cfg.tune.n_trials)
-            trials = study.get_trials(deepcopy=False)
-            counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-            self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
-                                     step=len(trials))
-            best = _best(study)
-            if best is None:
-                self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
-                return StudyOutcome(self.target, run_id, None, None, counts)
-            self.tracker.set_tags(run_id, {"optuna.best_trial_number": best.number,
-                                           **{f"best.{k}": v for k, v in best.params.items()}})
-            self.tracker.log_metrics(run_id, {"best_value": best.value,
-                                              **{f"best.{k}": float(v)
-                                                 for k, v in best.params.items()}},
-                                     step=len(trials))
-            return StudyOutcome(self.target, run_id, dict(best.params), best.value, counts)
+            return self.summarize(study, run_id)
+
+    def summarize(self, study: optuna.Study, run_id: str) -> StudyOutcome:
+        """Trial counts and the best trial, logged on the study's MLflow run."""
+        trials = study.get_trials(deepcopy=False)
+        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
+                                 step=len(trials))
+        best = _best(study)
+        if best is None:
+            self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
+            return StudyOutcome(self.target, run_id, None, None, counts)
+        self.tracker.set_tags(run_id, {"optuna.best_trial_number": best.number,
+                                       **{f"best.{k}": v for k, v in best.params.items()}})
+        self.tracker.log_metrics(run_id, {"best_value": best.value,
+                                          **{f"best.{k}": float(v)
+                                             for k, v in best.params.items()}},
+                                 step=len(trials))
+        return StudyOutcome(self.target, run_id, dict(best.params), best.value, counts)
+
+
+def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: StudyTarget,
+                 url: str, study_run_id: str, parent_id: str, worker_index: int) -> int:
+    """One tuning worker (a local process or a Ray task): fill the study up to ``n_trials``.
+
+    Several workers may share a study: each reserves its trials under the storage's quota lock
+    (:func:`study_storage.fill_study`), samples with its own seed, and logs its trial runs
+    under the study's MLflow run. Returns the number of trials this worker ran.
+    """
+    from metalr_bench.benchmark.runner import starting_weights
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    bundle = data.get(Cell(dataset=target.dataset, strategy=target.strategy,
+                           params=target.fixed, seed=cfg.tune.seed))
+    weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+    storage = open_storage(url)
+    runner = StudyRunner(cfg, target, tracker, storage, url, bundle, weights, source)
+    runner.study_run_id = study_run_id
+    tune = cfg.tune.model_copy(update={"seed": cfg.tune.seed + 1000 * worker_index})
+    study = optuna.load_study(study_name=target.name, storage=storage,
+                              sampler=make_sampler(tune),
+                              pruner=make_pruner(cfg.tune, runner.epochs))
+    return study_storage.fill_study(study, runner.objective, n_trials=cfg.tune.n_trials,
+                                    url=url, timeout=cfg.tune.timeout)
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -427,9 +454,15 @@ def final_cells(cfg: BenchmarkConfig, outcome: StudyOutcome) -> list[Cell]:
 
 
 def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
-             *, progress: bool = True) -> TuningOutcome:
-    """Run (or continue) every study under ``parent_id``; return the final grid to train."""
-    from metalr_bench.benchmark.runner import CellResult, starting_weights
+             *, progress: bool = True, executor: Any = None,
+             tracking_uri: str | None = None) -> TuningOutcome:
+    """Run (or continue) every study under ``parent_id``; return the final grid to train.
+
+    With a parallel ``executor`` (local processes, Ray) every study's workers run as calls of
+    that executor (:func:`study_worker`), ``tune.workers_per_study`` per study; otherwise the
+    studies run one after the other in this process.
+    """
+    from metalr_bench.benchmark.runner import starting_weights
 
     targets = study_targets(cfg, data)
     url = storage_url(cfg)
@@ -437,31 +470,78 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     tracker.set_tags(parent_id, {"tuned": "true", "optuna.storage": url})
     if progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar says it
-    cells: list[Cell] = []
-    failed: list[Any] = []
     studies: list[StudyOutcome] = []
     bar = tqdm(total=len(targets) * cfg.tune.n_trials, desc="tuning", unit="trial",
                disable=not progress)
     try:
-        for t in targets:
-            probe = Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
-                         seed=cfg.tune.seed)
-            bundle = data.get(probe)
+        for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
+            bundle = data.get(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
+                                   seed=cfg.tune.seed))
             bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id)
-            runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
-            outcome = runner.run(parent_id, bar)
-            studies.append(outcome)
-            if outcome.best_params is not None:
-                cells += final_cells(cfg, outcome)
-                continue
-            error = (f"study {t.name} completed no trial ({outcome.counts}); "
-                     f"see the trial runs under MLflow run {outcome.run_id}")
-            log.error(error)
-            failed += [CellResult(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
-                                       seed=s, study=t.name), outcome.run_id, "", "FAILED",
-                                  error=error) for s in cfg.seeds]
+            if executor is None or executor.name == "serial":
+                runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
+                studies.append(runner.run(parent_id, bar))
+        if executor is not None and executor.name != "serial":
+            runners = [StudyRunner(cfg, t, tracker, storage, url, None, None, "")
+                       for t in targets]
+            studies = _tune_in_workers(cfg, runners, parent_id, executor,
+                                       tracking_uri or cfg.tracking_uri, bar)
     finally:
         bar.close()
+    return _outcome(cfg, studies)
+
+
+def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id: str,
+                     executor: Any, tracking_uri: str, bar: Any) -> list[StudyOutcome]:
+    """Create the studies and their MLflow runs here, run the workers through ``executor``."""
+    from metalr_bench.benchmark.study_storage import count_finished
+
+    if executor.name == "ray" and study_storage.is_journal(runners[0].storage_label):
+        log.warning("tuning on Ray with a journal file: every node must see %s (shared file "
+                    "system), or pass an RDB URL with --tune-storage", runners[0].storage_label)
+    with ExitStack() as stack:
+        calls, labels, studies = [], [], []
+        for r in runners:
+            study = r.create_study()
+            run_id = stack.enter_context(r.study_run(parent_id))
+            r.recover_interrupted(study)  # before any worker starts: RUNNING means killed
+            studies.append((r, study, run_id))
+            for w in range(cfg.tune.workers_per_study):
+                calls.append((r.target, r.storage_label, run_id, parent_id, w))
+                labels.append(f"{r.target.dataset_label} {r.target.strategy} worker {w}")
+        names = [r.target.name for r in runners]
+        bar.n = count_finished(runners[0].storage, names)
+        bar.refresh()
+        results = executor.map_calls(
+            study_worker, cfg, tracking_uri, calls, labels=labels, bar=bar,
+            count=lambda: min(count_finished(runners[0].storage, names), bar.total),
+        )
+        for label, res in zip(labels, results, strict=True):
+            if isinstance(res, BaseException):
+                log.error("tuning %s: worker failed (%s); its study may miss trials",
+                          label, res)
+        return [r.summarize(optuna.load_study(study_name=r.target.name, storage=r.storage),
+                            run_id) for r, _, run_id in studies]
+
+
+def _outcome(cfg: BenchmarkConfig, studies: list[StudyOutcome]) -> TuningOutcome:
+    """The final grid: each study's best params on every seed; a study without a COMPLETE
+    trial fails its strategy's cells with a pointer to the trial runs."""
+    from metalr_bench.benchmark.runner import CellResult
+
+    cells: list[Cell] = []
+    failed: list[Any] = []
+    for outcome in studies:
+        t = outcome.target
+        if outcome.best_params is not None:
+            cells += final_cells(cfg, outcome)
+            continue
+        error = (f"study {t.name} completed no trial ({outcome.counts}); "
+                 f"see the trial runs under MLflow run {outcome.run_id}")
+        log.error(error)
+        failed += [CellResult(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
+                                   seed=s, study=t.name), outcome.run_id, "", "FAILED",
+                              error=error) for s in cfg.seeds]
     return TuningOutcome(cells, failed, studies)

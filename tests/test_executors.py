@@ -117,27 +117,106 @@ def test_cli_flags_reach_the_config():
 
 # -- parallel Optuna workers ---------------------------------------------------------------------
 def quadratic(trial) -> float:
-    """Cheap picklable objective (imported by path in the workers)."""
     x = trial.suggest_float("x", -3.0, 3.0)
     trial.set_user_attr("pid", os.getpid())
     return -(x - 1.0) ** 2
 
 
-def test_two_optuna_workers_share_a_journal_exactly(tmp_path: Path):
-    from metalr_bench.benchmark.parallel_tuning import TuningJob, run_parallel_tuning
-    from optuna.trial import TrialState
+def _fill(storage: str, name: str, seed: int) -> int:
+    """A worker process: fill study ``name`` to 5 trials through the shared quota lock."""
+    import optuna
+    from metalr_bench.benchmark.study_storage import fill_study, open_storage
 
-    storage = str(tmp_path / "optuna.journal")
-    # one objective passed as a picklable callable, one as an import path resolved in the worker
-    objectives = [quadratic, f"{quadratic.__module__}:quadratic"]
-    jobs = [TuningJob(study_name=f"study-{i}", storage=storage, objective=objectives[i],
-                      n_trials=3, sampler_seed=i) for i in range(2)]
-    studies = run_parallel_tuning(jobs, n_workers=2, executor="local", progress=False)
-    assert set(studies) == {"study-0", "study-1"}
-    for study in studies.values():
-        trials = study.get_trials(deepcopy=False)
-        assert len(trials) == 3, [t.state for t in trials]
-        assert all(t.state == TrialState.COMPLETE for t in trials)
-        assert sorted(t.number for t in trials) == [0, 1, 2]
-        # trials ran in worker processes sharing the journal, not in the test process
-        assert os.getpid() not in {t.user_attrs["pid"] for t in trials}
+    study = optuna.load_study(study_name=name, storage=open_storage(storage),
+                              sampler=optuna.samplers.TPESampler(seed=seed))
+    return fill_study(study, quadratic, n_trials=5, url=storage)
+
+
+def test_fill_study_two_processes_exact(tmp_path: Path):
+    """Two processes racing on one journal-file study end with exactly n_trials, no gaps."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import optuna
+    from metalr_bench.benchmark.study_storage import open_storage
+
+    storage = str(tmp_path / "optuna-journal.log")
+    optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        ran = list(pool.map(_fill, [storage] * 2, ["s"] * 2, [0, 1]))
+    trials = optuna.load_study(study_name="s", storage=open_storage(storage)).get_trials()
+    assert sum(ran) == 5
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    assert os.getpid() not in {t.user_attrs["pid"] for t in trials}
+
+
+def _tuned_runs(uri: str, parent_id: str) -> tuple[list, dict[str, list], list]:
+    """(study runs, trial runs per study run id, final cell runs) under one benchmark run."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("test")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    under = [r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id]
+    studies = [r for r in under if r.data.tags.get("kind") == "study"]
+    finals = [r for r in under if r.data.tags.get("tuned") == "true"]
+    trials = {s.info.run_id: [r for r in runs
+                              if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == s.info.run_id]
+              for s in studies}
+    return studies, trials, finals
+
+
+def assert_tuned(uri: str, outcome: Any, storage: str, n_trials: int) -> set[str]:
+    """2 studies x ``n_trials`` finished trials in Optuna and MLflow, each once; the final
+    2 x 2 grid once. Returns the workers (host:pid) that ran trials."""
+    import optuna
+    from metalr_bench.benchmark.tuning import open_storage
+
+    assert [r.status for r in outcome.results] == ["FINISHED"] * 4
+    summaries = optuna.get_all_study_summaries(open_storage(storage))
+    assert len(summaries) == 2
+    workers: set[str] = set()
+    for summary in summaries:
+        trials = optuna.load_study(study_name=summary.study_name,
+                                   storage=open_storage(storage)).get_trials()
+        assert sorted(t.number for t in trials) == list(range(n_trials))  # no loss, no dupes
+        assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+        workers |= {t.user_attrs["worker"] for t in trials}
+    studies, trial_runs, finals = _tuned_runs(uri, outcome.parent_run_id)
+    assert sorted(s.data.tags["strategy"] for s in studies) == ["full", "last_k"]
+    for s in studies:
+        numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs[s.info.run_id])
+        assert numbers == list(range(n_trials)), numbers
+        assert s.info.status == "FINISHED" and "best_value" in s.data.metrics
+    assert Counter((r.data.tags["strategy"], int(r.data.tags["seed"])) for r in finals) == \
+        Counter(GRID)
+    return workers
+
+
+def test_local_executor_runs_tuning_workers_on_a_journal(tiny_config: dict[str, Any],
+                                                        tmp_path: Path):
+    """--tune with executor=local: 2 studies x 3 trials, two workers per study sharing the
+    default JournalStorage file; every trial exactly once, run in worker processes."""
+    cfg = load_config(None, {**tiny_config, "executor": "local", "workers": 2, "epochs": 1,
+                             "tune": {"enabled": True, "n_trials": 3, "workers_per_study": 2,
+                                      "pruner": "none"}})
+    outcome = run_benchmark(cfg, progress=False)
+    storage = str(tmp_path / "optuna-journal.log")  # next to mlflow.db
+    workers = assert_tuned(tiny_config["tracking_uri"], outcome, storage, 3)
+    pids = {w.rsplit(":", 1)[1] for w in workers}
+    assert str(os.getpid()) not in pids and len(pids) == 2, workers
+
+
+def test_ray_executor_runs_tuning_workers(tiny_config: dict[str, Any], mlflow_server: str,
+                                          tmp_path: Path):
+    """--tune with executor=ray: each study worker is a Ray task; trials land once."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = load_config(None, {**tiny_config, "tracking_uri": mlflow_server, "executor": "ray",
+                                 "epochs": 1, "tune": {"enabled": True, "n_trials": 2}})
+        outcome = run_benchmark(cfg, progress=False)
+    finally:
+        ray.shutdown()
+    workers = assert_tuned(mlflow_server, outcome, str(tmp_path / "out" / "optuna-journal.log"),
+                           2)
+    assert str(os.getpid()) not in {w.rsplit(":", 1)[1] for w in workers}
