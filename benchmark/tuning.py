@@ -12,6 +12,10 @@ DB by default), named from everything that defines the objective, and are opened
 ``load_if_exists``: re-running the same config continues the same study and runs only the
 trials still missing. ``optuna-dashboard <storage>`` browses them.
 
+Where trials run: in this process (serial executor), or as calls of the ``local``/``ray``
+executor (:func:`study_worker`), ``tune.workers_per_study`` workers per study, sharing a
+journal file (default) or a database through :func:`study_storage.fill_study`.
+
 MLflow layout (written by hand with MlflowClient: Optuna's MLflowCallback is deprecated and
 uses the fluent API's global active run)::
 
@@ -250,9 +254,9 @@ class StudyRunner:
         """Mark trials left RUNNING by a killed process as FAIL (and their MLflow runs KILLED).
 
         Why by hand: Optuna's ``fail_stale_trials`` needs heartbeats, which only RDB storages
-        have. This assumes one process per study at a time -- the runner's model; a study shared
-        by parallel workers would need heartbeats instead. A FAIL does not count towards
-        ``n_trials``, so the trial is run again.
+        have. The driver calls this before any of its workers starts, so a RUNNING trial can
+        only be left over from a killed earlier call (one benchmark driver per study at a time).
+        A FAIL does not count towards ``n_trials``, so the trial is run again.
         """
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for t in stale:
