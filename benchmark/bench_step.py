@@ -7,10 +7,12 @@ Both modes run the real code paths: full FT is the trainer's default step (zero_
 backward, optimizer step) on :class:`FullFineTune`'s optimizer; MetaLR is
 :meth:`MetaLR.train_step` (train forward/backward, look-ahead forward/backward on a separate meta
 batch, LR update, optimizer step). The floor for MetaLR is one extra forward/backward, so a
-ratio near 1.5-1.8x is what an exact first-order implementation can reach.
+ratio near 2x (CPU, where the optimizer step is cheap) or below (where the optimizer and launch
+overheads weigh more) is what an exact first-order implementation can reach.
 
-Time: median of ``--iters`` iterations after ``--warmup``, synchronising the device after each;
-the two modes alternate iteration by iteration (a shared CPU's load hits both alike).
+Time: median of ``--iters`` iterations after ``--warmup`` (the mean with ``--meta-interval`` > 1),
+synchronising the device after each; the two modes alternate iteration by iteration (a shared
+CPU's load hits both alike).
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` of each mode run alone (model, grads,
 optimizer state and activations: everything the caching allocator hands out).
 On CPU, torch has no allocator statistics, so each mode runs in its own subprocess and we report
@@ -77,6 +79,7 @@ class Bench:
         self.settings = TrainSettings(lr=1e-3, optimizer=args.optimizer, weight_decay=1e-4)
         self.base = base
         self.fmt = fmt
+        self.meta_interval = args.meta_interval
         self.state: dict[str, dict[str, Any]] = {}
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -94,7 +97,8 @@ class Bench:
         model = copy.deepcopy(self.base).to(self.device, memory_format=self.fmt).train()
         groups = layer_groups(model)
         cls = MetaLR if mode == "metalr" else FullFineTune
-        params = {"head_pin_epochs": 0} if mode == "metalr" else {}
+        params = ({"head_pin_epochs": 0, "meta_interval": self.meta_interval}
+                  if mode == "metalr" else {})
         strategy = cls(params, model, groups, self.settings)
         opt = strategy.build_optimizer()
         self.state[mode] = {"model": model, "strategy": strategy, "opt": opt}
@@ -120,8 +124,8 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
     def time_modes(self, warmup: int, iters: int) -> dict[str, float]:
-        """Median seconds per iteration of each mode, the modes interleaved iteration by
-        iteration so that a change in machine load hits both alike."""
+        """Median seconds per iteration of each mode (mean when meta_interval > 1), the modes
+        interleaved iteration by iteration so that a change in machine load hits both alike."""
         for mode in MODES:
             self.setup(mode)
         for _ in range(warmup):
@@ -136,7 +140,9 @@ class Bench:
                 self.sync()
                 times[mode].append(time.perf_counter() - t0)
         self.state.clear()
-        return {m: statistics.median(t) for m, t in times.items()}
+        # k > 1 alternates cheap and meta iterations: the mean is the amortised cost
+        stat = statistics.median if self.meta_interval == 1 else statistics.fmean
+        return {m: stat(t) for m, t in times.items()}
 
     def cuda_peak_mb(self, mode: str, iters: int = 3) -> float:
         """Peak allocated CUDA memory of ``mode`` alone (model, grads, state, activations)."""
@@ -157,7 +163,8 @@ def _probe_cpu_memory(args: argparse.Namespace, size: int, mode: str) -> dict[st
     cmd = [sys.executable, "-m", "metalr_bench.benchmark.bench_step", "--_probe", mode,
            "--arch", args.arch, "--size", str(size), "--batch", str(args.batch),
            "--in-channels", str(args.in_channels), "--optimizer", args.optimizer,
-           "--threads", str(args.threads), "--warmup", "1", "--iters", "3"]
+           "--threads", str(args.threads), "--meta-interval", str(args.meta_interval),
+           "--warmup", "1", "--iters", "3"]
     if args.channels_last:
         cmd.append("--channels-last")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -188,6 +195,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
+    p.add_argument("--meta-interval", type=int, default=1,
+                   help="MetaLR's meta_interval: one meta-step every k iterations; with k > 1 "
+                        "the figure is the mean (the amortised cost), not the median")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -219,6 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             if bench.device.type == "cuda" else "cpu"),
             "threads": torch.get_num_threads(), "amp": args.amp,
             "channels_last": args.channels_last, "optimizer": args.optimizer,
+            "meta_interval": args.meta_interval,
             "full_s": t_full, "metalr_s": t_meta, "time_ratio": t_meta / t_full,
         }
         if m_full is not None and m_meta is not None:

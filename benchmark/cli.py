@@ -138,6 +138,17 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
+def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to open this experiment's runs table. The link names the runs page and the *Model
+    training* view because MLflow 3's UI otherwise opens an experiment on its GenAI overview
+    (traces), which is empty for a benchmark."""
+    runs = f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"Browse: {tracking_uri.rstrip('/')}{runs}"
+    return (f"Browse with: mlflow ui --backend-store-uri {tracking_uri}, then open "
+            f"http://127.0.0.1:5000{runs}")
+
+
 def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -173,7 +184,7 @@ def cmd_run(argv: list[str]) -> int:
           "over seeds):")
     print(format_leaderboard(leaderboard(outcome.results)))
     print(f"\nMLflow: experiment {cfg.name!r}, parent run {outcome.parent_run_id}. "
-          f"Browse with: mlflow ui --backend-store-uri {cfg.tracking_uri}")
+          + mlflow_ui_hint(cfg.tracking_uri, outcome.experiment_id))
     if outcome.report is not None:
         print(f"Report: {outcome.report.html} (notebook, results.csv/.parquet alongside)")
     for r in outcome.failed:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import mlflow
 import pytest
 from metalr_bench.benchmark.cli import main
@@ -61,6 +65,8 @@ def test_cli_prints_leaderboard(tiny_config, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "Leaderboard" in out and "synthetic@16" in out and "last_k" in out
     assert "mlflow ui --backend-store-uri" in out
+    assert re.search(r"then open http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType="
+                     r"machine_learning", out)
 
 
 def test_pretrain_stage_is_cached_and_logged(tiny_config) -> None:
@@ -84,3 +90,64 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch) -> None:
     assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
     assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert absolute_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def _readme_filters() -> list[str]:
+    """The search-box examples of README's "Comparing the same runs in the MLflow UI", step 4."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Comparing the same runs in the MLflow UI", 1)[1].split("\n## ", 1)[0]
+    step = section.split("4. Filter", 1)[1].split("\n5. ", 1)[0]
+    found = re.findall(r"``(.+?)``|`([^`]+)`", step)
+    texts = [a or b for a, b in found if "#/" not in (a or b)]  # not the link example
+    return [t for t in texts if t.startswith(("tags.", "params.", "metrics.", "attributes."))]
+
+
+def test_readme_mlflow_filters_select_what_they_say(tiny_config) -> None:
+    """Every filter the README tells users to type into the MLflow UI parses and selects the runs
+    it describes, in a real store written by the runner."""
+    tiny_config |= {"datasets": [{"name": "synthetic", "size": 28, "options": {"n_patients": 48}}],
+                    "strategies": ["metalr", {"name": "last_k", "params": {"k": 2}}],
+                    "seeds": [0], "epochs": 1}
+    cfg = validate_config(tiny_config)
+    outcome = run_benchmark(cfg, progress=False)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name("test").experiment_id
+    runs = client.search_runs([exp])
+    parent = outcome.parent_run_id
+    expected: dict[str, Any] = {
+        "tags.strategy = 'metalr' AND tags.dataset = 'synthetic'":
+            lambda r: r.data.tags.get("strategy") == "metalr",
+        "tags.image_size = '28' AND metrics.test_auc > 0.8":
+            lambda r: r.data.tags.get("image_size") == "28"
+            and r.data.metrics.get("test_auc", 0) > 0.8,
+        "tags.mlflow.parentRunId = '<parent run id>'":
+            lambda r: r.data.tags.get("mlflow.parentRunId") == parent,
+        "attributes.run_name LIKE 'synthetic@28/%'":
+            lambda r: r.info.run_name.startswith("synthetic@28/"),
+        "attributes.status = 'FAILED'": lambda r: r.info.status == "FAILED",
+        "params.`strategy.k` = '2'": lambda r: r.data.params.get("strategy.k") == "2",
+        "tags.kind = 'benchmark'": lambda r: r.info.run_id == parent,
+    }
+    filters = _readme_filters()
+    assert sorted(filters) == sorted(expected), "README's filter examples changed: update the test"
+    by_id = {r.info.run_id: r for r in runs}
+    for text in filters:
+        got = {r.info.run_id for r in
+               client.search_runs([exp], text.replace("<parent run id>", parent))}
+        want = {i for i, r in by_id.items() if expected[text](r)}
+        assert got == want, text
+        if text in (filters[0], "tags.kind = 'benchmark'"):
+            assert len(got) == 1, text  # not vacuous: each selects exactly one run here
+    # the names step 3 describes: `<name>-benchmark` and `<dataset>@<size>/<label>/seed<N>`
+    assert by_id[parent].info.run_name == "test-benchmark"
+    names = sorted(by_id[i].info.run_name for i in by_id if i != parent)
+    assert names == ["synthetic@28/last_k(k=2)/seed0", "synthetic@28/metalr/seed0"]
+
+
+def test_mlflow_ui_hint_links_the_runs_page() -> None:
+    from metalr_bench.benchmark.cli import mlflow_ui_hint
+
+    assert mlflow_ui_hint("http://10.0.0.5:5000/", "7") == \
+        "Browse: http://10.0.0.5:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert mlflow_ui_hint("sqlite:////x/mlflow.db", "1").endswith(
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning")

@@ -248,10 +248,19 @@ def test_short_run_logs_lr_curves_to_mlflow(tiny_config: dict, tmp_path: Path) -
                       .read_text())["strategy"]["name"] == "metalr"
 
 
-def test_bench_step_runs_both_modes() -> None:
-    from metalr_bench.benchmark.bench_step import main
+@pytest.mark.parametrize("interval", [1, 2])
+def test_bench_step_runs_both_modes(interval: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metalr_bench.benchmark import bench_step
+    from metalr_bench.strategies.metalr import MetaLR
 
-    (row,) = main(["--arch", "smallcnn", "--size", "16", "--batch", "4", "--in-channels", "1",
-                   "--device", "cpu", "--warmup", "1", "--iters", "2", "--no-memory"])
+    meta_steps = []
+    real = MetaLR.meta_update
+    monkeypatch.setattr(MetaLR, "meta_update",
+                        lambda self, ctx: (meta_steps.append(self.step), real(self, ctx))[1])
+    (row,) = bench_step.main(["--arch", "smallcnn", "--size", "16", "--batch", "4",
+                              "--in-channels", "1", "--device", "cpu", "--warmup", "1",
+                              "--iters", "3", "--no-memory", "--meta-interval", str(interval)])
     assert row["full_s"] > 0 and row["metalr_s"] > 0
+    assert row["meta_interval"] == interval
+    assert meta_steps == list(range(0, 4, interval))  # warmup + 3 timed iterations
     assert row["time_ratio"] == pytest.approx(row["metalr_s"] / row["full_s"])

@@ -149,7 +149,7 @@ else:
 # ## Learning rate per layer group
 #
 # MetaLR learns one learning rate per layer group during training (Chen et al., MICCAI 2023,
-# Fig. 3): layers whose features transfer well keep a small rate, layers that must adapt get a
+# Fig. 4): layers whose features transfer well keep a small rate, layers that must adapt get a
 # larger one. Mean over seeds (± 1 std), log scale. Other layer-wise strategies are shown for
 # contrast; strategies with a single learning rate for the whole network are left out.
 
