@@ -1,8 +1,8 @@
 """Optuna storages and the trial loop that several workers can share.
 
-Why one module: the tuning stage (:mod:`tuning`) and the generic parallel workers
-(:mod:`parallel_tuning`) open the same kinds of storage and must fill a study with *exactly*
-``n_trials`` finished trials whether one process or many work on it.
+Why one module: the tuning stage (:mod:`tuning`) opens the storage in the driver and again in
+every study worker (a local process or a Ray task, :mod:`executors`), and all of them must fill a
+study with *exactly* ``n_trials`` finished trials whether one process or many work on it.
 
 - A path (no ``scheme://``) is a ``JournalStorage`` file: safe for concurrent processes on one
   host (or a shared file system), no server needed.

@@ -250,12 +250,49 @@ def test_journal_storage_and_study_name(tiny_config: dict[str, Any], tmp_path: P
     assert summary.study_name.startswith("test-synthetic@16-l2sp-")
     assert set(summary.best_trial.params) == {"lr", "alpha"}
 
+    # the README's `optuna-dashboard <journal file>` serves this study, trials and all
+    served = _dashboard_get(str(journal), "/api/studies")["study_summaries"]
+    assert [st["study_name"] for st in served] == [summary.study_name]
+    detail = _dashboard_get(str(journal), f"/api/studies/{served[0]['study_id']}")
+    (trial,) = detail["trials"]
+    assert {p["name"] for p in trial["params"]} == {"lr", "alpha"}
+
     target = tuning.study_targets(cfg, _Data())[0]
     assert target.name == summary.study_name  # derived from the config: stable
     more = validate_config({**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "n_trials": 9}})
     assert tuning.study_targets(more, _Data())[0].name == target.name  # n_trials may grow
     other = validate_config({**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "epochs": 3}})
     assert tuning.study_targets(other, _Data())[0].name != target.name
+
+
+def _dashboard_get(storage: str, path: str, timeout_s: float = 60.0) -> Any:
+    """Start the real ``optuna-dashboard`` on ``storage``, GET ``path`` (JSON), stop it."""
+    import json
+    import time
+    import urllib.request
+
+    from metalr_bench.benchmark.tracking_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; "
+         "sys.exit(main())", storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    return json.loads(r.read())
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"optuna-dashboard did not serve {path}: "
+                                         f"{proc.communicate()[1][-2000:]}") from None
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 class _Data:
