@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "rss_ratio": meta["peak_rss_mb"] / full["peak_rss_mb"],
             }
         mem = f", memory x{row['memory_ratio']:.2f}" if "memory_ratio" in row else ""
-        print(f"{args.arch} {size}px batch {args.batch} on {row['device_name']}: "
+        every = f", MetaLR meta-step every {args.meta_interval} it (mean)" if (
+            args.meta_interval > 1) else ""
+        print(f"{args.arch} {size}px batch {args.batch} on {row['device_name']}{every}: "
               f"full FT {t_full * 1e3:.1f} ms/it, MetaLR {t_meta * 1e3:.1f} ms/it, "
               f"time x{t_meta / t_full:.2f}{mem}", flush=True)
         rows.append(row)
