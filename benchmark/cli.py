@@ -142,8 +142,10 @@ def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
     """How to open this experiment's runs table. The link names the runs page and the *Model
     training* view because MLflow 3's UI otherwise opens an experiment on its GenAI overview
     (traces), which is empty for a benchmark."""
+    from metalr_bench.benchmark.tracking_server import is_remote
+
     runs = f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    if tracking_uri.startswith(("http://", "https://")):
+    if is_remote(tracking_uri):
         return f"Browse: {tracking_uri.rstrip('/')}{runs}"
     return (f"Browse with: mlflow ui --backend-store-uri {tracking_uri}, then open "
             f"http://127.0.0.1:5000{runs}")

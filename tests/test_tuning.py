@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +256,10 @@ def test_journal_storage_and_study_name(tiny_config: dict[str, Any], tmp_path: P
     assert set(summary.best_trial.params) == {"lr", "alpha"}
 
     # the README's `optuna-dashboard <journal file>` serves this study, trials and all
-    served = _dashboard_get(str(journal), "/api/studies")["study_summaries"]
-    assert [st["study_name"] for st in served] == [summary.study_name]
-    detail = _dashboard_get(str(journal), f"/api/studies/{served[0]['study_id']}")
+    with _dashboard(str(journal), tmp_path / "dashboard.log") as get:
+        served = get("/api/studies")["study_summaries"]
+        assert [st["study_name"] for st in served] == [summary.study_name]
+        detail = get(f"/api/studies/{served[0]['study_id']}")
     (trial,) = detail["trials"]
     assert {p["name"] for p in trial["params"]} == {"lr", "alpha"}
 
@@ -265,31 +271,34 @@ def test_journal_storage_and_study_name(tiny_config: dict[str, Any], tmp_path: P
     assert tuning.study_targets(other, _Data())[0].name != target.name
 
 
-def _dashboard_get(storage: str, path: str, timeout_s: float = 60.0) -> Any:
-    """Start the real ``optuna-dashboard`` on ``storage``, GET ``path`` (JSON), stop it."""
-    import json
-    import time
-    import urllib.request
-
+@contextlib.contextmanager
+def _dashboard(storage: str, log: Path, timeout_s: float = 60.0) -> Iterator[Callable[[str], Any]]:
+    """The real ``optuna-dashboard`` serving ``storage``; yields ``get(path) -> JSON``."""
     from metalr_bench.benchmark.tracking_server import free_port
 
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; "
-         "sys.exit(main())", storage, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as out:  # a file, not a pipe: a chatty server cannot block on it
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; "
+             "sys.exit(main())", storage, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT)
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
+        while True:  # wait until it answers
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-                    return json.loads(r.read())
+                get("/api/studies")
+                break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise AssertionError(f"optuna-dashboard did not serve {path}: "
-                                         f"{proc.communicate()[1][-2000:]}") from None
+                    raise AssertionError("optuna-dashboard did not answer: "
+                                         f"{log.read_text()[-2000:]}") from None
                 time.sleep(0.3)
+        yield get
     finally:
         proc.terminate()
         proc.wait(timeout=30)
