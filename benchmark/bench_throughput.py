@@ -33,7 +33,8 @@ from metalr_bench.strategies.registry import available_strategies, get_strategy
 DEFAULT_STRATEGIES = ("full", "last_k", "l2sp", "layer_decay", "metalr")
 
 
-def random_bundle(size: int, n_train: int, channels: int = 1, n_classes: int = 2) -> DatasetBundle:
+def random_bundle(size: int, n_train: int, channels: int = 1, n_classes: int = 2,
+                  n_val: int = 64) -> DatasetBundle:
     """MedMNIST-shaped random data: speed does not depend on pixel values."""
     g = torch.Generator().manual_seed(0)
 
@@ -47,7 +48,7 @@ def random_bundle(size: int, n_train: int, channels: int = 1, n_classes: int = 2
     return DatasetBundle(name="throughput", task=TaskType.BINARY if n_classes == 2
                          else TaskType.MULTICLASS, class_names=[str(i) for i in range(n_classes)],
                          in_channels=channels, image_size=size, train=split(n_train),
-                         val=split(64), test=split(64))
+                         val=split(n_val), test=split(64))
 
 
 def measure(strategy_name: str, *, arch: str, size: int, batch_size: int, iters: int, warmup: int,
@@ -95,6 +96,34 @@ def measure(strategy_name: str, *, arch: str, size: int, batch_size: int, iters:
     }
 
 
+def measure_eval(*, arch: str, size: int, batch_size: int, iters: int, device: str, amp: bool,
+                 channels_last: bool, compile: bool) -> dict[str, Any]:
+    """Forward-only cost: the trainer's own ``evaluate("val")`` over ``iters`` batches (logits,
+    loss and metrics), timed after one untimed pass. ``run-benchmark plan`` prices validation,
+    test and precise-BN passes with it."""
+    seed_everything(0)
+    bundle = random_bundle(size, 2 * batch_size, n_val=batch_size * iters)
+    model = build_model(arch, bundle.in_channels, bundle.num_outputs)
+    groups = layer_groups(model)
+    options = TrainerOptions(epochs=1, batch_size=batch_size, eval_batch_size=batch_size,
+                             device=device, amp=amp, channels_last=channels_last,
+                             compile=compile)
+    settings = TrainSettings(lr=1e-3, optimizer="adam", weight_decay=0.0, momentum=0.9,
+                             epochs=1, steps_per_epoch=1)
+    trainer = Trainer(bundle, model, groups, get_strategy("full")({}, model, groups, settings),
+                      options)
+    trainer.evaluate("val")  # warm-up (and compile)
+    t0 = time.perf_counter()
+    trainer.evaluate("val")  # ends with the metrics on the host: synchronised
+    elapsed = time.perf_counter() - t0
+    return {
+        "strategy": "eval", "arch": arch, "size": size, "batch_size": batch_size,
+        "device": device, "amp": amp, "channels_last": channels_last, "compile": compile,
+        "iters": iters, "s_per_iter": elapsed / iters, "ms_per_iter": 1000 * elapsed / iters,
+        "images_per_s": batch_size * iters / elapsed,
+    }
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -116,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--eval-batch-size", type=int, default=256,
+                   help="batch of the forward-only (evaluation) row; 0 skips it")
+    p.add_argument("--json", help="also write the rows to this JSON file (input of "
+                   "`run-benchmark plan --timings`)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         row["device_name"] = device_name(args.device)
         rows.append(row)
         print(f"{name:12s} {row['ms_per_iter']:9.1f} {row['images_per_s']:9.1f}", flush=True)
+    if args.eval_batch_size:
+        row = measure_eval(arch=args.model, size=args.size, batch_size=args.eval_batch_size,
+                           iters=max(args.iters // 2, 2), device=args.device, amp=amp,
+                           channels_last=cl, compile=args.compile)
+        row["device_name"] = device_name(args.device)
+        rows.append(row)
+        print(f"{'eval':12s} {row['ms_per_iter']:9.1f} {row['images_per_s']:9.1f}  "
+              f"(forward only, batch {args.eval_batch_size})", flush=True)
     print(json.dumps(rows, indent=1))
     if args.json:
         with open(args.json, "w") as fh:

@@ -4,6 +4,7 @@
     run-benchmark --config my.yaml --seeds 0 1 2 3 4
     run-benchmark --dataset pneumoniamnist --data-root ../shared/data --allow-md5-mismatch
     run-benchmark list                    # datasets and strategies
+    run-benchmark plan --config configs/medmnist.yaml --timings t28.json t64.json   # cost first
     run-benchmark pretrain --model resnet18 --image-size 28
 
 Flags override the YAML file; the file overrides the defaults.
@@ -20,6 +21,7 @@ from metalr_bench.benchmark.config import ConfigError, load_config
 
 SUBCOMMANDS: dict[str, str] = {
     "list": "list datasets and strategies",
+    "plan": "count a grid's runs and iterations, and price them with measured step times",
     "pretrain": "run (or reuse) the pre-training stage only",
     "replay-metrics": "send metrics saved while the tracking server was down",
     "report": "rebuild the report notebook/HTML from MLflow",
@@ -233,9 +235,38 @@ def cmd_pretrain(argv: list[str]) -> int:
     return 0
 
 
+def cmd_plan(argv: list[str]) -> int:
+    p = _run_parser()
+    p.prog = "run-benchmark plan"
+    p.description = SUBCOMMANDS["plan"] + " (the same flags as a run, nothing is trained)"
+    p.add_argument("--timings", nargs="+", metavar="JSON",
+                   help="bench_throughput --json files measured on the target device "
+                   "(one per image size)")
+    p.add_argument("--seconds-per-iter", type=float, metavar="S",
+                   help="instead of --timings: one training-step time for every strategy, at "
+                   "the config's batch size")
+    p.add_argument("--devices", type=int, default=1, help="devices running in parallel")
+    args = p.parse_args(argv)
+    if args.timings and args.seconds_per_iter:
+        p.error("give --timings or --seconds-per-iter, not both")
+    cfg = resolve_config(args)
+    from metalr_bench.benchmark.plan import StepTimings, format_plan, plan_rows
+
+    timings = None
+    if args.timings:
+        timings = StepTimings.from_files(args.timings)
+    elif args.seconds_per_iter:
+        timings = StepTimings(uniform_s_per_iter=args.seconds_per_iter,
+                              uniform_batch=cfg.batch_size,
+                              device=f"{args.seconds_per_iter:g} s/iteration")
+    print(format_plan(cfg, plan_rows(cfg, timings), timings, devices=args.devices))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    handlers = {"list": cmd_list, "pretrain": cmd_pretrain, "replay-metrics": cmd_replay}
+    handlers = {"list": cmd_list, "plan": cmd_plan, "pretrain": cmd_pretrain,
+                "replay-metrics": cmd_replay}
     extra = _extra_subcommands()
     handlers |= extra
     try:

@@ -262,3 +262,20 @@ INFO: dict[str, MedMNISTInfo] = {
 URLS: dict[tuple[str, int], str] = {
     (flag, size): URL_TEMPLATE.format(file=npz_name(flag, size)) for flag in INFO for size in SIZES
 }
+
+# flag -> official split sizes, the ``n_samples`` of ``medmnist/info.py`` (3.0.2); the same at every
+# size (MedMNIST+ resizes the same images). Used to plan a grid's cost before any file is present.
+N_SAMPLES: dict[str, dict[str, int]] = {
+    "pathmnist": {"train": 89996, "val": 10004, "test": 7180},
+    "chestmnist": {"train": 78468, "val": 11219, "test": 22433},
+    "dermamnist": {"train": 7007, "val": 1003, "test": 2005},
+    "octmnist": {"train": 97477, "val": 10832, "test": 1000},
+    "pneumoniamnist": {"train": 4708, "val": 524, "test": 624},
+    "retinamnist": {"train": 1080, "val": 120, "test": 400},
+    "breastmnist": {"train": 546, "val": 78, "test": 156},
+    "bloodmnist": {"train": 11959, "val": 1712, "test": 3421},
+    "tissuemnist": {"train": 165466, "val": 23640, "test": 47280},
+    "organamnist": {"train": 34561, "val": 6491, "test": 17778},
+    "organcmnist": {"train": 12975, "val": 2392, "test": 8216},
+    "organsmnist": {"train": 13932, "val": 2452, "test": 8827},
+}
