@@ -129,7 +129,10 @@ class StepTimings:
         self.uniform = (uniform_s_per_iter / uniform_batch
                         if uniform_s_per_iter is not None and uniform_batch else None)
         names = set()
+        self.archs: set[str] = set()  # models the rows were measured on (empty: uniform)
         for r in rows:
+            if "arch" in r:
+                self.archs.add(r["arch"])
             per_image = float(r["s_per_iter"]) / int(r["batch_size"])
             if r["strategy"] == "eval":
                 self.forward[int(r["size"])] = per_image
@@ -211,6 +214,10 @@ def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,
     without, it is ``cfg.cells()`` (every listed parameter value).
     """
     sizes = sizes if sizes is not None else {}
+    if timings is not None and timings.archs and cfg.model.arch not in timings.archs:
+        raise PlanError(f"the timings were measured on {', '.join(sorted(timings.archs))}, the "
+                        f"grid trains {cfg.model.arch}: measure with `python -m "
+                        f"metalr_bench.benchmark.bench_throughput --model {cfg.model.arch} ...`")
     rows: list[PlanRow] = []
 
     def add(phase: str, cells: list[Cell], runs_per_cell: int, epochs: int, test: bool) -> None:

@@ -141,6 +141,9 @@ def test_metalr_interval_and_missing_timings(cfg, timings_file: Path) -> None:
     other = cfg.model_copy(update={"datasets": [DatasetSpec(name="synthetic", size=32)]})
     with pytest.raises(PlanError, match=r"'full' at 32 px.*--size 32 --json"):
         plan_rows(other, timings)
+    resnet = cfg.model_copy(update={"model": cfg.model.model_copy(update={"arch": "resnet18"})})
+    with pytest.raises(PlanError, match=r"measured on smallcnn.*--model resnet18"):
+        plan_rows(resnet, timings)
 
 
 def test_tuning_phase_counts_trials(cfg) -> None:
