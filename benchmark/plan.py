@@ -118,8 +118,10 @@ class StepTimings:
     """Seconds per training image per (strategy, size), and per forward-only image per size.
 
     Built from :mod:`bench_throughput` rows (its ``--json`` file) or from one uniform
-    seconds/iteration. MetaLR rows are measured at ``meta_interval`` 1; a cell with interval k
-    costs ``full + (metalr - full) / k`` per image (the meta step runs every k-th iteration).
+    seconds/iteration. MetaLR rows are measured at ``meta_interval`` 1 with a meta batch as large
+    as the training batch; a cell with interval k and meta batch m (training batch b) costs
+    ``full + (metalr - full) * (m / b) / k`` per image: the extra is one forward/backward on the
+    meta batch every k-th iteration.
     """
 
     def __init__(self, rows: Iterable[dict[str, Any]] = (), *, uniform_s_per_iter: float | None = None,
@@ -160,7 +162,7 @@ class StepTimings:
             rows.extend(data)
         return cls(rows)
 
-    def train_s_per_image(self, cell: Cell) -> float:
+    def train_s_per_image(self, cell: Cell, batch_size: int) -> float:
         if self.uniform is not None:
             return self.uniform
         size = cell.dataset.size
@@ -174,10 +176,11 @@ class StepTimings:
                 "and pass every file to --timings"
             )
         t = self.train[key]
-        k = getattr(_strategy_params(cell), "meta_interval", 1)
-        if cell.strategy == "metalr" and k > 1 and ("full", size) in self.train:
+        if cell.strategy == "metalr" and ("full", size) in self.train:
+            p = _strategy_params(cell)
+            share = (p.meta_batch_size / batch_size if p.meta_batch_size else 1.0) / p.meta_interval
             full = self.train[("full", size)]
-            t = full + (t - full) / k
+            t = full + (t - full) * share
         return t
 
     def forward_s_per_image(self, size: int) -> float:
@@ -230,7 +233,7 @@ def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,
             secs = None
             if timings is not None:
                 batch = cfg.effective(cell).batch_size
-                secs = (steps * batch * timings.train_s_per_image(cell)
+                secs = (steps * batch * timings.train_s_per_image(cell, batch)
                         + fwd * timings.forward_s_per_image(cell.dataset.size))
             rows.append(PlanRow(phase, cell.dataset_label, cell.strategy, runs_per_cell, epochs,
                                 steps, fwd, secs))

@@ -174,8 +174,8 @@ class Trainer:
         """
         assert self.meta_split is not None
         loader = make_loader(
-            self.meta_split, self.options.batch_size, shuffle=True, seed=self.options.seed + 1,
-            drop_last=True, **common,
+            self.meta_split, self.strategy.meta_batch_size or self.options.batch_size,
+            shuffle=True, seed=self.options.seed + 1, drop_last=True, **common,
         )
         if self.strategy.meta_source == "fixed":
             batch = next(iter(loader))

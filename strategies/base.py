@@ -71,6 +71,8 @@ class Strategy:
     test_params: ClassVar[list[dict[str, Any]]] = [{}]
     #: where ``StepContext.meta_batch`` should draw from, or None when not needed
     meta_source: ClassVar[str | None] = None
+    #: images per meta batch; None: the training batch size
+    meta_batch_size: int | None = None
 
     def __init__(
         self,

@@ -203,6 +203,28 @@ def test_meta_interval_and_resume() -> None:
     assert steps == [0, 1, 2, 3, 4] and rates.shape == (5, len(s.group_names))
 
 
+@pytest.mark.parametrize("meta_batch_size", [None, 4])
+def test_trainer_draws_meta_batches_of_meta_batch_size(
+    meta_batch_size: int | None, tiny_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metalr_bench.benchmark import runner
+    from metalr_bench.benchmark.config import Cell, load_config
+    from metalr_bench.strategies import metalr
+
+    sizes = []
+    real = metalr.hypergradient
+    monkeypatch.setattr(metalr, "hypergradient",
+                        lambda look, a, xv, *r: (sizes.append(len(xv)), real(look, a, xv, *r))[1])
+    tiny_config["datasets"][0]["options"]["n_patients"] = 200  # meta split > one batch
+    tiny_config["epochs"] = 1
+    cfg = load_config(None, tiny_config)
+    params = {} if meta_batch_size is None else {"meta_batch_size": meta_batch_size}
+    cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params=params, seed=0)
+    runner.train_cell(cfg, cell, runner.DataCache().get(cell), None)
+    # one meta-step per training step, each on a meta batch of the requested size
+    assert sizes and set(sizes) == {meta_batch_size or cfg.batch_size}
+
+
 def test_params_are_validated_with_clear_messages() -> None:
     with pytest.raises(ValueError, match="lr_min"):
         MetaLR.Params(lr_min=1e-2, lr_max=1e-3)
@@ -257,10 +279,19 @@ def test_bench_step_runs_both_modes(interval: int, monkeypatch: pytest.MonkeyPat
     real = MetaLR.meta_update
     monkeypatch.setattr(MetaLR, "meta_update",
                         lambda self, ctx: (meta_steps.append(self.step), real(self, ctx))[1])
+    from metalr_bench.strategies import metalr
+
+    meta_rows = []
+    real_hg = metalr.hypergradient
+    monkeypatch.setattr(metalr, "hypergradient",
+                        lambda look, a, xv, *r: (meta_rows.append(len(xv)),
+                                                 real_hg(look, a, xv, *r))[1])
     (row,) = bench_step.main(["--arch", "smallcnn", "--size", "16", "--batch", "4",
                               "--in-channels", "1", "--device", "cpu", "--warmup", "1",
-                              "--iters", "3", "--no-memory", "--meta-interval", str(interval)])
+                              "--iters", "3", "--no-memory", "--meta-interval", str(interval),
+                              "--meta-batch", "2"])
     assert row["full_s"] > 0 and row["metalr_s"] > 0
-    assert row["meta_interval"] == interval
+    assert row["meta_interval"] == interval and row["meta_batch"] == 2
+    assert set(meta_rows) == {2}
     assert meta_steps == list(range(0, 4, interval))  # warmup + 3 timed iterations
     assert row["time_ratio"] == pytest.approx(row["metalr_s"] / row["full_s"])

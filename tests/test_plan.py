@@ -133,11 +133,15 @@ def test_metalr_interval_and_missing_timings(cfg, timings_file: Path) -> None:
     timings = StepTimings.from_files([timings_file])
     rows = {r["strategy"]: r["s_per_iter"] / r["batch_size"]
             for r in json.loads(timings_file.read_text())}
+    extra = rows["metalr"] - rows["full"]
     every2 = Cell(dataset=cfg.datasets[0], strategy="metalr", params={"meta_interval": 2},
                   seed=0)
     # the meta step runs every 2nd iteration: full's cost plus half of MetaLR's extra
-    assert timings.train_s_per_image(every2) == pytest.approx(
-        rows["full"] + (rows["metalr"] - rows["full"]) / 2)
+    assert timings.train_s_per_image(every2, 16) == pytest.approx(rows["full"] + extra / 2)
+    # a meta batch of 4 images next to training batches of 16: a quarter of the extra
+    small = Cell(dataset=cfg.datasets[0], strategy="metalr", params={"meta_batch_size": 4},
+                 seed=0)
+    assert timings.train_s_per_image(small, 16) == pytest.approx(rows["full"] + extra / 4)
     other = cfg.model_copy(update={"datasets": [DatasetSpec(name="synthetic", size=32)]})
     with pytest.raises(PlanError, match=r"'full' at 32 px.*--size 32 --json"):
         plan_rows(other, timings)
