@@ -8,10 +8,12 @@ Rules, per cell (identified by its ``config_hash`` tag, which includes the code 
 * FAILED / KILLED / stale RUNNING   -> train again;
 * ``force``                         -> train again whatever exists (checkpoint discarded).
 
-A run left RUNNING by a process that died without a word (SIGKILL, power loss) is *stale*: its
-``run.host`` tag is this machine and its ``run.pid`` is no longer alive. Stale runs are marked
-KILLED, so nothing stays RUNNING forever. A RUNNING run owned by a live process (or by another
-machine) is left alone and the cell is reported as busy.
+A run left RUNNING by a process that died without a word (SIGKILL, power loss, a lost Ray
+node) is *stale*: its ``run.host`` tag is this machine and its ``run.pid`` is no longer alive,
+or it ran on another machine and its heartbeat (:mod:`heartbeat`) has been silent for
+``heartbeat.STALE_AFTER_S``. Stale runs are marked KILLED, so nothing stays RUNNING forever. A
+RUNNING run owned by a live process (or beating on another machine) is left alone and the cell
+is reported as busy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from metalr_bench.benchmark import heartbeat
 from metalr_bench.benchmark.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.tracking import Tracker
 from mlflow.entities import Run, ViewType
@@ -48,30 +51,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(run: Run) -> bool:
-    """RUNNING, started on this host by a process that no longer exists."""
+def stale_reason(run: Run) -> str | None:
+    """Why ``run`` is RUNNING only on paper, or None while it may be alive."""
     if run.info.status != "RUNNING":
-        return False
+        return None
     tags = run.data.tags
     if tags.get("run.host") != platform.node():
-        return False
+        silent = heartbeat.silent_for(tags)
+        if silent is None or silent <= heartbeat.STALE_AFTER_S:
+            return None
+        return (f"no heartbeat from {tags.get('run.host', '?')} for {silent / 60:.0f} min "
+                "(found stale)")
     try:
         pid = int(tags.get("run.pid", ""))
     except ValueError:
-        return False
-    return pid != os.getpid() and not _pid_alive(pid)
+        return None
+    if pid == os.getpid() or _pid_alive(pid):
+        return None
+    return "process died (found stale)"
 
 
 def mark_stale(tracker: Tracker, runs: list[Run]) -> list[str]:
     """Mark stale RUNNING runs KILLED; returns their ids."""
     ids = []
     for run in runs:
-        if is_stale(run):
-            tracker.set_tags(run.info.run_id, {"failure_reason": "process died (found stale)"})
+        reason = stale_reason(run)
+        if reason is not None:
+            tracker.set_tags(run.info.run_id, {"failure_reason": reason})
             tracker.end_run(run.info.run_id, "KILLED")
             ids.append(run.info.run_id)
-            log.warning("run %s was left RUNNING by a dead process; marked KILLED",
-                        run.info.run_id)
+            log.warning("run %s was left RUNNING: %s; marked KILLED", run.info.run_id, reason)
     return ids
 
 

@@ -19,6 +19,7 @@ import torch
 from metalr_bench.benchmark.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.config import BenchmarkConfig, Cell
 from metalr_bench.benchmark.faults import RetryPolicy, explain_oom
+from metalr_bench.benchmark.heartbeat import heartbeat
 from metalr_bench.benchmark.layer_groups import layer_groups
 from metalr_bench.benchmark.models import build_model, imagenet_state, load_state, read_checkpoint
 from metalr_bench.benchmark.preflight import preflight
@@ -205,7 +206,8 @@ def run_cell(
             if plan.payload is not None and plan.run_id is None:  # resumed into a new run
                 for epoch, record in enumerate(plan.payload["trainer"]["history"]):
                     logger.on_epoch_end(epoch, record)
-            with explain_oom(cfg.batch_size, cfg.resolved_device()):
+            with explain_oom(cfg.batch_size, cfg.resolved_device()), \
+                    heartbeat(tracker.client, run_id):
                 train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
                                                     checkpoint=ckpt, resume=plan.payload)
             logger.flush(final=True)
@@ -276,7 +278,7 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
     results: list[CellResult] = []
     with terminate_as_interrupt(), tracker.run(
         f"{cfg.name}-benchmark", tags={"kind": "benchmark", **environment_tags(), **owner_tags()}
-    ) as parent:
+    ) as parent, heartbeat(tracker.client, parent):
         tracker.log_dict(parent, cfg.model_dump(mode="json"), "config.json")
         if cfg.tune.enabled:  # studies on validation data pick each strategy's parameters
             from metalr_bench.benchmark.tuning import tune_all

@@ -180,3 +180,53 @@ def test_killed_subprocess_resumes_to_the_uninterrupted_result(tiny_config, tmp_
     straight = _uninterrupted(base, tmp_path_factory)
     for k in FINAL:
         assert resumed[k] == pytest.approx(straight[k], abs=1e-6), k
+
+
+def _orphan(cfg: Any, beat_age_s: float | None) -> str:
+    """A RUNNING run of the grid's first cell, as a worker on another machine leaves it."""
+    from metalr_bench.benchmark import heartbeat
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.name)
+    tags = {"config_hash": cfg.config_hash(cfg.cells()[0]), "run.host": "gpu-node-7",
+            "run.pid": "4242"}
+    if beat_age_s is not None:
+        tags[heartbeat.TAG] = f"{time.time() - beat_age_s:.0f}"
+    return client.create_run(exp_id, tags=tags).info.run_id
+
+
+@pytest.mark.parametrize("beat_age_s, dead", [(None, False), (60.0, False), (1800.0, True)])
+def test_runs_of_another_host_are_stale_when_their_heartbeat_stops(tiny_config, beat_age_s,
+                                                                    dead):
+    cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"]})
+    orphan = _orphan(cfg, beat_age_s)
+    (result,) = run_benchmark(cfg, progress=False).results
+    run = MlflowClient(tracking_uri=cfg.tracking_uri).get_run(orphan)
+    if dead:  # silent for 30 min: killed, and the cell trained again
+        assert run.info.status == "KILLED"
+        assert run.data.tags["failure_reason"] == ("no heartbeat from gpu-node-7 for 30 min "
+                                                   "(found stale)")
+        assert result.status == "FINISHED" and not result.skipped
+        fresh = MlflowClient(tracking_uri=cfg.tracking_uri).get_run(result.run_id)
+        assert float(fresh.data.tags["run.heartbeat"]) == pytest.approx(time.time(), abs=300)
+    else:  # beating a minute ago, or a run without heartbeats: may be alive, left alone
+        assert run.info.status == "RUNNING"
+        assert result.skipped and result.status == "RUNNING" and orphan in result.error
+
+
+def test_heartbeat_beats_while_the_block_runs_and_stops_after(mlflow_uri):
+    from metalr_bench.benchmark.heartbeat import TAG, heartbeat
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run_id = client.create_run(client.create_experiment("beats")).info.run_id
+    beats: set[str] = set()
+    with heartbeat(client, run_id, interval=0.2):
+        deadline = time.time() + 20
+        while len(beats) < 2 and time.time() < deadline:  # the tag holds whole seconds
+            beats |= {client.get_run(run_id).data.tags.get(TAG)} - {None}
+            time.sleep(0.5)
+    assert len(beats) >= 2  # refreshed, not written once
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == f"heartbeat-{run_id[:8]}"]
