@@ -50,7 +50,7 @@ def heartbeat(client: Any, run_id: str, interval: float = INTERVAL_S) -> Iterato
         yield
     finally:
         stop.set()
-        thread.join(timeout=interval + 5)
+        thread.join(timeout=2.0)  # a daemon: a beat stuck on a dead server must not hold us
 
 
 def silent_for(tags: dict[str, str], now: float | None = None) -> float | None:

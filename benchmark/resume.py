@@ -107,12 +107,26 @@ def summary_of(run: Run) -> dict[str, float]:
             if k.startswith(SUMMARY_PREFIXES) or k in SUMMARY_KEYS}
 
 
+def busy_note(run: Run, tracking_uri: str) -> str:
+    """Why a cell is left alone, and how to take it over if its owner is known to be dead."""
+    tags, run_id = run.data.tags, run.info.run_id
+    silent = heartbeat.silent_for(tags)
+    beat = "" if silent is None else f", last heartbeat {silent:.0f} s ago"
+    return (f"run {run_id} is still RUNNING on {tags.get('run.host', '?')} (pid "
+            f"{tags.get('run.pid', '?')}{beat}); it is taken over once its process is gone "
+            f"(same host) or its heartbeat has been silent for "
+            f"{heartbeat.STALE_AFTER_S / 60:.0f} min. If you know it is dead: "
+            f"`MLFLOW_TRACKING_URI={tracking_uri} mlflow runs delete --run-id {run_id}`, then run "
+            "the same command again")
+
+
 @dataclass
 class CellPlan:
     action: Literal["skip", "busy", "resume", "new"]
     run_id: str | None = None  # skip/busy: the existing run; resume: the run to reopen (or None)
     payload: dict[str, Any] | None = None  # resume: the checkpoint payload
     summary: dict[str, float] = field(default_factory=dict)
+    note: str = ""  # busy: who holds the cell and what to do
 
     @property
     def resume_epoch(self) -> int | None:
@@ -133,7 +147,7 @@ def plan_cell(tracker: Tracker, config_hash: str, checkpoint: CellCheckpoint,
         return CellPlan("skip", finished[0].info.run_id, summary=summary_of(finished[0]))
     live = [r for r in runs if r.info.status == "RUNNING" and r.info.run_id not in stale]
     if live:
-        return CellPlan("busy", live[0].info.run_id)
+        return CellPlan("busy", live[0].info.run_id, note=busy_note(live[0], tracker.uri))
     payload = checkpoint.load()
     if payload is None:
         return CellPlan("new")

@@ -182,8 +182,7 @@ def run_cell(
         busy = plan.action == "busy"
         return CellResult(cell, plan.run_id or "", h, "RUNNING" if busy else "FINISHED",
                           plan.summary, skipped=True,
-                          error=f"run {plan.run_id} is still RUNNING in another process"
-                          if busy else None)
+                          error=plan.note if busy else None)
     try:
         weights, source = starting_weights(cfg, bundle, tracker, parent_id)
         tags = {**cell_tags(cfg, cell), **owner_tags()}

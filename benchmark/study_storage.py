@@ -9,17 +9,19 @@ study with *exactly* ``n_trials`` finished trials whether one process or many wo
 - ``sqlite:///...``, ``postgresql://...``, ``mysql://...``: an ``RDBStorage``.
 
 Exactness: ``study.optimize(n_trials=k)`` per worker over- or under-shoots when workers race.
-:func:`fill_study` reserves each trial under a file lock (count RUNNING + COMPLETE + PRUNED
-trials, ``ask`` only below the quota). A failed trial (exception in the objective) is recorded
-as FAIL and does not count, so another worker replaces it. Across hosts (a database server)
-there is no shared lock; the check then runs without it and can overshoot by at most
-``n_workers - 1`` trials.
+:func:`fill_study` reserves each trial under a lock (count RUNNING + COMPLETE + PRUNED trials,
+``ask`` only below the quota). A failed trial (exception in the objective) is recorded as FAIL
+and does not count, so another worker replaces it. The lock is a file lock next to a journal
+file or a SQLite database (one host, or a shared file system), and a row lock
+(``SELECT ... FOR UPDATE``) in the storage's own database for a database server, so workers on
+several hosts sharing a PostgreSQL/MySQL storage are exact too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
@@ -71,12 +74,50 @@ def _lock_path(url: str) -> Path | None:
     return None
 
 
+#: the table of named row locks in a database server's Optuna database (one row per study)
+LOCK_TABLE = "metalr_bench_quota_locks"
+
+
+@functools.lru_cache(maxsize=8)
+def _lock_engine(url: str) -> tuple[sa.Engine, sa.Table]:
+    """One engine per storage URL and process (its pool holds the lock connections)."""
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    table = sa.Table(LOCK_TABLE, sa.MetaData(), sa.Column("name", sa.String(255), primary_key=True))
+    try:
+        table.create(engine, checkfirst=True)
+    except sa.exc.SQLAlchemyError:  # another worker created it at the same moment
+        if not sa.inspect(engine).has_table(LOCK_TABLE):
+            raise
+    return engine, table
+
+
 @contextlib.contextmanager
-def quota_lock(url: str) -> Iterator[None]:
-    """Exclusive across processes on this host; a no-op for a database server."""
+def _row_lock(url: str, name: str) -> Iterator[None]:
+    """``SELECT ... FOR UPDATE`` on row ``name``, held until the block ends (then committed).
+
+    Why a row of our own table: the lock must outlive Optuna's ``ask`` (another connection, which
+    inserts the trial) without blocking it, so it cannot sit on Optuna's own rows.
+    """
+    engine, table = _lock_engine(url)
+    with engine.connect() as conn:
+        try:
+            with conn.begin():
+                conn.execute(sa.insert(table).values(name=name))
+        except sa.exc.IntegrityError:
+            pass  # the row exists: the usual case
+        with conn.begin():
+            conn.execute(sa.select(table.c.name).where(table.c.name == name).with_for_update())
+            yield
+
+
+@contextlib.contextmanager
+def quota_lock(url: str, name: str = "quota") -> Iterator[None]:
+    """Exclusive for ``name`` (a study) across every worker of this storage: a file lock on
+    this host's file system, a row lock in a database server."""
     path = _lock_path(url)
     if path is None:
-        yield
+        with _row_lock(url, name):
+            yield
         return
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -88,7 +129,7 @@ def quota_lock(url: str) -> Iterator[None]:
 
 def reserve_trial(study: optuna.Study, n_trials: int, url: str) -> optuna.Trial | None:
     """A new trial if the study holds fewer than ``n_trials`` finished or running ones."""
-    with quota_lock(url):
+    with quota_lock(url, study.study_name):
         if len(study.get_trials(deepcopy=False, states=_RESERVED)) >= n_trials:
             return None
         return study.ask()

@@ -63,3 +63,63 @@ def tiny_config(tmp_path: Path, mlflow_uri: str) -> dict[str, Any]:
         "output_dir": str(tmp_path / "out"),
         "report": False,  # the report has its own tests (tests/test_reports.py)
     }
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """A real PostgreSQL server on 127.0.0.1 for this session (Debian's binaries), or a skip.
+
+    Started once (initdb + start take seconds); each test gets its own database from
+    ``postgres_url`` so studies of one test never show up in another.
+    """
+    import pwd
+    import socket
+    import subprocess
+    import tempfile
+
+    bins = os.pathsep.join([os.environ.get("PATH", ""),
+                            *map(str, sorted(Path("/usr/lib/postgresql").glob("*/bin")))])
+    initdb, pg_ctl = shutil.which("initdb", path=bins), shutil.which("pg_ctl", path=bins)
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed")
+    pytest.importorskip("psycopg2")
+    root = Path(tempfile.mkdtemp(prefix="metalr-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root: run it as the postgres user
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run PostgreSQL")
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data = root / "data"
+    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "postgres", "--auth=trust",
+                    "-E", "UTF8"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w",
+                    "-o", f"-p {port} -h 127.0.0.1 -k {root}", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server: the database-server path of
+    Optuna storages (workers on several hosts) is tested against it."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return f"{postgres_server}/{name}"

@@ -4,6 +4,7 @@ real ``mlflow server``; parallel Optuna workers fill studies exactly."""
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -122,14 +123,19 @@ def quadratic(trial) -> float:
     return -(x - 1.0) ** 2
 
 
-def _fill(storage: str, name: str, seed: int) -> int:
+def _fill(storage: str, name: str, seed: int, sleep_s: float = 0.0) -> int:
     """A worker process: fill study ``name`` to 5 trials through the shared quota lock."""
     import optuna
     from metalr_bench.benchmark.study_storage import fill_study, open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(storage),
                               sampler=optuna.samplers.TPESampler(seed=seed))
-    return fill_study(study, quadratic, n_trials=5, url=storage)
+
+    def objective(trial) -> float:
+        time.sleep(sleep_s)  # a wider window for the workers to race in
+        return quadratic(trial)
+
+    return fill_study(study, objective, n_trials=5, url=storage)
 
 
 def test_fill_study_two_processes_exact(tmp_path: Path):
@@ -149,6 +155,33 @@ def test_fill_study_two_processes_exact(tmp_path: Path):
     assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
     assert {t.state.name for t in trials} == {"COMPLETE"}
     assert os.getpid() not in {t.user_attrs["pid"] for t in trials}
+
+
+def test_fill_study_workers_on_a_postgresql_server_exact(postgres_url: str):
+    """Four processes on two studies of a real PostgreSQL storage (the several-hosts setup): the
+    row lock keeps every study at exactly n_trials, numbered without gaps or duplicates."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import optuna
+    from metalr_bench.benchmark.study_storage import LOCK_TABLE, open_storage
+
+    storage = open_storage(postgres_url)
+    for name in ("pg-a", "pg-b"):
+        optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    names = ["pg-a", "pg-b"] * 4  # 4 workers per study, 8 processes in all
+    with ProcessPoolExecutor(4, mp_context=mp.get_context("spawn")) as pool:
+        ran = list(pool.map(_fill, [postgres_url] * 8, names, range(8), [0.05] * 8))
+    assert sum(ran) == 10
+    for name in ("pg-a", "pg-b"):
+        trials = optuna.load_study(study_name=name, storage=open_storage(postgres_url)).trials
+        assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4], name
+        assert {t.state.name for t in trials} == {"COMPLETE"}
+    import sqlalchemy as sa
+
+    with sa.create_engine(postgres_url).connect() as conn:  # one lock row per study
+        rows = conn.execute(sa.text(f"SELECT name FROM {LOCK_TABLE} ORDER BY name")).all()
+    assert [r[0] for r in rows] == ["pg-a", "pg-b"]
 
 
 def _tuned_runs(uri: str, parent_id: str) -> tuple[list, dict[str, list], list]:
@@ -192,15 +225,19 @@ def assert_tuned(uri: str, outcome: Any, storage: str, n_trials: int) -> set[str
     return workers
 
 
-def test_local_executor_runs_tuning_workers_on_a_journal(tiny_config: dict[str, Any],
-                                                        tmp_path: Path):
+@pytest.mark.parametrize("where", ["journal", "postgresql"])
+def test_local_executor_runs_tuning_workers(tiny_config: dict[str, Any], tmp_path: Path,
+                                            where: str, request: pytest.FixtureRequest):
     """--tune with executor=local: 2 studies x 3 trials, two workers per study sharing the
-    default JournalStorage file; every trial exactly once, run in worker processes."""
+    default JournalStorage file, or a PostgreSQL server (the several-hosts storage); every
+    trial exactly once, run in worker processes."""
+    tune = {"enabled": True, "n_trials": 3, "workers_per_study": 2, "pruner": "none"}
+    storage = str(tmp_path / "optuna-journal.log")  # the default: next to mlflow.db
+    if where == "postgresql":
+        storage = tune["storage"] = request.getfixturevalue("postgres_url")
     cfg = load_config(None, {**tiny_config, "executor": "local", "workers": 2, "epochs": 1,
-                             "tune": {"enabled": True, "n_trials": 3, "workers_per_study": 2,
-                                      "pruner": "none"}})
+                             "tune": tune})
     outcome = run_benchmark(cfg, progress=False)
-    storage = str(tmp_path / "optuna-journal.log")  # next to mlflow.db
     workers = assert_tuned(tiny_config["tracking_uri"], outcome, storage, 3)
     pids = {w.rsplit(":", 1)[1] for w in workers}
     assert str(os.getpid()) not in pids and len(pids) == 2, workers
