@@ -245,21 +245,40 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--seconds-per-iter", type=float, metavar="S",
                    help="instead of --timings: one training-step time for every strategy, at "
                    "the config's batch size")
+    p.add_argument("--seconds-per-run", type=float, default=0.0, metavar="S",
+                   help="time each run spends outside training (data, model set-up, MLflow, "
+                   "checkpoints), added to every run and trial; --check measures it")
     p.add_argument("--devices", type=int, default=1, help="devices running in parallel")
+    p.add_argument("--check", action="store_true",
+                   help="also compare the plan with this grid's finished runs in MLflow "
+                   "(planned vs measured time, overhead per run): run it on a pilot")
     args = p.parse_args(argv)
     if args.timings and args.seconds_per_iter:
         p.error("give --timings or --seconds-per-iter, not both")
+    if args.seconds_per_run < 0 or args.devices < 1:
+        p.error("--seconds-per-run must be >= 0 and --devices >= 1")
     cfg = resolve_config(args)
     from metalr_bench.benchmark.plan import StepTimings, format_plan, plan_rows
 
     timings = None
     if args.timings:
-        timings = StepTimings.from_files(args.timings)
+        timings = StepTimings.from_files(args.timings, per_run_s=args.seconds_per_run)
     elif args.seconds_per_iter:
         timings = StepTimings(uniform_s_per_iter=args.seconds_per_iter,
-                              uniform_batch=cfg.batch_size,
+                              uniform_batch=cfg.batch_size, per_run_s=args.seconds_per_run,
                               device=f"{args.seconds_per_iter:g} s/iteration")
+    if args.check and timings is None:
+        p.error("--check compares planned with measured time: give --timings or "
+                "--seconds-per-iter")
     print(format_plan(cfg, plan_rows(cfg, timings), timings, devices=args.devices))
+    if args.check and timings is not None:
+        from metalr_bench.benchmark.plan_check import check_rows, format_check
+        from metalr_bench.benchmark.tracking import absolute_tracking_uri
+        from mlflow import MlflowClient
+
+        uri = absolute_tracking_uri(cfg.tracking_uri)
+        print()
+        print(format_check(cfg, check_rows(cfg, timings, MlflowClient(uri)), uri))
     return 0
 
 

@@ -8,7 +8,8 @@ dead. A background thread beats independently of how long an epoch takes.
 
 The beat is one tag write; a failed write (server down) is skipped, the next one retries, so a
 heartbeat never slows or breaks training. Hosts are assumed to keep their clocks in sync (NTP):
-the tag holds the writer's Unix time and the reader compares it with its own.
+the tag holds the writer's Unix time and the reader compares it with its own. Tuning trials beat
+the same way, into their MLflow run and an Optuna user attribute (``tuning.trial_stale_reason``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -31,26 +32,39 @@ STALE_AFTER_S = 600.0
 
 
 @contextlib.contextmanager
-def heartbeat(client: Any, run_id: str, interval: float = INTERVAL_S) -> Iterator[None]:
-    """Beat for ``run_id`` (an :class:`MlflowClient` ``client``) while the block runs."""
+def beating(beat: Callable[[], None], name: str, interval: float | None = None) -> Iterator[None]:
+    """Call ``beat`` now and every ``interval`` seconds (default :data:`INTERVAL_S`) in a
+    daemon thread while the block runs; a failing beat is skipped, the next one retries."""
+    interval = INTERVAL_S if interval is None else interval
     stop = threading.Event()
 
-    def beat() -> None:
+    def loop() -> None:
         while True:
             try:
-                client.set_tag(run_id, TAG, f"{time.time():.0f}")
+                beat()
             except Exception as exc:  # the next beat retries; training goes on
-                log.debug("heartbeat of run %s not written: %s", run_id, exc)
+                log.debug("heartbeat %s not written: %s", name, exc)
             if stop.wait(interval):
                 return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+    thread = threading.Thread(target=loop, name=f"heartbeat-{name}", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join(timeout=2.0)  # a daemon: a beat stuck on a dead server must not hold us
+
+
+def heartbeat(client: Any, run_id: str, interval: float | None = None
+              ) -> contextlib.AbstractContextManager[None]:
+    """Beat for ``run_id`` (an :class:`MlflowClient` ``client``) while the block runs."""
+    return beating(lambda: client.set_tag(run_id, TAG, now_tag()), run_id[:8], interval)
+
+
+def now_tag() -> str:
+    """The beat's value: this host's Unix time in whole seconds."""
+    return f"{time.time():.0f}"
 
 
 def silent_for(tags: dict[str, str], now: float | None = None) -> float | None:

@@ -125,7 +125,9 @@ class StepTimings:
     """
 
     def __init__(self, rows: Iterable[dict[str, Any]] = (), *, uniform_s_per_iter: float | None = None,
-                 uniform_batch: int | None = None, device: str | None = None) -> None:
+                 uniform_batch: int | None = None, device: str | None = None,
+                 per_run_s: float = 0.0) -> None:
+        self.per_run_s = per_run_s  # outside training: data, model set-up, MLflow, checkpoints
         self.train: dict[tuple[str, int], float] = {}
         self.forward: dict[int, float] = {}
         self.uniform = (uniform_s_per_iter / uniform_batch
@@ -144,7 +146,7 @@ class StepTimings:
         self.device = device or (", ".join(sorted(names)) if names else "uniform s/iteration")
 
     @classmethod
-    def from_files(cls, paths: Iterable[str | Path]) -> StepTimings:
+    def from_files(cls, paths: Iterable[str | Path], per_run_s: float = 0.0) -> StepTimings:
         rows: list[dict[str, Any]] = []
         for p in paths:
             try:
@@ -160,7 +162,7 @@ class StepTimings:
                 raise PlanError(f"--timings {p}: expected the list of rows bench_throughput "
                                 "--json writes (strategy, size, batch_size, s_per_iter)")
             rows.extend(data)
-        return cls(rows)
+        return cls(rows, per_run_s=per_run_s)
 
     def train_s_per_image(self, cell: Cell, batch_size: int) -> float:
         if self.uniform is not None:
@@ -196,6 +198,14 @@ class StepTimings:
                         f"measure with bench_throughput --size {size} --json FILE")
 
 
+def run_seconds(cfg: BenchmarkConfig, cell: Cell, count: RunCount, timings: StepTimings) -> float:
+    """Device seconds of one run of ``cell``: its training steps and forward-only images
+    (without the per-run overhead outside training)."""
+    batch = cfg.effective(cell).batch_size
+    return (count.train_steps * batch * timings.train_s_per_image(cell, batch)
+            + count.forward_images * timings.forward_s_per_image(cell.dataset.size))
+
+
 # -- the plan --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlanRow:
@@ -207,6 +217,22 @@ class PlanRow:
     train_steps: int  # all runs
     forward_images: int  # all runs
     seconds: float | None  # all runs, None without timings
+
+
+def study_cells(cfg: BenchmarkConfig) -> list[Cell]:
+    """One cell per tuning study (dataset x strategy), its fixed (non-list) parameters set."""
+    return [Cell(dataset=d, strategy=s.name, seed=cfg.tune.seed,
+                 params={k: v for k, v in s.params.items() if not isinstance(v, list)})
+            for d in cfg.datasets for s in cfg.strategies]
+
+
+def final_cells(cfg: BenchmarkConfig) -> list[Cell]:
+    """The final grid: every seed of each study's cell when tuning (its tuned parameters are
+    not known yet; they rarely change the cost), else ``cfg.cells()``."""
+    if not cfg.tune.enabled:
+        return cfg.cells()
+    return [Cell(dataset=c.dataset, strategy=c.strategy, params=c.params, seed=seed)
+            for c in study_cells(cfg) for seed in cfg.seeds]
 
 
 def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,
@@ -232,23 +258,13 @@ def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,
             steps, fwd = c.train_steps * runs_per_cell, c.forward_images * runs_per_cell
             secs = None
             if timings is not None:
-                batch = cfg.effective(cell).batch_size
-                secs = (steps * batch * timings.train_s_per_image(cell, batch)
-                        + fwd * timings.forward_s_per_image(cell.dataset.size))
+                secs = (run_seconds(cfg, cell, c, timings) + timings.per_run_s) * runs_per_cell
             rows.append(PlanRow(phase, cell.dataset_label, cell.strategy, runs_per_cell, epochs,
                                 steps, fwd, secs))
 
     if cfg.tune.enabled:
-        studies = [Cell(dataset=d, strategy=s.name, params={k: v for k, v in s.params.items()
-                                                           if not isinstance(v, list)},
-                        seed=cfg.tune.seed)
-                   for d in cfg.datasets for s in cfg.strategies]
-        add("tuning", studies, cfg.tune.n_trials, cfg.tune.epochs or cfg.epochs, False)
-        finals = [Cell(dataset=c.dataset, strategy=c.strategy, params=c.params, seed=seed)
-                  for c in studies for seed in cfg.seeds]
-    else:
-        finals = cfg.cells()
-    add("final", finals, 1, cfg.epochs, True)
+        add("tuning", study_cells(cfg), cfg.tune.n_trials, cfg.tune.epochs or cfg.epochs, False)
+    add("final", final_cells(cfg), 1, cfg.epochs, True)
     return _merge(rows)
 
 
@@ -309,8 +325,11 @@ def format_plan(cfg: BenchmarkConfig, rows: list[PlanRow], timings: StepTimings 
                      "target device) or --seconds-per-iter S to price the plan.")
         return "\n".join(lines)
     total = sum(r.seconds or 0.0 for r in rows)
+    outside = (f"plus {timings.per_run_s:g} s per run outside training" if timings.per_run_s
+               else "time outside training (data, model set-up, MLflow) not counted: measure "
+               "it on a pilot with --check, add it with --seconds-per-run")
     lines.append(f"total device time: {_duration(total)} at the step times of {timings.device} "
-                 "(one run per device; pre-training and data loading not counted)")
+                 f"(one run per device, pre-training not counted; {outside})")
     if devices > 1:
         lines.append(f"with {devices} devices: about {_duration(total / devices)} wall-clock "
                      "(less when runs sharing a device (--gpus-per-run) do not saturate it alone)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +42,8 @@ def owner_tags() -> dict[str, str]:
     return {"run.host": platform.node(), "run.pid": str(os.getpid())}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,24 +53,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def dead_reason(host: str, pid: str, last_beat: float | None,
+                now: float | None = None) -> str | None:
+    """Why an owner (``host``, ``pid``, Unix time of its last sign of life) is dead, or None
+    while it may be alive: on this host the pid answers, elsewhere only the heartbeat's age.
+    Shared by MLflow runs (here) and Optuna trials (:mod:`stale_trials`)."""
+    if host == platform.node():
+        try:
+            alive = int(pid) == os.getpid() or pid_alive(int(pid))
+        except ValueError:
+            return None
+        return None if alive else "process died (found stale)"
+    if last_beat is None:
+        return None
+    silent = (time.time() if now is None else now) - last_beat
+    if silent <= heartbeat.STALE_AFTER_S:
+        return None
+    return f"no heartbeat from {host or '?'} for {silent / 60:.0f} min (found stale)"
+
+
 def stale_reason(run: Run) -> str | None:
     """Why ``run`` is RUNNING only on paper, or None while it may be alive."""
     if run.info.status != "RUNNING":
         return None
     tags = run.data.tags
-    if tags.get("run.host") != platform.node():
-        silent = heartbeat.silent_for(tags)
-        if silent is None or silent <= heartbeat.STALE_AFTER_S:
-            return None
-        return (f"no heartbeat from {tags.get('run.host', '?')} for {silent / 60:.0f} min "
-                "(found stale)")
-    try:
-        pid = int(tags.get("run.pid", ""))
-    except ValueError:
-        return None
-    if pid == os.getpid() or _pid_alive(pid):
-        return None
-    return "process died (found stale)"
+    silent = heartbeat.silent_for(tags)
+    return dead_reason(tags.get("run.host", "?"), tags.get("run.pid", ""),
+                       None if silent is None else time.time() - silent)
 
 
 def mark_stale(tracker: Tracker, runs: list[Run]) -> list[str]:

@@ -144,8 +144,9 @@ def fill_study(
 
     Several processes may call this on the same study at once. ``TrialPruned`` -> PRUNED, an
     exception -> FAIL (logged; after ``max_failures`` of them, default ``n_trials``, this worker
-    gives up), ``KeyboardInterrupt`` propagates (the trial stays RUNNING until the next driver
-    marks it FAIL). ``timeout``: no new trial starts after that many seconds.
+    gives up), ``KeyboardInterrupt`` -> FAIL and propagates (a worker killed without a word
+    leaves its trial RUNNING until a driver finds it dead: :mod:`stale_trials`). ``timeout``:
+    no new trial starts after that many seconds.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     failures, ran = 0, 0
@@ -156,6 +157,10 @@ def fill_study(
             break
         try:
             value = objective(trial)
+        except KeyboardInterrupt:  # Ctrl-C: the trial is over, and so is this worker
+            with contextlib.suppress(Exception):
+                study.tell(trial, state=TrialState.FAIL)
+            raise
         except optuna.TrialPruned:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         except Exception:

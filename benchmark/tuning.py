@@ -14,7 +14,7 @@ trials still missing. ``optuna-dashboard <storage>`` browses them.
 
 Where trials run: in this process (serial executor), or as calls of the ``local``/``ray``
 executor (:func:`study_worker`), ``tune.workers_per_study`` workers per study, sharing a
-journal file (default) or a database through :func:`study_storage.fill_study`.
+journal file (default) or a database; both through :func:`study_storage.fill_study`.
 
 MLflow layout (written by hand with MlflowClient: Optuna's MLflowCallback is deprecated and
 uses the fluent API's global active run)::
@@ -33,8 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import platform
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -43,7 +41,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import optuna
-from metalr_bench.benchmark import study_storage
+from metalr_bench.benchmark import heartbeat, stale_trials, study_storage
 from metalr_bench.benchmark.config import (
     CODE_VERSION,
     BenchmarkConfig,
@@ -54,6 +52,7 @@ from metalr_bench.benchmark.config import (
 )
 from metalr_bench.benchmark.layer_groups import layer_groups
 from metalr_bench.benchmark.models import build_model
+from metalr_bench.benchmark.resume import owner_tags
 from metalr_bench.benchmark.tracking import MetricsLogger, Tracker
 from metalr_bench.benchmark.trainer import EpochCallback
 from metalr_bench.benchmark.tuning_space import SearchDim, search_space, split_params, suggest
@@ -64,10 +63,6 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = study_storage.FINISHED_STATES
-#: which process ran a trial (``host:pid``), on the trial and its MLflow run
-WORKER_ID = f"{platform.node()}:{os.getpid()}"
-
-
 # -- settings -> Optuna objects ---------------------------------------------------------------
 def direction(metric: str) -> str:
     return "minimize" if metric == "val_loss" else "maximize"
@@ -251,24 +246,27 @@ class StudyRunner:
         )
 
     def recover_interrupted(self, study: optuna.Study) -> int:
-        """Mark trials left RUNNING by a killed process as FAIL (and their MLflow runs KILLED).
+        """Mark trials left RUNNING by a dead worker as FAIL (and their MLflow runs KILLED).
 
         Why by hand: Optuna's ``fail_stale_trials`` needs heartbeats, which only RDB storages
-        have. The driver calls this before any of its workers starts, so a RUNNING trial can
-        only be left over from a killed earlier call (one benchmark driver per study at a time).
-        A FAIL does not count towards ``n_trials``, so the trial is run again.
+        have; :mod:`stale_trials` tells dead trials from live ones on any storage (a live trial
+        may belong to another driver on another host). The driver calls this before any of its
+        workers starts. A FAIL does not count towards ``n_trials``, so the trial is run again.
         """
-        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for t in stale:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        stale = [(t, r) for t in running if (r := stale_trials.stale_reason(t)) is not None]
+        for t, reason in stale:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             run_id = t.user_attrs.get("mlflow_run_id")
             if run_id:
                 self.tracker.set_tags(run_id, {"optuna.state": "FAIL",
-                                               "error": "interrupted (process killed)"})
+                                               "error": f"interrupted: {reason}"})
                 self.tracker.end_run(run_id, "KILLED")
-        if stale:
-            log.warning("study %s: %d interrupted trial(s) marked FAIL", study.study_name,
-                        len(stale))
+            log.warning("study %s: trial %d was left RUNNING (%s); marked FAIL",
+                        study.study_name, t.number, reason)
+        if len(running) > len(stale):
+            log.warning("study %s: %d trial(s) RUNNING in other live processes are left alone",
+                        study.study_name, len(running) - len(stale))
         return len(stale)
 
     def objective(self, trial: optuna.Trial) -> float:
@@ -284,11 +282,11 @@ class StudyRunner:
                   "optuna.trial_number": trial.number, "optuna.state": "RUNNING",
                   "dataset": t.dataset.name, "image_size": t.dataset.size,
                   "strategy": t.strategy, "seed": cfg.tune.seed, "model": cfg.model.arch,
-                  "worker": WORKER_ID},
+                  "worker": stale_trials.worker_id(), **owner_tags()},
             parent_id=self.study_run_id,
         )
         trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("worker", WORKER_ID)
+        trial.set_user_attr("worker", stale_trials.worker_id())
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
         self.tracker.log_params(run_id, {**cell_params(eff, cell),
                                          "weights_source": self.weights_source,
@@ -296,8 +294,10 @@ class StudyRunner:
         logger = MetricsLogger(self.tracker, run_id)
         reporter = PruningReporter(trial, metric_key(cfg.tune.metric))
         try:
-            result, _ = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
-                                   epochs=self.epochs, evaluate_test=False)
+            with heartbeat.beating(lambda: stale_trials.beat(trial, self.tracker.client, run_id),
+                                   f"trial-{trial.number}"):
+                result, _ = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
+                                       epochs=self.epochs, evaluate_test=False)
             value = best_of(reporter.values, cfg.tune.metric)
         except optuna.TrialPruned:
             logger.flush()
@@ -371,21 +371,22 @@ class StudyRunner:
         with self.study_run(parent_id) as run_id:
             self.recover_interrupted(study)
             done = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
-            remaining = max(cfg.tune.n_trials - done, 0)
+            if bar is not None:
+                bar.update(min(done, cfg.tune.n_trials))
 
-            def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            def on_trial(trial: optuna.trial.FrozenTrial) -> None:
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(trial.state in FINISHED_STATES)
                     best = _best(study)
                     bar.set_postfix_str(f"{self.target.strategy} trial {trial.number} "
                                         f"{trial.state.name}"
                                         + (f" best={best.value:.4f}" if best else ""))
 
-            if remaining:
-                study.optimize(self.objective, n_trials=remaining, timeout=cfg.tune.timeout,
-                               catch=(Exception,), callbacks=[on_trial])
-            elif bar is not None:
-                bar.update(cfg.tune.n_trials)
+            # the same exact loop as parallel workers: a trial RUNNING in another live driver
+            # counts towards n_trials, so two drivers on one study do not overshoot it
+            study_storage.fill_study(study, self.objective, n_trials=cfg.tune.n_trials,
+                                     url=self.storage_label, timeout=cfg.tune.timeout,
+                                     on_trial=on_trial)
             return self.summarize(study, run_id)
 
     def summarize(self, study: optuna.Study, run_id: str) -> StudyOutcome:

@@ -185,3 +185,69 @@ def test_cli_plan(tiny_config: dict[str, Any], tmp_path: Path, timings_file: Pat
     assert main(["plan", "--config", str(path), "--seconds-per-iter", "0.4"]) == 0
     assert "0.4 s/iteration" in capsys.readouterr().out
     assert not Path(tiny_config["output_dir"]).exists()  # a plan trains and writes nothing
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_check_compares_the_plan_with_the_runs_in_mlflow(
+        tiny_config: dict[str, Any], tmp_path: Path, timings_file: Path, tuned: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--check finds this grid's finished runs (by config_hash, or by dataset and strategy when
+    tuned), prices exactly those, and reads their epoch and wall time from the store."""
+    from metalr_bench.benchmark.plan_check import check_rows
+    from metalr_bench.benchmark.runner import run_benchmark
+    from mlflow import MlflowClient
+
+    if tuned:
+        tiny_config["tune"] = {"enabled": True, "n_trials": 1, "epochs": 1, "pruner": "none"}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    assert main(["plan", "--config", str(path), "--timings", str(timings_file), "--check"]) == 0
+    assert "no finished run of this grid" in capsys.readouterr().out  # nothing ran yet
+
+    cfg = load_config(None, tiny_config)
+    outcome = run_benchmark(cfg, progress=False)
+    other = load_config(None, {**tiny_config, "seeds": [7], "strategies": ["full"],
+                               "tune": {"enabled": False}})
+    run_benchmark(other, progress=False)  # same experiment, another grid: must not be counted
+    client = MlflowClient(tiny_config["tracking_uri"])
+    runs = [client.get_run(r.run_id) for r in outcome.results]
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+
+    timings = StepTimings.from_files([timings_file])
+    rows = {r.strategy: r for r in check_rows(cfg, timings, client)}
+    assert set(rows) == {"full", "last_k"}
+    sizes = split_sizes(cfg.datasets[0])
+    for strategy, row in rows.items():
+        mine = [r for r in runs if r.data.tags["strategy"] == strategy]
+        assert row.runs == len(mine) == 2
+        assert row.epochs_s == pytest.approx(
+            sum(r.data.metrics["mean_epoch_time_s"] * cfg.epochs for r in mine))
+        epochs = sum(sum(m.value for m in client.get_metric_history(r.info.run_id,
+                                                                    "epoch_time_s"))
+                     for r in mine)
+        assert row.epochs_s == pytest.approx(epochs)  # the same as the logged epochs
+        assert row.wall_s == pytest.approx(
+            sum((r.info.end_time - r.info.start_time) / 1000 for r in mine))
+        assert row.wall_s > row.epochs_s > 0 and row.overhead_per_run_s > 0
+        cell = Cell(dataset=cfg.datasets[0], strategy=strategy, params={}, seed=0)
+        one = count_run(cfg, cell, sizes, epochs=cfg.epochs, evaluate_test=False)
+        per_run = (one.train_steps * cfg.batch_size * timings.train_s_per_image(cell, 16)
+                   + one.forward_images * timings.forward_s_per_image(16))
+        assert row.planned_s == pytest.approx(2 * per_run)
+        assert row.test_s == pytest.approx(2 * sizes.test * timings.forward_s_per_image(16))
+        assert row.overhead_per_run_s == pytest.approx(
+            (row.wall_s - row.epochs_s - row.test_s) / 2)
+
+    assert main(["plan", "--config", str(path), "--timings", str(timings_file), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "check against 4 finished run(s) of experiment 'test'" in out
+    assert "--seconds-per-run" in out
+
+
+def test_seconds_per_run_is_added_to_every_run(cfg, timings_file: Path) -> None:
+    bare = plan_rows(cfg, StepTimings.from_files([timings_file]))
+    padded = plan_rows(cfg, StepTimings.from_files([timings_file], per_run_s=2.5))
+    for b, p in zip(bare, padded, strict=True):
+        assert p.seconds == pytest.approx(b.seconds + 2.5 * b.runs)
+    text = format_plan(cfg, padded, StepTimings.from_files([timings_file], per_run_s=2.5))
+    assert "plus 2.5 s per run outside training" in text

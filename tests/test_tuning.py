@@ -347,3 +347,52 @@ def test_cli_flags_and_optuna_objects() -> None:
     assert tuning.direction("val_loss") == "minimize" and tuning.direction("auc") == "maximize"
     server = validate_config({"tracking_uri": "http://localhost:5000", "output_dir": "/tmp/o"})
     assert tuning.storage_url(server) == "sqlite:////tmp/o/optuna.db"
+
+
+def test_rerun_fails_dead_trials_and_leaves_live_ones_alone(
+        tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """RUNNING trials found by a driver: one beating on another host (another driver's, alive)
+    is left alone and counts towards n_trials; one silent there for 30 min, one whose worker
+    pid on this host is gone, and one that never beat and started an hour ago are marked FAIL.
+    Trials this driver runs beat into their user attributes and MLflow runs."""
+    import datetime
+    import platform
+
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orig = tuning.StudyRunner.create_study
+
+    def create_study(self):
+        study = orig(self)
+        now = time.time()
+        for worker, age in (("gpu-node-7:4242", 30), ("gpu-node-7:4243", 1800),
+                            (f"{platform.node()}:{dead.pid}", 5)):
+            trial = study.ask()
+            trial.set_user_attr("worker", worker)
+            trial.set_user_attr("heartbeat", now - age)
+        study.add_trial(optuna.trial.FrozenTrial(  # killed before its first beat, an hour ago
+            number=0, state=TrialState.RUNNING, value=None, values=None,
+            datetime_start=datetime.datetime.now() - datetime.timedelta(hours=1),
+            datetime_complete=None, params={}, distributions={}, user_attrs={},
+            system_attrs={}, intermediate_values={}, trial_id=0))
+        return study
+
+    monkeypatch.setattr(tuning.StudyRunner, "create_study", create_study)
+    cfg = validate_config({**tune_config(tiny_config, pruner="none"), "strategies": ["full"],
+                           "seeds": [0]})
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed
+    (summary,) = optuna.get_all_study_summaries(tuning.storage_url(cfg))
+    trials = optuna.load_study(study_name=summary.study_name,
+                               storage=tuning.storage_url(cfg)).get_trials()
+    states = [t.state.name for t in trials]
+    assert states == ["RUNNING", "FAIL", "FAIL", "FAIL", "COMPLETE", "COMPLETE"], states
+    assert trials[0].user_attrs["worker"] == "gpu-node-7:4242"  # the live one, untouched
+    ran = trials[4:]
+    assert all(t.user_attrs["worker"] == f"{platform.node()}:{os.getpid()}" for t in ran)
+    assert all(abs(t.user_attrs["heartbeat"] - time.time()) < 300 for t in ran)
+    trial_runs = runs_by_kind(cfg.tracking_uri, cfg.name)["trial"]
+    assert len(trial_runs) == 2
+    assert all("run.heartbeat" in r.data.tags and r.data.tags["run.host"] == platform.node()
+               for r in trial_runs)
