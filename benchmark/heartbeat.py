@@ -9,7 +9,7 @@ dead. A background thread beats independently of how long an epoch takes.
 The beat is one tag write; a failed write (server down) is skipped, the next one retries, so a
 heartbeat never slows or breaks training. Hosts are assumed to keep their clocks in sync (NTP):
 the tag holds the writer's Unix time and the reader compares it with its own. Tuning trials beat
-the same way, into their MLflow run and an Optuna user attribute (``tuning.trial_stale_reason``).
+the same way, into their MLflow run and an Optuna user attribute (:mod:`stale_trials`).
 """
 
 from __future__ import annotations

@@ -63,6 +63,8 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = study_storage.FINISHED_STATES
+
+
 # -- settings -> Optuna objects ---------------------------------------------------------------
 def direction(metric: str) -> str:
     return "minimize" if metric == "val_loss" else "maximize"
