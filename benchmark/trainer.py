@@ -229,7 +229,9 @@ class Trainer:
             if i >= self.options.precise_bn_batches:
                 break
             with self.autocast():
-                self.forward(x)
+                # eager on purpose: with momentum None, BatchNorm reads num_batches_tracked as
+                # a Python float, which would recompile the compiled forward and break its graph
+                self.model(x)
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
 
@@ -316,6 +318,7 @@ class Trainer:
                     model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
                     autocast=self.autocast, epoch=epoch, step=step,
                     meta_batch=(lambda: next(self._meta_iter)) if self._meta_iter else None,
+                    forward=self.forward, compile=self.options.compile,
                 )
                 loss = self.strategy.train_step(ctx, (x, y))
                 if loss is None:

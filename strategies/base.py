@@ -50,7 +50,8 @@ class StepContext:
     """What a strategy's own ``train_step`` may use; handed over by the trainer each step.
 
     ``meta_batch`` returns the next batch of the strategy's meta/validation source (MetaLR);
-    ``autocast`` is the trainer's mixed-precision context; ``loss_fn(logits, y)`` the task loss.
+    ``autocast`` is the trainer's mixed-precision context; ``loss_fn(logits, y)`` the task loss;
+    ``forward`` the model as the trainer calls it (compiled when ``compile`` is set).
     """
 
     model: nn.Module
@@ -61,6 +62,9 @@ class StepContext:
     step: int
     meta_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the trainer's forward: ``model``, or ``torch.compile(model)`` with its ``compile`` option
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    compile: bool = False
 
 
 class Strategy:

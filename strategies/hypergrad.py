@@ -53,6 +53,21 @@ class Lookahead:
         self._scratch: list[torch.Tensor] = []
         self._ahead: dict[str, torch.Tensor] = {}  # persistent look-ahead leaves θ̂
         self._index_cache: dict[Any, torch.Tensor] = {}
+        self.compiled = False
+        self.forward: Callable[..., torch.Tensor] = self._functional
+
+    def _functional(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                    x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, (params, buffers), (x,), strict=False)
+
+    def use_compile(self, flag: bool) -> None:
+        """Run the look-ahead forward through ``torch.compile`` (the trainer's ``compile``
+        option). The θ̂ leaves and scratch buffers are the same tensors at every meta-step, so
+        the graph is compiled once per meta batch shape, not once per step."""
+        if flag != self.compiled:
+            self.compiled = flag
+            self.forward = (torch.compile(self._functional, dynamic=False) if flag
+                            else self._functional)
 
     def scratch_buffers(self) -> dict[str, torch.Tensor]:
         """Fresh copies of the model's buffers (BN running stats) for the look-ahead forward."""
@@ -120,7 +135,7 @@ def hypergradient(
     params, triples = look.params_at(alpha)
     buffers = look.scratch_buffers()
     with autocast():
-        out = functional_call(look.model, (params, buffers), (x_val,), strict=False)
+        out = look.forward(params, buffers, x_val)
         loss = loss_fn(out, y_val)
     h = torch.zeros(look.n_groups, dtype=alpha.dtype, device=alpha.device)
     if not triples:

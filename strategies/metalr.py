@@ -167,6 +167,7 @@ class MetaLR(Strategy):
         p: MetaLRParams = self.params
         if self._look is None:
             self._look = Lookahead(self.model, self.groups)
+        self._look.use_compile(ctx.compile)
         x_val, y_val = ctx.meta_batch()
         h, meta_loss = hypergradient(self._look, self.alpha, x_val, y_val, ctx.loss_fn,
                                      ctx.autocast)
@@ -187,7 +188,7 @@ class MetaLR(Strategy):
         model, opt = ctx.model, ctx.optimizer
         opt.zero_grad(set_to_none=True)
         with ctx.autocast():
-            loss = ctx.loss_fn(model(x), y)
+            loss = ctx.loss_fn((ctx.forward or model)(x), y)
         loss.backward()  # g, reused by the look-ahead and by the real step
         if self.step % self.params.meta_interval == 0:
             self.meta_update(ctx)

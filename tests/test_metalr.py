@@ -225,6 +225,46 @@ def test_trainer_draws_meta_batches_of_meta_batch_size(
     assert sizes and set(sizes) == {meta_batch_size or cfg.batch_size}
 
 
+def test_compile_runs_metalr_through_compiled_graphs(tiny_config: dict,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile: true`: MetaLR's training forward and its functional look-ahead both run as
+    compiled graphs (both compiled, both traced by Dynamo, no graph break into eager), and
+    the run lands where the eager one does. The backend is aot_eager, which traces exactly what
+    inductor gets (Dynamo + AOTAutograd, BN buffer mutation, gradients w.r.t. the θ̂ leaves)
+    without its minute of C++ code generation on CPU."""
+    import torch._dynamo
+    from metalr_bench.benchmark import runner
+    from metalr_bench.benchmark.config import Cell, load_config
+
+    compiled = []
+    real = torch.compile
+
+    def compile_(fn, *a, **k):
+        compiled.append(getattr(fn, "__name__", type(fn).__name__))
+        return real(fn, *a, **{**k, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    tiny_config["epochs"] = 1
+    results = {}
+    for flag in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cfg = load_config(None, {**tiny_config, "compile": flag})
+        cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params={}, seed=0)
+        results[flag], strategy = runner.train_cell(cfg, cell, runner.DataCache().get(cell),
+                                                    None)
+    assert sorted(compiled) == ["SmallCNN", "_functional"]  # the model and the look-ahead
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] >= 2, dict(stats)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(
+        torch._dynamo.utils.counters["graph_break"])
+    eager, comp = results[False], results[True]
+    assert comp.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"],
+                                                          rel=1e-4)
+    assert comp.history[0]["val_loss"] == pytest.approx(eager.history[0]["val_loss"], rel=1e-3)
+    assert comp.test["loss"] == pytest.approx(eager.test["loss"], rel=1e-3)
+
+
 def test_params_are_validated_with_clear_messages() -> None:
     with pytest.raises(ValueError, match="lr_min"):
         MetaLR.Params(lr_min=1e-2, lr_max=1e-3)
