@@ -67,10 +67,15 @@ def now_tag() -> str:
     return f"{time.time():.0f}"
 
 
-def silent_for(tags: dict[str, str], now: float | None = None) -> float | None:
-    """Seconds since the run's last beat; None when it never beat (runs of older versions)."""
+def last_beat(tags: dict[str, str]) -> float | None:
+    """Unix time of the run's last beat; None when it never beat (runs of older versions)."""
     try:
-        last = float(tags[TAG])
+        return float(tags[TAG])
     except (KeyError, ValueError):
         return None
-    return (time.time() if now is None else now) - last
+
+
+def silent_for(tags: dict[str, str], now: float | None = None) -> float | None:
+    """Seconds since the run's last beat; None when it never beat."""
+    last = last_beat(tags)
+    return None if last is None else (time.time() if now is None else now) - last

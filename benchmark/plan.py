@@ -73,6 +73,15 @@ def split_sizes(spec: DatasetSpec) -> SplitSizes:
     return SplitSizes(len(b.train), len(b.val), len(b.test), "loaded")
 
 
+def cached_sizes(cache: dict[str, SplitSizes], spec: DatasetSpec) -> SplitSizes:
+    """:func:`split_sizes` once per dataset spec (a grid repeats each over seeds and strategies;
+    a folder dataset is loaded to count it)."""
+    key = spec.model_dump_json()
+    if key not in cache:
+        cache[key] = split_sizes(spec)
+    return cache[key]
+
+
 def _strategy_params(cell: Cell) -> Any:
     from metalr_bench.strategies.registry import get_strategy
 
@@ -251,10 +260,8 @@ def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,
 
     def add(phase: str, cells: list[Cell], runs_per_cell: int, epochs: int, test: bool) -> None:
         for cell in cells:
-            key = cell.dataset.model_dump_json()
-            if key not in sizes:
-                sizes[key] = split_sizes(cell.dataset)
-            c = count_run(cfg, cell, sizes[key], epochs=epochs, evaluate_test=test)
+            c = count_run(cfg, cell, cached_sizes(sizes, cell.dataset), epochs=epochs,
+                          evaluate_test=test)
             steps, fwd = c.train_steps * runs_per_cell, c.forward_images * runs_per_cell
             secs = None
             if timings is not None:

@@ -25,10 +25,10 @@ from metalr_bench.benchmark.config import BenchmarkConfig, Cell
 from metalr_bench.benchmark.plan import (
     SplitSizes,
     StepTimings,
+    cached_sizes,
     count_run,
     final_cells,
     run_seconds,
-    split_sizes,
 )
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
@@ -42,6 +42,11 @@ class CheckRow:
     epochs_s: float  # their measured epochs: mean_epoch_time_s x epochs
     test_s: float  # the plan's seconds for their one test pass (not part of an epoch)
     wall_s: float  # their MLflow start-to-end time
+
+    @classmethod
+    def summed(cls, strategy: str, rows: list[CheckRow]) -> CheckRow:
+        return cls(strategy, *(sum(getattr(r, f) for r in rows) for f in
+                               ("runs", "planned_s", "epochs_s", "test_s", "wall_s")))
 
     @property
     def ratio(self) -> float:
@@ -94,19 +99,16 @@ def _match(cfg: BenchmarkConfig, runs: list[Run]) -> list[tuple[Cell, Run]]:
 def check_rows(cfg: BenchmarkConfig, timings: StepTimings, client: MlflowClient) -> list[CheckRow]:
     """One row per strategy with finished runs of this grid in the config's experiment."""
     sizes: dict[str, SplitSizes] = {}
-    acc: dict[str, list[float]] = {}
+    per_run: dict[str, list[CheckRow]] = {}
     for cell, run in _match(cfg, finished_runs(client, cfg.name)):
-        key = cell.dataset.model_dump_json()
-        if key not in sizes:
-            sizes[key] = split_sizes(cell.dataset)
-        epochs = count_run(cfg, cell, sizes[key], epochs=cfg.epochs, evaluate_test=False)
-        a = acc.setdefault(cell.strategy, [0, 0.0, 0.0, 0.0, 0.0])
-        a[0] += 1
-        a[1] += run_seconds(cfg, cell, epochs, timings)
-        a[2] += run.data.metrics["mean_epoch_time_s"] * cfg.epochs
-        a[3] += sizes[key].test * timings.forward_s_per_image(cell.dataset.size)
-        a[4] += (run.info.end_time - run.info.start_time) / 1000
-    return [CheckRow(s, int(a[0]), *a[1:]) for s, a in acc.items()]
+        split = cached_sizes(sizes, cell.dataset)
+        epochs = count_run(cfg, cell, split, epochs=cfg.epochs, evaluate_test=False)
+        per_run.setdefault(cell.strategy, []).append(CheckRow(
+            cell.strategy, 1, planned_s=run_seconds(cfg, cell, epochs, timings),
+            epochs_s=run.data.metrics["mean_epoch_time_s"] * cfg.epochs,
+            test_s=split.test * timings.forward_s_per_image(cell.dataset.size),
+            wall_s=(run.info.end_time - run.info.start_time) / 1000))
+    return [CheckRow.summed(s, rows) for s, rows in per_run.items()]
 
 
 def format_check(cfg: BenchmarkConfig, rows: list[CheckRow], tracking_uri: str) -> str:
@@ -118,8 +120,7 @@ def format_check(cfg: BenchmarkConfig, rows: list[CheckRow], tracking_uri: str) 
              f"{cfg.name!r} ({tracking_uri}):",
              f"{'strategy':24s} {'runs':>5s} {'epochs planned':>15s} {'measured':>9s} "
              f"{'ratio':>6s} {'run wall':>9s} {'outside epochs/run':>19s}"]
-    total = CheckRow("all", *(sum(getattr(r, f) for r in rows) for f in
-                              ("runs", "planned_s", "epochs_s", "test_s", "wall_s")))
+    total = CheckRow.summed("all", rows)
     for r in [*rows, total]:
         lines.append(f"{r.strategy:24s} {r.runs:5d} {r.planned_s:14.1f}s {r.epochs_s:8.1f}s "
                      f"{r.ratio:6.2f} {r.wall_s:8.1f}s {r.overhead_per_run_s:18.1f}s")

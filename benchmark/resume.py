@@ -77,9 +77,8 @@ def stale_reason(run: Run) -> str | None:
     if run.info.status != "RUNNING":
         return None
     tags = run.data.tags
-    silent = heartbeat.silent_for(tags)
     return dead_reason(tags.get("run.host", "?"), tags.get("run.pid", ""),
-                       None if silent is None else time.time() - silent)
+                       heartbeat.last_beat(tags))
 
 
 def mark_stale(tracker: Tracker, runs: list[Run]) -> list[str]:

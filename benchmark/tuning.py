@@ -278,17 +278,18 @@ class StudyRunner:
         params, overrides = suggest(trial, t.space)
         cell = Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
                     seed=cfg.tune.seed, overrides=overrides)
+        worker = stale_trials.worker_id()
         run_id = self.tracker.start_run(
             f"{t.strategy} trial {trial.number}",
             tags={"kind": "trial", "optuna.study_name": t.name,
                   "optuna.trial_number": trial.number, "optuna.state": "RUNNING",
                   "dataset": t.dataset.name, "image_size": t.dataset.size,
                   "strategy": t.strategy, "seed": cfg.tune.seed, "model": cfg.model.arch,
-                  "worker": stale_trials.worker_id(), **owner_tags()},
+                  "worker": worker, **owner_tags()},
             parent_id=self.study_run_id,
         )
         trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("worker", stale_trials.worker_id())
+        trial.set_user_attr("worker", worker)
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
         self.tracker.log_params(run_id, {**cell_params(eff, cell),
                                          "weights_source": self.weights_source,
