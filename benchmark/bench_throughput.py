@@ -8,7 +8,8 @@ next to the public MetaLR code's 0.37-0.40 s/iteration (RTX A6000, ResNet-18, 64
 
 Each strategy is built exactly as the runner builds it (model, layer groups, strategy, Trainer
 with its device-resident loader and GPU-side augmentation); the timed loop is the trainer's own
-per-batch step (``strategy.train_step`` or ``Trainer._default_step``), so MetaLR's meta step,
+per-batch step (``Trainer.train_step``: the strategy's step or the default one, through the
+compiled forward with ``--compile``), so MetaLR's meta step,
 L2-SP's penalty and frozen layers all count. Warm-up iterations (cuDNN autotune, compile) are not
 timed; timing ends with a device synchronise.
 """
@@ -27,7 +28,7 @@ from metalr_bench.benchmark.layer_groups import layer_groups
 from metalr_bench.benchmark.models import build_model
 from metalr_bench.benchmark.trainer import Trainer, TrainerOptions, seed_everything
 from metalr_bench.datasets.base import DatasetBundle, Split, TaskType
-from metalr_bench.strategies.base import StepContext, TrainSettings
+from metalr_bench.strategies.base import TrainSettings
 from metalr_bench.strategies.registry import available_strategies, get_strategy
 
 DEFAULT_STRATEGIES = ("full", "last_k", "l2sp", "layer_decay", "metalr")
@@ -72,19 +73,13 @@ def measure(strategy_name: str, *, arch: str, size: int, batch_size: int, iters:
             torch.cuda.synchronize(dev)
 
     batches = iter(trainer.train_loader)
-    meta = (lambda: next(trainer._meta_iter)) if trainer._meta_iter else None
     t0 = 0.0
     for step in range(warmup + iters):
         if step == warmup:
             sync()
             t0 = time.perf_counter()
         x, y = next(batches)
-        ctx = StepContext(model=trainer.model, optimizer=trainer.optimizer,
-                          loss_fn=trainer.loss_fn, autocast=trainer.autocast, epoch=0,
-                          step=step, meta_batch=meta)
-        loss = strategy.train_step(ctx, (x, y))
-        if loss is None:
-            loss = trainer._default_step(x, y)
+        loss = trainer.train_step(x, y, epoch=0, step=step)
     sync()
     elapsed = time.perf_counter() - t0
     return {

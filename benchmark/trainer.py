@@ -194,6 +194,20 @@ class Trainer:
                 yield batch
             skip = 0
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int, step: int
+                   ) -> torch.Tensor:
+        """One optimisation step on ``(x, y)``: the strategy's own step, else the default one.
+        The training loop and the throughput benchmark both step through here, so a benchmark
+        times exactly what a run does (the compiled forward included)."""
+        ctx = StepContext(
+            model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+            autocast=self.autocast, epoch=epoch, step=step,
+            meta_batch=(lambda: next(self._meta_iter)) if self._meta_iter else None,
+            forward=self.forward, compile=self.options.compile,
+        )
+        loss = self.strategy.train_step(ctx, (x, y))
+        return self._default_step(x, y) if loss is None else loss
+
     def _default_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
@@ -314,15 +328,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             n_batches = 0
             for x, y in self.train_loader:
-                ctx = StepContext(
-                    model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
-                    autocast=self.autocast, epoch=epoch, step=step,
-                    meta_batch=(lambda: next(self._meta_iter)) if self._meta_iter else None,
-                    forward=self.forward, compile=self.options.compile,
-                )
-                loss = self.strategy.train_step(ctx, (x, y))
-                if loss is None:
-                    loss = self._default_step(x, y)
+                loss = self.train_step(x, y, epoch=epoch, step=step)
                 loss_sum += loss.float()
                 n_batches += 1
                 step += 1
