@@ -8,6 +8,9 @@
     run-benchmark pretrain --model resnet18 --image-size 28
 
 Flags override the YAML file; the file overrides the defaults.
+
+Each subcommand imports its stage inside its handler, on purpose: `run-benchmark --help`,
+`list` and `report` must not pay for torch, Optuna or papermill they do not use.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
     """How to open this experiment's runs table. The link names the runs page and the *Model
     training* view because MLflow 3's UI otherwise opens an experiment on its GenAI overview
     (traces), which is empty for a benchmark."""
-    from metalr_bench.benchmark.tracking_server import is_remote
+    from metalr_bench.benchmark.tracking.server import is_remote
 
     runs = f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if is_remote(tracking_uri):
@@ -158,7 +161,7 @@ def cmd_run(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     cfg = resolve_config(args)
-    from metalr_bench.benchmark.runner import format_leaderboard, leaderboard, run_benchmark
+    from metalr_bench.benchmark.running.runner import format_leaderboard, leaderboard, run_benchmark
 
     cells = cfg.cells()
     print(f"run-benchmark: {len(cells)} runs ({len(cfg.datasets)} dataset(s) x "
@@ -173,7 +176,7 @@ def cmd_run(argv: list[str]) -> int:
         print(f"run-benchmark: {', '.join(tune_flags)} only matter with --tune (or `tune: "
               "{enabled: true}` in the config); running without tuning", file=sys.stderr)
     if cfg.tune.enabled:
-        from metalr_bench.benchmark.tuning import storage_url
+        from metalr_bench.benchmark.tuning.studies import storage_url
 
         print(f"tuning first: {cfg.tune.n_trials} trial(s) x {len(cfg.strategies)} strateg(ies) "
               f"x {len(cfg.datasets)} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
@@ -198,8 +201,8 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    from metalr_bench.datasets.registry import DATASETS, available_datasets
-    from metalr_bench.strategies.registry import available_strategies, get_strategy
+    from metalr_bench.datasets.core.registry import DATASETS, available_datasets
+    from metalr_bench.strategies.core.registry import available_strategies, get_strategy
 
     print("datasets:")
     for name in available_datasets():
@@ -208,8 +211,7 @@ def cmd_list(argv: list[str]) -> int:
     for name in available_strategies():
         cls = get_strategy(name)
         fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
-        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:12s} {fields:40s} {doc}")
+        print(f"  {name:12s} {fields:40s} {cls.describe()}")
     return 0
 
 
@@ -220,8 +222,8 @@ def cmd_pretrain(argv: list[str]) -> int:
     cfg = resolve_config(args)
     from pathlib import Path
 
-    from metalr_bench.benchmark.pretrain import pretrained_checkpoint
-    from metalr_bench.benchmark.tracking import Tracker
+    from metalr_bench.benchmark.tracking.client import Tracker
+    from metalr_bench.benchmark.training.pretrain import pretrained_checkpoint
 
     tracker = Tracker(cfg.tracking_uri, cfg.name)
     for size in sorted({d.size for d in cfg.datasets}):
@@ -258,7 +260,7 @@ def cmd_plan(argv: list[str]) -> int:
     if args.seconds_per_run < 0 or args.devices < 1:
         p.error("--seconds-per-run must be >= 0 and --devices >= 1")
     cfg = resolve_config(args)
-    from metalr_bench.benchmark.plan import StepTimings, format_plan, plan_rows
+    from metalr_bench.benchmark.planning.plan import StepTimings, format_plan, plan_rows
 
     timings = None
     if args.timings:
@@ -272,8 +274,8 @@ def cmd_plan(argv: list[str]) -> int:
                 "--seconds-per-iter")
     print(format_plan(cfg, plan_rows(cfg, timings), timings, devices=args.devices))
     if args.check and timings is not None:
-        from metalr_bench.benchmark.plan_check import check_rows, format_check
-        from metalr_bench.benchmark.tracking import absolute_tracking_uri
+        from metalr_bench.benchmark.planning.check import check_rows, format_check
+        from metalr_bench.benchmark.tracking.client import absolute_tracking_uri
         from mlflow import MlflowClient
 
         uri = absolute_tracking_uri(cfg.tracking_uri)
@@ -285,9 +287,7 @@ def cmd_plan(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {"list": cmd_list, "plan": cmd_plan, "pretrain": cmd_pretrain,
-                "replay-metrics": cmd_replay}
-    extra = _extra_subcommands()
-    handlers |= extra
+                "replay-metrics": cmd_replay, "report": cmd_report}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run-benchmark: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        from metalr_bench.benchmark.signals import exit_code_for
+        from metalr_bench.benchmark.running.signals import exit_code_for
 
         print("run-benchmark: interrupted; finished runs are in MLflow, the interrupted run is "
               "marked KILLED and its last epoch is checkpointed: run the same command again to "
@@ -312,7 +312,7 @@ def cmd_replay(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from pathlib import Path
 
-    from metalr_bench.benchmark.faults import replay_unlogged
+    from metalr_bench.benchmark.tracking.retry import replay_unlogged
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=args.tracking_uri)
@@ -322,16 +322,11 @@ def cmd_replay(argv: list[str]) -> int:
     return 0
 
 
-def _extra_subcommands() -> dict[str, Any]:
-    """Subcommands contributed by other modules (report, tune, ...), registered lazily."""
-    out: dict[str, Any] = {}
-    try:
-        from metalr_bench.reports.cli import cmd_report
+def cmd_report(argv: list[str]) -> int:
+    # imported here: the reports pull in papermill and nbconvert, which a run does not need
+    from metalr_bench.reports.cli import cmd_report as report
 
-        out["report"] = cmd_report
-    except ImportError:
-        pass
-    return out
+    return report(argv)
 
 
 if __name__ == "__main__":

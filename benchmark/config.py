@@ -5,9 +5,12 @@ value in a strategy's parameters expands to several grid cells (``k: [1, 2]`` ->
 Unknown keys and bad values are rejected with a :class:`ConfigError` that names the field, the
 allowed values and what to do.
 
-``config_hash`` identifies one cell: everything that changes its result (dataset, size, split
-options, model, weights, strategy + params, seed, epochs, optimizer, code version). It tags the
-MLflow run; resume and de-duplication look it up.
+``cell_identity`` is everything that changes one cell's result (dataset, size, split options,
+model, weights, strategy + params, seed, ``RESULT_FIELDS``, code version); ``config_hash``,
+the Optuna study names and the logged params are all derived from it, so they cannot disagree.
+
+The validators look strategies and datasets up in their registries inside the functions, on
+purpose: discovery imports every strategy and adapter module (torch), which `--help` must not.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +49,7 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSpec:
-        from metalr_bench.datasets.registry import available_datasets, get_entry
+        from metalr_bench.datasets.core.registry import available_datasets, get_entry
 
         names = available_datasets()
         if self.name not in names:
@@ -63,7 +67,7 @@ class StrategySpec(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> StrategySpec:
-        from metalr_bench.strategies.registry import available_strategies, get_strategy
+        from metalr_bench.strategies.core.registry import available_strategies, get_strategy
 
         if self.name not in available_strategies():
             raise ValueError(
@@ -117,9 +121,9 @@ def _dataset_default() -> list[DatasetSpec]:
 
 
 def _strategy_default() -> list[StrategySpec]:
-    from metalr_bench.strategies.registry import DEFAULT_STRATEGIES
+    from metalr_bench.strategies.core.registry import default_strategies
 
-    return [StrategySpec(name=n) for n in DEFAULT_STRATEGIES]
+    return [StrategySpec(name=n) for n in default_strategies()]
 
 
 class SearchDimSpec(_Strict):
@@ -135,7 +139,7 @@ class TuneSpec(_Strict):
     """The ``tune:`` block: an Optuna study per (dataset, strategy) on validation data.
 
     Every strategy gets the same ``n_trials``, the same epochs and the same tuning seed, so
-    the comparison that follows is fair. See :mod:`metalr_bench.benchmark.tuning`.
+    the comparison that follows is fair. See :mod:`metalr_bench.benchmark.tuning.studies`.
     """
 
     enabled: bool = Field(False, description="tune before the final grid (`--tune`)")
@@ -175,6 +179,11 @@ class TuneSpec(_Strict):
             "journal file path ending in .log or .jsonl"
         )
 
+
+#: config fields that change a cell's result, besides its dataset, model, strategy, params and
+#: seed (see :meth:`BenchmarkConfig.cell_identity`)
+RESULT_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
+                 "augment", "precise_bn", "selection_metric")
 
 #: config fields a cell may override (tuning sets the base LR per strategy)
 CELL_OVERRIDABLE = ("lr", "weight_decay", "momentum", "batch_size", "epochs")
@@ -292,29 +301,56 @@ class BenchmarkConfig(_Strict):
             )
         return self.model_copy(update=cell.overrides)
 
-    def config_hash(self, cell: Cell) -> str:
-        """Hash of everything that changes the result of ``cell``."""
-        from metalr_bench.strategies.registry import get_strategy
+    def cell_identity(self, cell: Cell, *, tuned: Iterable[str] = ()) -> dict[str, Any]:
+        """Everything that changes the result of ``cell``: the one definition behind
+        :meth:`config_hash` (resume, de-duplication), the Optuna study name
+        (``tuning.studies.study_name``) and the params every run logs (:meth:`cell_params`).
+
+        ``tuned``: names a study searches (``lr`` or strategy params), left out because every
+        trial sets them.
+        """
+        from metalr_bench.strategies.core.registry import get_strategy
 
         eff = self.effective(cell)
+        tuned = set(tuned)
         params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
-        payload = {
+        return {
             "dataset": cell.dataset.model_dump(mode="json", exclude={"download", "root"}),
             "model": eff.model.model_dump(mode="json"),
             "strategy": cell.strategy,
-            "params": params,
+            "params": {k: v for k, v in params.items() if k not in tuned},
             "seed": cell.seed,
-            **eff.model_dump(
-                mode="json",
-                include={"epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
-                         "augment", "precise_bn", "selection_metric"},
-            ),
+            **eff.model_dump(mode="json", include=set(RESULT_FIELDS) - tuned),
             "code_version": CODE_VERSION,
         }
+
+    def config_hash(self, cell: Cell) -> str:
+        """Hash of :meth:`cell_identity`: tags the cell's MLflow run, resume looks it up."""
+        payload = self.cell_identity(cell)
         if cell.overrides:
             payload["overrides"] = cell.overrides
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return stable_hash(payload)[:16]
+
+    def cell_params(self, cell: Cell) -> dict[str, Any]:
+        """The MLflow params of ``cell``'s run: :meth:`cell_identity`, flat, under the names
+        the README's filters and the reports use (``lr``, ``strategy.k``, ``image_size``)."""
+        ident = self.cell_identity(cell)
+        dataset, model = ident["dataset"], ident["model"]
+        return {
+            "dataset": dataset.pop("name"), "image_size": dataset.pop("size"),
+            **{f"dataset.{k}": v for k, v in dataset.items()},
+            "strategy": cell.strategy, "seed": cell.seed,
+            "model": model.pop("arch"), "weights": model.pop("weights"),
+            **{f"model.{k}": v for k, v in model.items()},
+            **{k: ident[k] for k in RESULT_FIELDS},
+            **{f"strategy.{k}": v for k, v in ident["params"].items()},
+            "code_version": ident["code_version"],
+        }
+
+
+def stable_hash(payload: Any) -> str:
+    """sha256 of ``payload`` as sorted JSON (the same on every machine and run)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Why the split seed defaults to 0 and not the run seed: comparisons across strate
 should measure training variance on one fixed split, and the ``n_folds`` folds of a cross
 validation only partition the data when all folds are drawn with the same seed.
 
-Images are decoded with PIL (:func:`~metalr_bench.datasets.files.decode_image`); up to 128 px they
+Images are decoded with PIL (:func:`~metalr_bench.datasets.core.files.decode_image`); up to 128 px they
 are decoded once into a uint8 tensor, larger ones stay as paths for the DataLoader path.
 """
 
@@ -22,12 +22,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from metalr_bench.datasets.base import DatasetBundle, Split, TaskType
-from metalr_bench.datasets.errors import DatasetError
-from metalr_bench.datasets.files import decode_image, is_grey
-from metalr_bench.datasets.registry import register_dataset
-from metalr_bench.datasets.scan import Records, read_manifest, scan_imagefolder
-from metalr_bench.datasets.splits import (
+from metalr_bench.datasets.core.base import DatasetBundle, Split, TaskType
+from metalr_bench.datasets.core.errors import DatasetError
+from metalr_bench.datasets.core.files import decode_image, is_grey
+from metalr_bench.datasets.core.registry import register_dataset
+from metalr_bench.datasets.core.scan import Records, read_manifest, scan_imagefolder
+from metalr_bench.datasets.core.splits import (
     assert_group_disjoint,
     group_holdout,
     group_kfold_indices,

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from metalr_bench.datasets.base import DatasetBundle, Split, TaskType
-from metalr_bench.datasets.download import check_md5, download_url
-from metalr_bench.datasets.errors import CorruptDataError, DatasetError, DatasetNotFoundError
-from metalr_bench.datasets.medmnist_info import INFO, SIZES, URLS, MedMNISTInfo, npz_name
-from metalr_bench.datasets.registry import register_dataset
-from metalr_bench.datasets.splits import stratified_subsample
+from metalr_bench.datasets.core.base import DatasetBundle, Split, TaskType
+from metalr_bench.datasets.core.download import check_md5, download_url
+from metalr_bench.datasets.core.errors import CorruptDataError, DatasetError, DatasetNotFoundError
+from metalr_bench.datasets.core.medmnist_info import INFO, SIZES, URLS, MedMNISTInfo, npz_name
+from metalr_bench.datasets.core.registry import register_dataset
+from metalr_bench.datasets.core.splits import stratified_subsample
 from pydantic import BaseModel, ConfigDict, Field
 
 SPLITS = ("train", "val", "test")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from metalr_bench.datasets.base import DatasetBundle, Split, TaskType
-from metalr_bench.datasets.registry import register_dataset
-from metalr_bench.datasets.splits import group_train_val_test
+from metalr_bench.datasets.core.base import DatasetBundle, Split, TaskType
+from metalr_bench.datasets.core.registry import register_dataset
+from metalr_bench.datasets.core.splits import group_train_val_test
 from pydantic import BaseModel, ConfigDict, Field
 
 

@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from metalr_bench.benchmark.tracking.client import Tracker, absolute_tracking_uri
+
 log = logging.getLogger(__name__)
 
 TEMPLATE = "benchmark_report.py"
@@ -130,7 +132,6 @@ def build_report(
     import jupytext
     import nbformat
     import papermill
-    from metalr_bench.benchmark.tracking import absolute_tracking_uri
 
     tracking_uri = absolute_tracking_uri(tracking_uri)  # the kernel runs in another folder
     out = Path(output_dir) / "reports" / experiment
@@ -157,8 +158,6 @@ def build_report(
     html = to_html(notebook, out / "report.html")
     paths = ReportPaths(notebook, html, csv, parquet, parents.split(",")[0])
     if log_artifacts:
-        from metalr_bench.benchmark.tracking import Tracker
-
         tracker = Tracker(tracking_uri, experiment)
         for p in paths.as_dict().values():
             tracker.log_artifact(paths.parent_run_id, p, "report")
@@ -178,8 +177,6 @@ def report_after_benchmark(cfg: Any, parent_run_id: str, *, progress: bool = Tru
     except Exception as exc:  # noqa: BLE001 - the benchmark's results are safe in MLflow
         log.warning("report failed: %s: %s", type(exc).__name__, exc)
         with contextlib.suppress(Exception):
-            from metalr_bench.benchmark.tracking import Tracker
-
             Tracker(cfg.tracking_uri, cfg.name).set_tags(parent_run_id, {
                 "report.status": f"failed: {type(exc).__name__}: {str(exc)[:4000]}"})
         return None

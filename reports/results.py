@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from metalr_bench.benchmark.tracking import tags as T
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -108,7 +109,7 @@ def load_runs(tracking_uri: str | MlflowClient, experiment: str,
         found = _search_all(client, exp.experiment_id,
                             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{p.info.run_id}'",
                             order_by=["attributes.start_time ASC"])
-        children += [r for r in found if r.data.tags.get("stage") != "pretrain"
+        children += [r for r in found if not T.is_pretrain(r.data.tags)
                      and "strategy" in r.data.tags]
     return BenchmarkRuns(exp.experiment_id, exp.name, parents, children)
 

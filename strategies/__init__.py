@@ -1,17 +1,28 @@
-"""Fine-tuning strategies behind one small interface (see :mod:`.base`)."""
+"""Fine-tuning strategies behind one small interface, one module each.
 
-from metalr_bench.strategies.base import StepContext, Strategy, TrainSettings
-from metalr_bench.strategies.registry import (
-    DEFAULT_STRATEGIES,
+Holds: one module per strategy (``full``, ``last_k``, ``l2sp``, ``layer_decay``, ``metalr``, and
+any other module dropped in here), and ``core/``: the interface (:mod:`.core.base`), the layer
+grouping every layer-wise method shares (:mod:`.core.layers`), search-space declarations
+(:mod:`.core.space`), discovery (:mod:`.core.registry`) and MetaLR's maths
+(:mod:`.core.hypergrad`, :mod:`.core.lr_curves`).
+
+May import: torch, pydantic, matplotlib; never the benchmark, the datasets, MLflow or Optuna
+(checked by import-linter), so a strategy can be read, tested and reused on its own.
+"""
+
+from metalr_bench.strategies.core.base import StepContext, Strategy, TrainSettings, register
+from metalr_bench.strategies.core.registry import (
     available_strategies,
+    default_strategies,
     get_strategy,
 )
 
 __all__ = [
-    "DEFAULT_STRATEGIES",
     "StepContext",
     "Strategy",
     "TrainSettings",
     "available_strategies",
+    "default_strategies",
     "get_strategy",
+    "register",
 ]

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from metalr_bench.strategies.base import Strategy, register
+from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -34,9 +35,13 @@ def _regularised(model: nn.Module, name: str, p: torch.Tensor) -> bool:
 
 @register
 class L2SP(Strategy):
+    """L2-SP: penalise the distance to the pre-trained weights (Li et al., ICML 2018)."""
+
     name = "l2sp"
     Params = L2SPParams
     test_params = [{"alpha": 0.1, "beta": 0.01}]
+    search_space = {"lr": LR, "alpha": SearchDim("float", 1e-3, 1.0, log=True)}
+    default_rank = 2
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)

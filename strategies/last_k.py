@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from metalr_bench.strategies.base import Strategy, register
+from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -20,9 +21,13 @@ class LastKParams(BaseModel):
 
 @register
 class LastK(Strategy):
+    """Freeze all but the last k layer groups (k=1: linear probing of the head)."""
+
     name = "last_k"
     Params = LastKParams
     test_params = [{"k": 1}, {"k": 2}]
+    search_space = {"lr": LR, "k": SearchDim("int", 1, "groups")}
+    default_rank = 1
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from metalr_bench.strategies.base import Strategy, register
+from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,9 +20,13 @@ class LayerDecayParams(BaseModel):
 
 @register
 class LayerDecay(Strategy):
+    """Layer-wise LR decay: lr · decay^(depth from the head) per layer group."""
+
     name = "layer_decay"
     Params = LayerDecayParams
     test_params = [{"decay": 0.5}]
+    search_space = {"lr": LR, "decay": SearchDim("float", 0.3, 1.0)}
+    default_rank = 3
 
     def group_lrs(self) -> list[float]:
         n = len(self.groups)

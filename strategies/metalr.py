@@ -6,7 +6,7 @@ Each iteration, with a training batch and a meta (validation) batch:
 2. LR update    α_j ← α_j − η·∂L_val(θ̂)/∂α_j (multiplicative by default, see below);
 3. real update  of θ with the new α_j by the real optimizer, reusing g.
 
-The hyper-gradient is exact and first-order (:mod:`metalr_bench.strategies.hypergrad`): one
+The hyper-gradient is exact and first-order (:mod:`metalr_bench.strategies.core.hypergrad`): one
 extra forward/backward on the meta batch per meta-step, no model copy.
 
 Defaults follow the public code (Schuture/MetaLR, ``MetaLR_POCUS/train.py``): groups = stem,
@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from metalr_bench.strategies.base import StepContext, Strategy, register
-from metalr_bench.strategies.hypergrad import Lookahead, hypergradient, update_rates
+from metalr_bench.strategies.core.base import StepContext, Strategy, register
+from metalr_bench.strategies.core.hypergrad import Lookahead, hypergradient, update_rates
+from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: keep at most this many LR snapshots for the figure (older ones are thinned 2:1)
@@ -92,6 +93,15 @@ class MetaLR(Strategy):
          "head_pin_epochs": 1},
     ]
     meta_source = "holdout"  # class default; each instance takes its own from params
+    search_space = {"lr": LR, "hyper_lr": SearchDim("float", 1e-3, 1.0, log=True)}
+    default_rank = 4
+
+    @classmethod
+    def measured_cost_share(cls, params: BaseModel, batch_size: int) -> float:
+        """The extra cost is one forward/backward on the meta batch every ``meta_interval``
+        iterations; bench_throughput measures it at interval 1 with a full-size meta batch."""
+        p: Any = params
+        return (p.meta_batch_size / batch_size if p.meta_batch_size else 1.0) / p.meta_interval
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)
@@ -234,7 +244,8 @@ class MetaLR(Strategy):
 
     def artifacts(self) -> dict[str, Any]:
         """Figures the runner logs to the run: the learned LR curves (paper's Fig. 4)."""
-        from metalr_bench.strategies.lr_curves import lr_curves_figure
+        # imported here: matplotlib loads only when the figure is drawn (end of a run)
+        from metalr_bench.strategies.core.lr_curves import lr_curves_figure
 
         steps, rates = self.lr_history()
         return {"lr_curves.png": lr_curves_figure(steps, rates, self.group_names)}

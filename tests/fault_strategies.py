@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 import torch
-from metalr_bench.strategies.base import STRATEGIES, Strategy
+from metalr_bench.strategies.core.base import STRATEGIES, Strategy
 
 
 class NanLoss(Strategy):

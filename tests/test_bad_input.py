@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from metalr_bench.benchmark.cli import main
 from metalr_bench.benchmark.config import BenchmarkConfig, ConfigError, load_config
-from metalr_bench.benchmark.models import SmallCNN
-from metalr_bench.datasets.registry import DATASETS, available_datasets, register_dataset
+from metalr_bench.benchmark.models.zoo import SmallCNN
+from metalr_bench.datasets.core.registry import DATASETS, available_datasets, register_dataset
 from mlflow import MlflowClient
 
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from metalr_bench.benchmark.cli import main
 from metalr_bench.benchmark.config import validate_config
-from metalr_bench.benchmark.runner import leaderboard, run_benchmark
+from metalr_bench.benchmark.running.runner import leaderboard, run_benchmark
 
 
 def test_grid_lands_child_runs_with_tags(tiny_config) -> None:
@@ -78,13 +78,13 @@ def test_pretrain_stage_is_cached_and_logged(tiny_config) -> None:
     run_benchmark(cfg, progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp = client.get_experiment_by_name("test")
-    pre = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain'")
+    pre = client.search_runs([exp.experiment_id], "tags.kind = 'pretrain'")
     assert len(pre) == 1  # trained once, reused by both seeds and by the second call
     assert pre[0].data.metrics["best_val_acc"] >= 0
 
 
 def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch) -> None:
-    from metalr_bench.benchmark.tracking import absolute_tracking_uri
+    from metalr_bench.benchmark.tracking.client import absolute_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"

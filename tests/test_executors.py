@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from metalr_bench.benchmark.config import ConfigError, load_config
-from metalr_bench.benchmark.runner import run_benchmark
-from metalr_bench.benchmark.tracking_server import (
+from metalr_bench.benchmark.running.runner import run_benchmark
+from metalr_bench.benchmark.tracking.server import (
     TrackingServerError,
     check_reachable,
     free_port,
@@ -126,7 +126,7 @@ def quadratic(trial) -> float:
 def _fill(storage: str, name: str, seed: int, sleep_s: float = 0.0) -> int:
     """A worker process: fill study ``name`` to 5 trials through the shared quota lock."""
     import optuna
-    from metalr_bench.benchmark.study_storage import fill_study, open_storage
+    from metalr_bench.benchmark.tuning.storage import fill_study, open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(storage),
                               sampler=optuna.samplers.TPESampler(seed=seed))
@@ -144,7 +144,7 @@ def test_fill_study_two_processes_exact(tmp_path: Path):
     from concurrent.futures import ProcessPoolExecutor
 
     import optuna
-    from metalr_bench.benchmark.study_storage import open_storage
+    from metalr_bench.benchmark.tuning.storage import open_storage
 
     storage = str(tmp_path / "optuna-journal.log")
     optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
@@ -164,7 +164,7 @@ def test_fill_study_workers_on_a_postgresql_server_exact(postgres_url: str):
     from concurrent.futures import ProcessPoolExecutor
 
     import optuna
-    from metalr_bench.benchmark.study_storage import LOCK_TABLE, open_storage
+    from metalr_bench.benchmark.tuning.storage import LOCK_TABLE, open_storage
 
     storage = open_storage(postgres_url)
     for name in ("pg-a", "pg-b"):
@@ -202,7 +202,7 @@ def assert_tuned(uri: str, outcome: Any, storage: str, n_trials: int) -> set[str
     """2 studies x ``n_trials`` finished trials in Optuna and MLflow, each once; the final
     2 x 2 grid once. Returns the workers (host:pid) that ran trials."""
     import optuna
-    from metalr_bench.benchmark.tuning import open_storage
+    from metalr_bench.benchmark.tuning.studies import open_storage
 
     assert [r.status for r in outcome.results] == ["FINISHED"] * 4
     summaries = optuna.get_all_study_summaries(open_storage(storage))

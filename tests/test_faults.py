@@ -11,15 +11,10 @@ import yaml
 from fault_strategies import registered
 from metalr_bench.benchmark.cli import main
 from metalr_bench.benchmark.config import load_config
-from metalr_bench.benchmark.faults import (
-    DivergenceError,
-    RetryPolicy,
-    TrackingError,
-    check_finite,
-    oom_message,
-)
-from metalr_bench.benchmark.runner import run_benchmark
-from metalr_bench.benchmark.tracking import MetricsLogger, Tracker
+from metalr_bench.benchmark.running.runner import run_benchmark
+from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
+from metalr_bench.benchmark.tracking.retry import RetryPolicy, TrackingError
+from metalr_bench.benchmark.training.faults import DivergenceError, check_finite, oom_message
 from mlflow import MlflowClient
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from metalr_bench.datasets import DatasetError, TaskType, load_dataset
-from metalr_bench.datasets.errors import CorruptDataError, GroupLeakageError
-from metalr_bench.datasets.splits import assert_group_disjoint
-from metalr_bench.datasets.tensors import AugmentSpec, make_loader
+from metalr_bench.datasets.core.errors import CorruptDataError, GroupLeakageError
+from metalr_bench.datasets.core.splits import assert_group_disjoint
+from metalr_bench.datasets.core.tensors import AugmentSpec, make_loader
 from PIL import Image
 
 PATTERN = r"^(?P<group>[^_]+)_"
@@ -130,7 +130,7 @@ def test_16bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
     make_folder(tmp_path / "ct", videos=3, frames=2)
     img = np.full((8, 8), 32768, dtype=np.uint16)
     Image.fromarray(img).save(tmp_path / "ct" / "benign" / "ben99_frame000.png")
-    from metalr_bench.datasets.files import decode_image
+    from metalr_bench.datasets.core.files import decode_image
 
     x = decode_image(str(tmp_path / "ct" / "benign" / "ben99_frame000.png"), 8, 1)
     assert x.shape == (1, 8, 8) and int(x[0, 0, 0]) == 128

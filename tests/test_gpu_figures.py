@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from metalr_bench.benchmark import gpu_figures
+from metalr_bench.benchmark.perf import gpu_figures
 
 
 def test_gpu_figures_runs_every_tool_and_writes_markdown(
@@ -39,5 +39,5 @@ def test_gpu_figures_runs_every_tool_and_writes_markdown(
     for r in eager + compiled:
         assert f"{r['ms_per_iter']:.1f} | {r['images_per_s']:.0f} |" in md
     assert plan.strip().splitlines()[-1] in md
-    assert "python -m metalr_bench.benchmark.bench_step --arch smallcnn" in md
+    assert "python -m metalr_bench.benchmark.perf.bench_step --arch smallcnn" in md
     assert f"run-benchmark plan --config {grid}" in md

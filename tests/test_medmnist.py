@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 from metalr_bench.datasets import DatasetError, TaskType, available_datasets, load_dataset
-from metalr_bench.datasets.errors import (
+from metalr_bench.datasets.core.errors import (
     ChecksumError,
     CorruptDataError,
     DatasetNotFoundError,
 )
-from metalr_bench.datasets.medmnist_info import INFO, SIZES, URLS, npz_name
+from metalr_bench.datasets.core.medmnist_info import INFO, SIZES, URLS, npz_name
 
 REPO = Path(__file__).resolve().parents[1]
 

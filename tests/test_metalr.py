@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from metalr_bench.benchmark.config import ConfigError, validate_config
-from metalr_bench.benchmark.layer_groups import layer_groups
-from metalr_bench.benchmark.models import SmallCNN
-from metalr_bench.strategies.base import StepContext, TrainSettings
-from metalr_bench.strategies.hypergrad import Lookahead, hypergradient, update_rates
+from metalr_bench.benchmark.models.zoo import SmallCNN
+from metalr_bench.strategies.core.base import StepContext, TrainSettings
+from metalr_bench.strategies.core.hypergrad import Lookahead, hypergradient, update_rates
+from metalr_bench.strategies.core.layers import layer_groups
 from metalr_bench.strategies.metalr import MetaLR
 from torch.func import functional_call
 
@@ -207,8 +207,8 @@ def test_meta_interval_and_resume() -> None:
 def test_trainer_draws_meta_batches_of_meta_batch_size(
     meta_batch_size: int | None, tiny_config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from metalr_bench.benchmark import runner
     from metalr_bench.benchmark.config import Cell, load_config
+    from metalr_bench.benchmark.training import cell as cell_mod
     from metalr_bench.strategies import metalr
 
     sizes = []
@@ -220,7 +220,7 @@ def test_trainer_draws_meta_batches_of_meta_batch_size(
     cfg = load_config(None, tiny_config)
     params = {} if meta_batch_size is None else {"meta_batch_size": meta_batch_size}
     cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params=params, seed=0)
-    runner.train_cell(cfg, cell, runner.DataCache().get(cell), None)
+    cell_mod.train_cell(cfg, cell, cell_mod.DataCache().get(cell), None)
     # one meta-step per training step, each on a meta batch of the requested size
     assert sizes and set(sizes) == {meta_batch_size or cfg.batch_size}
 
@@ -233,8 +233,8 @@ def test_compile_runs_metalr_through_compiled_graphs(tiny_config: dict,
     inductor gets (Dynamo + AOTAutograd, BN buffer mutation, gradients w.r.t. the θ̂ leaves)
     without its minute of C++ code generation on CPU."""
     import torch._dynamo
-    from metalr_bench.benchmark import runner
     from metalr_bench.benchmark.config import Cell, load_config
+    from metalr_bench.benchmark.training import cell as cell_mod
 
     compiled = []
     real = torch.compile
@@ -254,7 +254,7 @@ def test_compile_runs_metalr_through_compiled_graphs(tiny_config: dict,
         torch._dynamo.utils.counters.clear()
         cfg = load_config(None, {**tiny_config, "compile": flag})
         cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params={}, seed=0)
-        results[flag], strategy = runner.train_cell(cfg, cell, runner.DataCache().get(cell),
+        results[flag], strategy = cell_mod.train_cell(cfg, cell, cell_mod.DataCache().get(cell),
                                                     None)
     assert sorted(compiled) == ["ResNet", "_functional"]  # the model and the look-ahead
     stats = torch._dynamo.utils.counters["stats"]
@@ -282,10 +282,10 @@ def test_params_are_validated_with_clear_messages() -> None:
 
 
 def test_short_run_logs_lr_curves_to_mlflow(tiny_config: dict, tmp_path: Path) -> None:
-    from metalr_bench.benchmark.runner import run_benchmark
-    from metalr_bench.strategies.registry import DEFAULT_STRATEGIES
+    from metalr_bench.benchmark.running.runner import run_benchmark
+    from metalr_bench.strategies.core.registry import default_strategies
 
-    assert "metalr" in DEFAULT_STRATEGIES
+    assert "metalr" in default_strategies()
     cfg = validate_config({**tiny_config, "strategies": ["metalr"], "seeds": [0],
                            "log_every_n_steps": 2})
     outcome = run_benchmark(cfg, progress=False)
@@ -315,7 +315,7 @@ def test_short_run_logs_lr_curves_to_mlflow(tiny_config: dict, tmp_path: Path) -
 
 @pytest.mark.parametrize("interval", [1, 2])
 def test_bench_step_runs_both_modes(interval: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from metalr_bench.benchmark import bench_step
+    from metalr_bench.benchmark.perf import bench_step
     from metalr_bench.strategies.metalr import MetaLR
 
     meta_steps = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from metalr_bench.benchmark.metrics import compute_metrics
-from metalr_bench.datasets.base import TaskType
+from metalr_bench.benchmark.training.metrics import compute_metrics
+from metalr_bench.datasets.core.base import TaskType
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 rng = np.random.default_rng(0)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from metalr_bench.benchmark.layer_groups import layer_groups
-from metalr_bench.benchmark.models import adapt_input_conv, build_model, load_state, read_checkpoint
+from metalr_bench.benchmark.models.zoo import (
+    adapt_input_conv,
+    build_model,
+    load_state,
+    read_checkpoint,
+)
+from metalr_bench.strategies.core.layers import layer_groups
 
 
 @pytest.mark.parametrize(

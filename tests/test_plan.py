@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from metalr_bench.benchmark import bench_throughput, runner
 from metalr_bench.benchmark.cli import main
 from metalr_bench.benchmark.config import Cell, DatasetSpec, load_config
-from metalr_bench.benchmark.plan import (
+from metalr_bench.benchmark.perf import bench_throughput
+from metalr_bench.benchmark.planning.plan import (
     PlanError,
     StepTimings,
     count_run,
@@ -22,7 +22,8 @@ from metalr_bench.benchmark.plan import (
     plan_rows,
     split_sizes,
 )
-from metalr_bench.datasets.medmnist_info import N_SAMPLES
+from metalr_bench.benchmark.training import cell as cell_mod
+from metalr_bench.datasets.core.medmnist_info import N_SAMPLES
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def cfg(tiny_config: dict[str, Any]):
 def _counting_build(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Make the runner's models count the images they see, with and without autograd."""
     seen = {"grad": 0, "no_grad": 0}
-    real = runner.build_model
+    real = cell_mod.build_model
 
     def build(*a: Any, **k: Any) -> torch.nn.Module:
         model = real(*a, **k)
@@ -46,7 +47,7 @@ def _counting_build(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(runner, "build_model", build)
+    monkeypatch.setattr(cell_mod, "build_model", build)
     return seen
 
 
@@ -54,8 +55,8 @@ def _counting_build(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def test_counts_match_the_trainer(cfg, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _counting_build(monkeypatch)
     cell = Cell(dataset=cfg.datasets[0], strategy=strategy, params={}, seed=0)
-    bundle = runner.DataCache().get(cell)
-    runner.train_cell(cfg, cell, bundle, None)
+    bundle = cell_mod.DataCache().get(cell)
+    cell_mod.train_cell(cfg, cell, bundle, None)
     planned = count_run(cfg, cell, split_sizes(cell.dataset), epochs=cfg.epochs,
                         evaluate_test=True)
     assert planned.train_steps > 0
@@ -65,8 +66,8 @@ def test_counts_match_the_trainer(cfg, strategy: str, monkeypatch: pytest.Monkey
 
 def test_metalr_counts_its_held_out_split(cfg) -> None:
     cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params={}, seed=0)
-    bundle = runner.DataCache().get(cell)
-    _, strategy = runner.train_cell(cfg, cell, bundle, None)
+    bundle = cell_mod.DataCache().get(cell)
+    _, strategy = cell_mod.train_cell(cfg, cell, bundle, None)
     planned = count_run(cfg, cell, split_sizes(cell.dataset), epochs=cfg.epochs,
                         evaluate_test=True)
     full = count_run(cfg, Cell(dataset=cell.dataset, strategy="full", params={}, seed=0),
@@ -193,8 +194,8 @@ def test_check_compares_the_plan_with_the_runs_in_mlflow(
         capsys: pytest.CaptureFixture[str]) -> None:
     """--check finds this grid's finished runs (by config_hash, or by dataset and strategy when
     tuned), prices exactly those, and reads their epoch and wall time from the store."""
-    from metalr_bench.benchmark.plan_check import check_rows
-    from metalr_bench.benchmark.runner import run_benchmark
+    from metalr_bench.benchmark.planning.check import check_rows
+    from metalr_bench.benchmark.running.runner import run_benchmark
     from mlflow import MlflowClient
 
     if tuned:

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from bs4 import BeautifulSoup
 from metalr_bench.benchmark.config import load_config
-from metalr_bench.benchmark.runner import run_benchmark
+from metalr_bench.benchmark.running.runner import run_benchmark
 from metalr_bench.reports import stats
 from metalr_bench.reports.build import build_report, template_path
 from mlflow import MlflowClient
@@ -68,7 +68,7 @@ def _mlflow_numbers(uri: str, parent: str, metric: str) -> pd.DataFrame:
         "dataset": f"{r.data.tags['dataset']}@{r.data.tags['image_size']}",
         "strategy": r.data.tags["strategy_label"], "seed": int(r.data.tags["seed"]),
         "value": r.data.metrics[metric],
-    } for r in runs if r.data.tags.get("stage") != "pretrain"])
+    } for r in runs if r.data.tags.get("kind") == "cell"])
 
 
 def test_report_built_by_the_benchmark_holds_the_right_leaderboard(bench) -> None:

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 from fault_strategies import InterruptOnce, registered
-from metalr_bench.benchmark.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.cli import main
 from metalr_bench.benchmark.config import load_config
-from metalr_bench.benchmark.runner import run_benchmark
+from metalr_bench.benchmark.running.runner import run_benchmark
+from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
@@ -184,7 +184,7 @@ def test_killed_subprocess_resumes_to_the_uninterrupted_result(tiny_config, tmp_
 
 def _orphan(cfg: Any, beat_age_s: float | None) -> str:
     """A RUNNING run of the grid's first cell, as a worker on another machine leaves it."""
-    from metalr_bench.benchmark import heartbeat
+    from metalr_bench.benchmark.tracking import heartbeat
 
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     exp = client.get_experiment_by_name(cfg.name)
@@ -217,18 +217,66 @@ def test_runs_of_another_host_are_stale_when_their_heartbeat_stops(tiny_config, 
         assert f"mlflow runs delete --run-id {orphan}" in result.error
 
 
-def test_heartbeat_beats_while_the_block_runs_and_stops_after(mlflow_uri):
-    from metalr_bench.benchmark.heartbeat import TAG, heartbeat
+def test_every_run_beats_while_its_block_runs_and_stops_after(mlflow_uri, monkeypatch):
+    """`Tracker.run` is the one lifecycle: owner tags and a heartbeat for every kind of run."""
+    from metalr_bench.benchmark.tracking import heartbeat
+    from metalr_bench.benchmark.tracking.client import Tracker
 
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    run_id = client.create_run(client.create_experiment("beats")).info.run_id
+    monkeypatch.setattr(heartbeat, "INTERVAL_S", 0.2)
+    tracker = Tracker(mlflow_uri, "beats")
+    client = tracker.client
     beats: set[str] = set()
-    with heartbeat(client, run_id, interval=0.2):
+    with tracker.run("pretrain-x", tags={"kind": "pretrain"}) as run_id:
+        tags = client.get_run(run_id).data.tags
+        assert tags["run.host"] and tags["run.pid"] == str(os.getpid())
         deadline = time.time() + 20
         while len(beats) < 2 and time.time() < deadline:  # the tag holds whole seconds
-            beats |= {client.get_run(run_id).data.tags.get(TAG)} - {None}
+            beats |= {client.get_run(run_id).data.tags.get(heartbeat.TAG)} - {None}
             time.sleep(0.5)
     assert len(beats) >= 2  # refreshed, not written once
+    assert client.get_run(run_id).info.status == "FINISHED"
     import threading
 
     assert not [t for t in threading.enumerate() if t.name == f"heartbeat-{run_id[:8]}"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_pretraining_leaves_no_running_run(tiny_config, tmp_path) -> None:
+    """A user's `kill -9` of the quick benchmark during its pre-training stage, then the same
+    command again: the re-run used to mark the old parent KILLED and finish, but the killed
+    pre-training run (no owner tags, no heartbeat, not searched) stayed RUNNING forever."""
+    data = _with_dirs({**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1,
+                       "model": {"arch": "smallcnn", "weights": "pretrain",
+                                 "pretrain": {"epochs": 400, "batch_size": 64,
+                                              "options": {"n_images": 64}}}},
+                      tmp_path / "pre")
+    config = tmp_path / "pre" / "bench.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cfg = load_config(config)
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+
+    proc = _subprocess_cli(config, {})
+    deadline = time.monotonic() + 120
+    pre: list[Any] = []
+    while not pre:  # pre-training has started and logged an epoch: kill it there
+        assert proc.poll() is None, f"benchmark ended early:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, "no pre-training run within 120 s"
+        time.sleep(0.1)
+        exp = client.get_experiment_by_name(cfg.name)
+        if exp is not None:
+            pre = [r for r in client.search_runs([exp.experiment_id], "tags.kind = 'pretrain'")
+                   if r.info.status == "RUNNING" and "train_loss" in r.data.metrics]
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    killed = pre[0].info.run_id
+    assert client.get_run(killed).info.status == "RUNNING"
+
+    assert main(["--config", str(config), "--no-progress"]) == 0  # the same command again
+    runs = _runs(cfg.tracking_uri, cfg.name)
+    assert "RUNNING" not in {r.info.status for r in runs}, [
+        (r.data.tags.get("kind"), r.info.status) for r in runs]
+    old = client.get_run(killed)
+    assert old.info.status == "KILLED"
+    assert "process died" in old.data.tags["failure_reason"]
+    fresh = [r for r in runs if r.data.tags.get("kind") == "pretrain" and r.info.run_id != killed]
+    assert len(fresh) == 1 and fresh[0].info.status == "FINISHED"

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import torch
-from metalr_bench.datasets.base import Split
-from metalr_bench.datasets.splits import group_holdout, stratified_subsample
+from metalr_bench.datasets.core.base import Split
+from metalr_bench.datasets.core.splits import group_holdout, stratified_subsample
 
 
 def pool(labels: list[int] | np.ndarray) -> Split:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from metalr_bench.benchmark.layer_groups import layer_groups
-from metalr_bench.benchmark.models import build_model
+from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.strategies import TrainSettings, get_strategy
-from metalr_bench.strategies.base import STRATEGIES
+from metalr_bench.strategies.core.base import STRATEGIES
+from metalr_bench.strategies.core.layers import layer_groups
 
 
 def _setup(name: str, params: dict | None = None, arch: str = "smallcnn", lr: float = 1e-2):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from metalr_bench.datasets import TaskType, load_dataset
-from metalr_bench.datasets.splits import assert_group_disjoint
+from metalr_bench.datasets.core.splits import assert_group_disjoint
 
 
 def test_synthetic_is_deterministic_and_group_disjoint() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from metalr_bench.datasets.base import Split
-from metalr_bench.datasets.tensors import (
+from metalr_bench.datasets.core.base import Split
+from metalr_bench.datasets.core.tensors import (
     AugmentSpec,
     TensorLoader,
     augment_batch,

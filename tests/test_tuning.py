@@ -17,12 +17,14 @@ from typing import Any
 
 import optuna
 import pytest
-from metalr_bench.benchmark import trainer as trainer_mod
-from metalr_bench.benchmark import tuning
 from metalr_bench.benchmark.cli import _run_parser, resolve_config
 from metalr_bench.benchmark.config import ConfigError, validate_config
-from metalr_bench.benchmark.runner import run_benchmark
-from metalr_bench.benchmark.tuning_space import SEARCH_SPACE, search_space
+from metalr_bench.benchmark.running import runner as runner_mod
+from metalr_bench.benchmark.running.runner import run_benchmark
+from metalr_bench.benchmark.training import trainer as trainer_mod
+from metalr_bench.benchmark.tuning import studies as tuning
+from metalr_bench.benchmark.tuning.space import search_space
+from metalr_bench.strategies import get_strategy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -36,7 +38,9 @@ def runs_by_kind(uri: str, experiment: str) -> dict[str, list[Any]]:
     exp = client.get_experiment_by_name(experiment)
     out: dict[str, list[Any]] = {}
     for r in client.search_runs([exp.experiment_id], max_results=1000):
-        kind = r.data.tags.get("kind") or ("final" if r.data.tags.get("tuned") else "cell")
+        kind = r.data.tags.get("kind", "cell")
+        if kind == "cell" and r.data.tags.get("tuned"):
+            kind = "final"
         out.setdefault(kind, []).append(r)
     return out
 
@@ -85,7 +89,7 @@ class SplitReads:
         monkeypatch.setattr(trainer_mod, "make_loader", loader)
         monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
         monkeypatch.setattr(trainer_mod.Trainer, "_test", test)
-        monkeypatch.setattr(tuning, "tune_all", tune_all)
+        monkeypatch.setattr(runner_mod, "tune_all", tune_all)
 
 
 class PruneTrialOne(optuna.pruners.BasePruner):
@@ -166,9 +170,9 @@ def test_two_strategies_three_trials_nested_runs_pruning_best_params_and_no_test
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, json
-    from metalr_bench.benchmark import tuning
+    from metalr_bench.benchmark.tuning import studies as tuning
     from metalr_bench.benchmark.config import validate_config
-    from metalr_bench.benchmark.runner import run_benchmark
+    from metalr_bench.benchmark.running.runner import run_benchmark
 
     orig = tuning.PruningReporter.on_epoch_end
     def on_epoch_end(self, epoch, metrics):
@@ -274,7 +278,7 @@ def test_journal_storage_and_study_name(tiny_config: dict[str, Any], tmp_path: P
 @contextlib.contextmanager
 def _dashboard(storage: str, log: Path, timeout_s: float = 60.0) -> Iterator[Callable[[str], Any]]:
     """The real ``optuna-dashboard`` serving ``storage``; yields ``get(path) -> JSON``."""
-    from metalr_bench.benchmark.tracking_server import free_port
+    from metalr_bench.benchmark.tracking.server import free_port
 
     port = free_port()
     with open(log, "w") as out:  # a file, not a pipe: a chatty server cannot block on it
@@ -306,15 +310,14 @@ def _dashboard(storage: str, log: Path, timeout_s: float = 60.0) -> Iterator[Cal
 
 class _Data:
     def get(self, cell: Any) -> Any:
-        from metalr_bench.datasets.registry import load_dataset
+        from metalr_bench.datasets.core.registry import load_dataset
 
         d = cell.dataset
         return load_dataset(d.name, size=d.size, options=d.options)
 
 
 def test_search_space_table_and_validation() -> None:
-    assert set(SEARCH_SPACE) >= {"full", "last_k", "l2sp", "layer_decay", "metalr"}
-    assert SEARCH_SPACE["metalr"]["hyper_lr"].log
+    assert get_strategy("metalr").search_space["hyper_lr"].log
     space = search_space("last_k", 5)
     assert space["k"].type == "int" and (space["k"].low, space["k"].high) == (1, 5)
     assert space["lr"].log

@@ -1,0 +1,182 @@
+"""The model zoo and pre-trained starting points.
+
+Models: torchvision ResNet-18/50 and DenseNet-121 with the input channels and head adapted to
+the task, plus ``smallcnn`` (a 4-block CNN) that keeps CPU tests fast. Starting points
+(``weights``): ``none``, ``imagenet`` (torchvision's weights, downloaded to the torch hub cache),
+a local checkpoint path, or ``pretrain`` (the suite's own supervised pre-training stage, see
+:mod:`metalr_bench.benchmark.training.pretrain`), so the transfer setting works offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from metalr_bench.benchmark.models.tv_compat import import_torchvision
+from torch import nn
+
+ARCHS = ("smallcnn", "resnet18", "resnet50", "densenet121")
+
+# Attribute path of the classifier and of the first convolution, per family.
+_HEAD = {"resnet": "fc", "densenet": "classifier", "smallcnn": "head"}
+_STEM_CONV = {"resnet": "conv1", "densenet": "features.conv0", "smallcnn": "stem.0"}
+_IMAGENET = {
+    "resnet18": "ResNet18_Weights",
+    "resnet50": "ResNet50_Weights",
+    "densenet121": "DenseNet121_Weights",
+}
+
+
+class SmallCNN(nn.Sequential):
+    """A small VGG-like CNN (stem, 3 blocks, head): a cheap stand-in for tests on CPU."""
+
+    def __init__(self, in_channels: int = 1, num_outputs: int = 2, width: int = 16) -> None:
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+
+        super().__init__()
+        self.add_module("stem", nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ))
+        self.add_module("block1", block(width, width * 2))
+        self.add_module("block2", block(width * 2, width * 4))
+        self.add_module("block3", block(width * 4, width * 8))
+        self.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+        self.add_module("head", nn.Linear(width * 8, num_outputs))
+
+
+def family(arch: str) -> str:
+    if arch.startswith("resnet"):
+        return "resnet"
+    if arch.startswith("densenet"):
+        return "densenet"
+    if arch == "smallcnn":
+        return "smallcnn"
+    raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def build_model(arch: str, in_channels: int, num_outputs: int) -> nn.Module:
+    """A randomly initialised ``arch`` taking ``in_channels`` and emitting ``num_outputs``."""
+    fam = family(arch)
+    if fam == "smallcnn":
+        return SmallCNN(in_channels, num_outputs)
+    tv = import_torchvision()
+    model = getattr(tv.models, arch)(weights=None)
+    conv: nn.Conv2d = _get(model, _STEM_CONV[fam])
+    if in_channels != conv.in_channels:
+        _set(model, _STEM_CONV[fam], nn.Conv2d(
+            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            bias=conv.bias is not None,
+        ))
+    head: nn.Linear = _get(model, _HEAD[fam])
+    _set(model, _HEAD[fam], nn.Linear(head.in_features, num_outputs))
+    return model
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Re-use RGB stem filters for ``in_channels`` inputs (timm's rule).
+
+    Grey-scale sums the RGB filters (a grey image is R=G=B); more channels tile and rescale so
+    the activation scale stays the same.
+    """
+    c = weight.shape[1]
+    if in_channels == c:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // c)
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (c / in_channels)
+
+
+class WeightsMismatch(ValueError):
+    """A checkpoint that does not belong to the model's architecture."""
+
+
+def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a backbone ``state`` into ``model``; the head is kept new when its shape differs.
+
+    Raises a ValueError naming the checkpoint, the mismatching keys and the fix when the
+    checkpoint does not belong to ``arch``.
+    """
+    fam = family(arch)
+    own = model.state_dict()
+    state = dict(state)
+    stem_key = f"{_STEM_CONV[fam]}.weight"
+    if stem_key in state and state[stem_key].shape[1] != own[stem_key].shape[1]:
+        state[stem_key] = adapt_input_conv(state[stem_key], own[stem_key].shape[1])
+    head = _HEAD[fam] + "."
+    state = {
+        k: v for k, v in state.items()
+        if not (k.startswith(head) and k in own and own[k].shape != v.shape)
+    }
+    missing = [k for k in own if k not in state and not k.startswith(head)]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or bad_shape:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {show(unexpected)}")
+        if bad_shape:
+            problems.append(f"shape mismatch: {show(bad_shape)}")
+        raise WeightsMismatch(
+            f"checkpoint {source} does not match model {arch!r} ({'; '.join(problems)}). "
+            f"Use a checkpoint saved from {arch!r}, or change `model.arch` to the checkpoint's "
+            "architecture."
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``path`` (a bare state dict or ``{"model": state_dict}``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {p} does not exist: pass an existing .pt file to `model.weights`, "
+            "or use `weights: pretrain` to pre-train on a source dataset first"
+        )
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or not a torch file
+        raise ValueError(f"checkpoint {p} could not be read as a PyTorch file: {exc}") from exc
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {p} holds {type(obj).__name__}, expected a state dict")
+    return obj
+
+
+def imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights for ``arch`` (needs the internet or a warm hub cache)."""
+    if arch not in _IMAGENET:
+        raise ValueError(f"no ImageNet weights for {arch!r}; available for {', '.join(_IMAGENET)}")
+    tv = import_torchvision()
+    weights = getattr(tv.models, _IMAGENET[arch]).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as exc:  # offline: URLError, OSError, ...
+        raise RuntimeError(
+            f"could not download ImageNet weights for {arch} from {weights.url} ({exc}). "
+            "Offline? Put the file in the torch hub cache (~/.cache/torch/hub/checkpoints), pass "
+            "a local checkpoint as `model.weights: /path/to.pt`, or use `weights: pretrain`."
+        ) from exc

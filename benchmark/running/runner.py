@@ -1,0 +1,247 @@
+"""Run the grid: a parent MLflow run per call, one child run per cell, a leaderboard at the end.
+
+Data flows one way: config -> dataset + model -> strategy -> trainer -> tracker. The runner is
+the only place that knows all of them; nothing below it talks to MLflow except through the
+trainer's callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from metalr_bench.benchmark import __version__
+from metalr_bench.benchmark.config import BenchmarkConfig, Cell
+from metalr_bench.benchmark.running.executors import get_executor
+from metalr_bench.benchmark.running.preflight import preflight
+from metalr_bench.benchmark.running.resume import plan_cell
+from metalr_bench.benchmark.running.signals import terminate_as_interrupt
+from metalr_bench.benchmark.tracking import tags as T
+from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
+from metalr_bench.benchmark.tracking.liveness import mark_stale_runs
+from metalr_bench.benchmark.tracking.retry import RetryPolicy
+from metalr_bench.benchmark.training.cell import CellResult, DataCache, train_cell
+from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
+from metalr_bench.benchmark.training.faults import explain_oom
+from metalr_bench.benchmark.training.pretrain import starting_weights
+from metalr_bench.benchmark.tuning.studies import tune_all
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchmarkOutcome:
+    parent_run_id: str
+    experiment_id: str
+    results: list[CellResult]
+    report: Any = None  # reports.build.ReportPaths when a report was built
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [r for r in self.results if r.status != "FINISHED"]
+
+
+def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
+    return {
+        T.KIND: T.KIND_CELL,
+        T.DATASET: cell.dataset.name,
+        T.IMAGE_SIZE: cell.dataset.size,
+        T.STRATEGY: cell.strategy,
+        T.STRATEGY_LABEL: cell.label,
+        T.SEED: cell.seed,
+        T.MODEL: cfg.model.arch,
+        T.CONFIG_HASH: cfg.config_hash(cell),
+        **({T.TUNED: "true", T.STUDY_NAME: cell.study} if cell.study else {}),
+    }
+
+
+def run_cell(
+    cfg: BenchmarkConfig,
+    cell: Cell,
+    tracker: Tracker,
+    parent_id: str,
+    data: DataCache,
+) -> CellResult:
+    """Train one cell inside its own child run."""
+    cfg = cfg.effective(cell)
+    h = cfg.config_hash(cell)
+    bundle = data.get(cell)
+    name = f"{cell.dataset_label}/{cell.label}/seed{cell.seed}"
+    result = CellResult(cell, "", h, "RUNNING")
+    ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", h)
+    plan = plan_cell(tracker, h, ckpt, force=cfg.force)
+    if plan.action in ("skip", "busy"):
+        busy = plan.action == "busy"
+        return CellResult(cell, plan.run_id or "", h, "RUNNING" if busy else "FINISHED",
+                          plan.summary, skipped=True,
+                          error=plan.note if busy else None)
+    try:
+        weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+        tags = cell_tags(cfg, cell)
+        if plan.payload is not None:
+            tags["resumed_from_epoch"] = plan.resume_epoch
+        with tracker.run(name, tags=tags, parent_id=parent_id, reopen=plan.run_id) as run_id:
+            result.run_id = run_id
+            ckpt.meta = {"run_id": run_id}
+            if plan.run_id is None:  # a new run (a reopened one has all this already)
+                tracker.log_params(run_id, {**cfg.cell_params(cell), "weights_source": source})
+                tracker.log_dict(run_id, {
+                    "benchmark": cfg.model_dump(mode="json", exclude={"datasets", "strategies",
+                                                                      "seeds"}),
+                    "dataset": cell.dataset.model_dump(mode="json"),
+                    "strategy": {"name": cell.strategy, "params": cell.params},
+                    "seed": cell.seed, "config_hash": h, "overrides": cell.overrides,
+                    "study": cell.study,
+                }, "config.json")
+            logger = MetricsLogger(tracker, run_id)
+            if plan.payload is not None and plan.run_id is None:  # resumed into a new run
+                for epoch, record in enumerate(plan.payload["trainer"]["history"]):
+                    logger.on_epoch_end(epoch, record)
+            with explain_oom(cfg.batch_size, cfg.resolved_device()):
+                train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
+                                                    checkpoint=ckpt, resume=plan.payload)
+            logger.flush(final=True)
+            final = train_result.summary()
+            final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
+            tracker.log_metrics(run_id, final, step=cfg.epochs)
+            for artifact in getattr(strategy, "artifacts", lambda: {})().items():
+                tracker.log_figure(run_id, artifact[1], artifact[0])
+        result.status, result.summary = "FINISHED", train_result.summary()
+        ckpt.delete()
+    except KeyboardInterrupt:  # the checkpoint stays: the next call resumes from it
+        result.status = "KILLED"
+        raise
+    except Exception as exc:  # one failing cell must not stop the grid
+        log.exception("cell %s failed", name)
+        ckpt.delete()  # a failure starts over next time (same inputs fail the same way)
+        result.status, result.error = "FAILED", f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def run_cell_call(cfg: BenchmarkConfig, tracker: Tracker, data: DataCache, cell: Cell,
+                  parent_id: str) -> CellResult:
+    """:func:`run_cell` as an executor's unit of work (``fn(cfg, tracker, data, *call)``)."""
+    return run_cell(cfg, cell, tracker, parent_id, data)
+
+
+def environment_tags() -> dict[str, str]:
+    tags = {
+        "metalr_bench.version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    try:
+        import subprocess
+
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> BenchmarkOutcome:
+    """Run every cell of ``cfg`` under one parent run; returns what happened to each.
+
+    Bad input fails in the pre-flight, before any MLflow run exists. ``cfg.executor`` decides
+    where cells run; with several workers the driver and workers log through an ``mlflow
+    server`` (started here for a sqlite store, stopped at the end).
+    """
+    data = DataCache()
+    preflight(cfg, data)
+    executor = get_executor(cfg)
+    with executor.tracking(cfg.tracking_uri) as uri:
+        return _run_grid(cfg, executor, uri, progress, data)
+
+
+def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
+              progress: bool, data: DataCache) -> BenchmarkOutcome:
+    cells = cfg.cells()
+    tracker = Tracker(tracking_uri, cfg.name,
+                      retry=RetryPolicy(max_total_s=cfg.tracking_retry_s),
+                      fallback_dir=Path(cfg.output_dir) / "unlogged-metrics")
+    mark_stale_runs(tracker)
+    results: list[CellResult] = []
+    with terminate_as_interrupt(), tracker.run(
+        f"{cfg.name}-benchmark", tags={T.KIND: T.KIND_BENCHMARK, **environment_tags()}
+    ) as parent:
+        tracker.log_dict(parent, cfg.model_dump(mode="json"), "config.json")
+        if cfg.tune.enabled:  # studies on validation data pick each strategy's parameters
+            tuning = tune_all(cfg, tracker, parent, data, progress=progress,
+                              executor=executor, tracking_uri=tracking_uri)
+            cells, results = tuning.cells, list(tuning.failed)
+        tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
+                                    "epochs": cfg.epochs, "seeds": cfg.seeds})
+        if executor.n_workers > 1:  # pre-train once here, not once per worker at the same time
+            for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
+                starting_weights(cfg, data.get(cell), tracker, parent)
+        results += executor.map_cells(run_cell_call, cfg, cells, parent, tracking_uri,
+                                      tracker=tracker,
+                                      data=data, progress=progress)
+        board = leaderboard(results)
+        if not board.empty:
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            board.to_csv(out / f"{cfg.name}-leaderboard.csv")
+            tracker.log_artifact(parent, out / f"{cfg.name}-leaderboard.csv")
+        n_failed = sum(r.status != "FINISHED" for r in results)
+        tracker.set_tags(parent, {"n_failed": n_failed,
+                                  "n_skipped": sum(r.skipped for r in results)})
+    outcome = BenchmarkOutcome(parent, tracker.experiment_id, results)
+    if cfg.report:  # after the parent run ended, so the report sees it FINISHED
+        # imported here: papermill and nbconvert load only when a report is built
+        from metalr_bench.reports.build import report_after_benchmark
+
+        outcome.report = report_after_benchmark(cfg, parent, progress=progress)
+    return outcome
+
+
+LEADERBOARD_METRICS = ("test_auc", "test_acc", "test_balanced_acc", "test_f1",
+                       "mean_epoch_time_s")
+
+
+def leaderboard(results: list[CellResult]) -> pd.DataFrame:
+    """Mean and std over seeds per (dataset, strategy), sorted by test AUC."""
+    rows = [{"dataset": r.cell.dataset_label, "strategy": r.cell.label, "seed": r.cell.seed,
+             **r.summary} for r in results if r.status == "FINISHED"]
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    metrics = [m for m in LEADERBOARD_METRICS if m in df]
+    g = df.groupby(["dataset", "strategy"])[metrics]
+    board = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_std"))
+    board["n_seeds"] = g.size()
+    return board.sort_values(["dataset", "test_auc_mean"], ascending=[True, False])
+
+
+def format_leaderboard(board: pd.DataFrame) -> str:
+    """Readable text table: ``mean ± std`` per metric."""
+    if board.empty:
+        return "(no finished runs)"
+
+    def cell(m: float, s: float, digits: int) -> str:
+        return f"{m:.{digits}f} ± {s:.{digits}f}" if not math.isnan(s) else f"{m:.{digits}f}"
+
+    table = pd.DataFrame(index=board.index)
+    for metric, digits in (("test_auc", 3), ("test_acc", 3), ("test_balanced_acc", 3),
+                           ("test_f1", 3), ("mean_epoch_time_s", 2)):
+        if f"{metric}_mean" in board:
+            table[metric.removeprefix("test_")] = [
+                cell(m, s, digits) for m, s in zip(board[f"{metric}_mean"], board[f"{metric}_std"],
+                                                   strict=True)
+            ]
+    table["seeds"] = board["n_seeds"]
+    table = table.rename(columns={"mean_epoch_time_s": "s/epoch"})
+    return table.to_string()

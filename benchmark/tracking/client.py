@@ -1,0 +1,271 @@
+"""MLflow tracking: one experiment per benchmark, a parent run per call, a child run per cell.
+
+Why :class:`mlflow.MlflowClient` and explicit run ids instead of ``mlflow.start_run``: the
+fluent API keeps one global "active run" per process, which breaks as soon as cells run in
+worker threads or processes (executors) or a pre-training run nests inside a benchmark run.
+Metrics are buffered and written with ``log_batch`` (one request per epoch, not one per value).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from metalr_bench.benchmark.tracking import heartbeat
+from metalr_bench.benchmark.tracking import tags as T
+from metalr_bench.benchmark.tracking.liveness import owner_tags
+from metalr_bench.benchmark.tracking.retry import (
+    RetryPolicy,
+    TrackingError,
+    describe_metrics,
+    retry_call,
+    save_unlogged,
+)
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+_MAX_METRICS = 1000  # MLflow's per-request limits
+_MAX_PARAMS = 100
+_MAX_PARAM_LEN = 6000
+log = logging.getLogger(__name__)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/path/mlflow.db``.
+
+    A relative SQLite path means "relative to the current folder"; anything that runs elsewhere
+    (the report's kernel, a worker with another cwd) must get the absolute one or it silently
+    opens a new, empty store.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    return uri
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Artifacts next to a SQLite DB (``mlartifacts/``), so ``mlflow ui`` finds them."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None  # a server decides (`--artifacts-destination`)
+    db = Path(uri[len("sqlite:///"):]).expanduser()
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+class Tracker:
+    """Thin layer over :class:`MlflowClient` for the benchmark's run structure."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        *,
+        retry: RetryPolicy | None = None,
+        fallback_dir: str | Path | None = None,
+    ) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.retry = retry or RetryPolicy()
+        #: where metrics go that MLflow would not take (see faults.save_unlogged)
+        self.fallback_dir = Path(fallback_dir) if fallback_dir else Path("unlogged-metrics")
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_root_for(tracking_uri)
+            )
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        self.experiment_name = experiment
+
+    # -- runs -------------------------------------------------------------------------------------
+    def start_run(
+        self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None
+    ) -> str:
+        """A new RUNNING run; prefer :meth:`run`, which also ends it and keeps it beating."""
+        all_tags = {MLFLOW_RUN_NAME: name, **{k: str(v) for k, v in (tags or {}).items()}}
+        if parent_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
+        run = self._call(self.client.create_run, self.experiment_id, run_name=name,
+                         tags=all_tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call(self.client.set_terminated, run_id, status=status)
+
+    def _end_quietly(self, run_id: str, status: str) -> None:
+        try:
+            self.end_run(run_id, status)
+        except Exception as exc:
+            log.error("could not mark run %s %s in MLflow (%s)", run_id, status, exc)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """One MLflow call, retried with backoff while the server is unreachable."""
+        return retry_call(fn, *args, policy=self.retry, what=getattr(fn, "__name__", ""),
+                          **kwargs)
+
+    def reopen_run(self, run_id: str, tags: dict[str, Any] | None = None) -> str:
+        """Mark an ended run RUNNING again so a resumed cell (or study) keeps logging into it."""
+        self._call(self.client.update_run, run_id, status="RUNNING")
+        if tags:
+            self.set_tags(run_id, tags)
+        return run_id
+
+    def search_runs(self, filter_string: str, *, order_by: list[str] | None = None,
+                    max_results: int | None = None) -> list[Run]:
+        """Live (not deleted) runs of this experiment matching ``filter_string``, every page."""
+        runs: list[Run] = []
+        token = None
+        while True:
+            page = self._call(
+                self.client.search_runs, [self.experiment_id], filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY, order_by=order_by,
+                max_results=min(max_results or 1000, 1000), page_token=token,
+            )
+            runs += list(page)
+            token = page.token
+            if not token or (max_results is not None and len(runs) >= max_results):
+                return runs[:max_results] if max_results is not None else runs
+
+    def beat(self, run_id: str) -> None:
+        """One heartbeat of ``run_id`` (see :mod:`.heartbeat`)."""
+        self.client.set_tag(run_id, T.HEARTBEAT, heartbeat.now_tag())
+
+    @contextmanager
+    def run(self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None,
+            *, reopen: str | None = None, beat: Callable[[str], None] | None = None,
+            finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
+        """The one run lifecycle: every run of the suite (benchmark parent, cell, study, trial,
+        pre-training) goes through here.
+
+        It starts the run (or ``reopen``s an existing one: resume) with ``tags`` plus who runs
+        it (:func:`liveness.owner_tags`), keeps it beating in a background thread while the
+        block runs (``beat(run_id)``, default :meth:`beat`), and ends it FINISHED, FAILED (an
+        exception; its reason tagged as ``failure_reason``) or KILLED (Ctrl-C, SIGTERM). An
+        exception in ``finished_on`` (a pruned trial) ends it FINISHED and is re-raised. A run
+        whose process dies without a word (``kill -9``) keeps its owner tags and a stopped
+        heartbeat, so the next call marks it KILLED (:func:`liveness.mark_stale_runs`).
+        """
+        all_tags = {**(tags or {}), **owner_tags()}
+        if reopen:
+            run_id = self.reopen_run(reopen, {**all_tags, **(
+                {MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {})})
+        else:
+            run_id = self.start_run(name, all_tags, parent_id)
+        try:
+            with heartbeat.beating(lambda: (beat or self.beat)(run_id), run_id[:8]):
+                yield run_id
+        except KeyboardInterrupt:
+            self._end_quietly(run_id, "KILLED")
+            raise
+        except finished_on:
+            self.end_run(run_id, "FINISHED")
+            raise
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:5000]
+            try:
+                self.set_tags(run_id, {T.ERROR: reason, T.FAILURE_REASON: reason})
+            except Exception:  # the server may be what failed; keep the original error
+                log.warning("could not tag run %s with its failure reason", run_id)
+            self._end_quietly(run_id, "FAILED")
+            raise
+        else:
+            self.end_run(run_id, "FINISHED")
+
+    # -- data -------------------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), _MAX_PARAMS):
+            self._call(self.client.log_batch, run_id, params=items[i : i + _MAX_PARAMS])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), _MAX_PARAMS):
+            self._call(self.client.log_batch, run_id, tags=items[i : i + _MAX_PARAMS])
+
+    def log_metrics(
+        self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp: int | None = None
+    ) -> None:
+        ts = timestamp or int(time.time() * 1000)
+        self.log_metric_batch(run_id, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_metric_batch(self, run_id: str, metrics: Iterable[Metric]) -> None:
+        items = list(metrics)
+        for i in range(0, len(items), _MAX_METRICS):
+            self._call(self.client.log_batch, run_id, metrics=items[i : i + _MAX_METRICS])
+
+    def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
+        self.client.log_dict(run_id, data, path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None):
+        self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    def log_figure(self, run_id: str, figure: Any, path: str) -> None:
+        self.client.log_figure(run_id, figure, path)
+
+
+class MetricsLogger:
+    """A trainer callback (``training.trainer.EpochCallback``'s two methods; tracking does not
+    import the trainer, so reports can read MLflow without torch): buffers per-epoch and per-step numbers, one ``log_batch`` per epoch."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self._buffer: list[Metric] = []
+
+    def on_step(self, step: int, values: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(f"step/{k}", float(v), ts, step) for k, v in values.items()]
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]
+        try:
+            self.flush()
+        except TrackingError as exc:  # keep training; the buffer is retried next epoch
+            log.warning("%s; will retry after the next epoch", exc)
+
+    def flush(self, *, final: bool = False) -> None:
+        """Send the buffer (retried with backoff). On failure the metrics stay buffered and
+        :class:`TrackingError` is raised; with ``final`` they are also saved to a JSONL file."""
+        if not self._buffer:
+            return
+        try:
+            self.tracker.log_metric_batch(self.run_id, self._buffer)
+        except Exception as exc:
+            pending = list(self._buffer)
+            where = ""
+            if final:
+                path = save_unlogged(self.tracker.fallback_dir / f"{self.run_id}.jsonl",
+                                     self.run_id, pending)
+                self._buffer = []
+                where = f"; they were saved to {path} (replay them with " \
+                        f"`run-benchmark replay-metrics {path}` once the server is back)"
+            raise TrackingError(
+                f"tracking server {self.tracker.uri} unreachable ({type(exc).__name__}: {exc}); "
+                f"{len(pending)} metric(s) of run {self.run_id} not logged: "
+                f"{describe_metrics(pending)}{where}"
+            ) from exc
+        self._buffer = []
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list | dict) else v
+    return out

@@ -1,0 +1,181 @@
+"""The one cell builder: model + starting weights + layer groups + strategy + trainer.
+
+Why one: the runner, tuning trials, the pre-flight check, the pre-training stage and both
+speed benchmarks all build "a model with a strategy on a dataset". When each wrote its own copy
+they drifted (one benchmark once timed eager MetaLR while the runs were compiled). Everything
+here is built in one order:
+
+1. ``build_model`` from the zoo, then the starting ``weights`` loaded into it;
+2. the model *placed*: moved to the trainer's device and memory format (channels_last), so
+   whatever a strategy derives from the model's tensors (L2-SP's reference weights, say) lives
+   where the model trains;
+3. ``layer_groups`` (the one grouping, :mod:`metalr_bench.strategies.core.layers`);
+4. the strategy from the registry, with the base :class:`TrainSettings`;
+5. the :class:`Trainer` (optional: the pre-flight check needs no data loaders).
+
+No tracking in here: the caller hands in callbacks (a tracker's ``MetricsLogger``, an Optuna
+pruning reporter) and decides what to log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from metalr_bench.benchmark.config import BenchmarkConfig, Cell
+from metalr_bench.benchmark.models.zoo import build_model, load_state
+from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
+from metalr_bench.benchmark.training.trainer import (
+    EpochCallback,
+    Trainer,
+    TrainerOptions,
+    TrainResult,
+    place_model,
+    seed_everything,
+)
+from metalr_bench.datasets.core.base import DatasetBundle
+from metalr_bench.datasets.core.registry import load_dataset
+from metalr_bench.strategies.core.base import Strategy, TrainSettings
+from metalr_bench.strategies.core.layers import LayerGroup, layer_groups
+from metalr_bench.strategies.core.registry import get_strategy
+from torch import nn
+
+
+@dataclass
+class CellResult:
+    """What happened to one grid cell (the runner's leaderboard and the executors' results)."""
+
+    cell: Cell
+    run_id: str
+    config_hash: str
+    status: str
+    summary: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    skipped: bool = False  # an earlier call already finished it (resume)
+
+
+class DataCache:
+    """Load each dataset once per process (the cells of a grid share it)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, DatasetBundle] = {}
+
+    def get(self, cell: Cell) -> DatasetBundle:
+        d = cell.dataset
+        key = d.model_dump_json()
+        if key not in self._data:
+            self._data[key] = load_dataset(
+                d.name, root=d.root, size=d.size, download=d.download,
+                allow_md5_mismatch=d.allow_md5_mismatch, options=d.options,
+            )
+        return self._data[key]
+
+
+@dataclass
+class BuiltCell:
+    model: nn.Module
+    groups: list[LayerGroup]
+    strategy: Strategy
+    trainer: Trainer | None = None
+
+
+def build(
+    arch: str,
+    in_channels: int,
+    num_outputs: int,
+    strategy: str,
+    params: dict[str, Any] | None,
+    settings: TrainSettings,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    weights_source: str = "",
+    device: str = "cpu",
+    channels_last: bool = False,
+    bundle: DatasetBundle | None = None,
+    options: TrainerOptions | None = None,
+    callbacks: list[EpochCallback] | None = None,
+    checkpoint: CellCheckpoint | None = None,
+) -> BuiltCell:
+    """Build a cell in the one order of the module docstring; with ``bundle`` and ``options``
+    also its trainer (whose device and memory format then win over ``device``/``channels_last``).
+    """
+    model = build_model(arch, in_channels, num_outputs)
+    if weights is not None:
+        load_state(model, arch, weights, weights_source)
+    if options is not None:
+        device, channels_last = options.device, options.channels_last
+    model = place_model(model, torch.device(device), channels_last)
+    groups = layer_groups(model)
+    strat = get_strategy(strategy)(params, model, groups, settings)
+    trainer = None
+    if bundle is not None and options is not None:
+        trainer = Trainer(bundle, model, groups, strat, options, callbacks, checkpoint)
+    return BuiltCell(model, groups, strat, trainer)
+
+
+def train_settings(cfg: BenchmarkConfig, *, epochs: int, n_train: int = 0) -> TrainSettings:
+    """The strategy's base settings from the config (``cfg`` with the cell's overrides)."""
+    return TrainSettings(
+        lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum, epochs=epochs,
+        steps_per_epoch=max(n_train // cfg.batch_size, 1),
+    )
+
+
+def trainer_options(cfg: BenchmarkConfig, *, seed: int, epochs: int,
+                    evaluate_test: bool = True) -> TrainerOptions:
+    """The trainer's options from the config (``cfg`` with the cell's overrides)."""
+    return TrainerOptions(
+        epochs=epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        device=cfg.resolved_device(), amp=cfg.use_amp(), channels_last=cfg.use_channels_last(),
+        compile=cfg.compile, augment=cfg.augment, precise_bn=cfg.precise_bn,
+        selection_metric=cfg.selection_metric,
+        seed=seed, log_every_n_steps=cfg.log_every_n_steps,
+        deterministic=cfg.deterministic, evaluate_test=evaluate_test,
+    )
+
+
+def build_cell(
+    cfg: BenchmarkConfig,
+    cell: Cell,
+    bundle: DatasetBundle,
+    weights: dict[str, torch.Tensor] | None,
+    callbacks: list[EpochCallback] | None = None,
+    *,
+    epochs: int | None = None,
+    checkpoint: CellCheckpoint | None = None,
+    evaluate_test: bool = True,
+) -> BuiltCell:
+    """The grid cell ``cell`` of ``cfg``, seeded, ready to ``trainer.fit()``.
+
+    ``evaluate_test=False`` (tuning) never touches the test split.
+    """
+    cfg = cfg.effective(cell)
+    seed_everything(cell.seed)
+    epochs = epochs or cfg.epochs
+    return build(
+        cfg.model.arch, bundle.in_channels, bundle.num_outputs, cell.strategy, cell.params,
+        train_settings(cfg, epochs=epochs, n_train=len(bundle.train)),
+        weights=weights, weights_source=cfg.model.weights, bundle=bundle,
+        options=trainer_options(cfg, seed=cell.seed, epochs=epochs, evaluate_test=evaluate_test),
+        callbacks=callbacks, checkpoint=checkpoint,
+    )
+
+
+def train_cell(
+    cfg: BenchmarkConfig,
+    cell: Cell,
+    bundle: DatasetBundle,
+    weights: dict[str, torch.Tensor] | None,
+    callbacks: list[EpochCallback] | None = None,
+    *,
+    resume: dict[str, Any] | None = None,
+    **build_options: Any,
+) -> tuple[TrainResult, Strategy]:
+    """Build ``cell`` (``build_options``: :func:`build_cell`'s ``epochs``, ``checkpoint``,
+    ``evaluate_test``) and train it, from ``resume`` (a checkpoint payload) when given; no
+    tracking in here."""
+    built = build_cell(cfg, cell, bundle, weights, callbacks, **build_options)
+    assert built.trainer is not None
+    return built.trainer.fit(resume), built.strategy

@@ -1,0 +1,514 @@
+"""Fair tuning: one Optuna study per (dataset, strategy) on validation data, then the final grid.
+
+Why: a strategy that happens to like the default LR would win an untuned comparison. Every
+strategy here gets the same budget -- the same number of trials, epochs and training seed --
+over its own key knobs (:mod:`metalr_bench.benchmark.tuning.space`), judged by the same
+validation metric. The test split is never loaded while tuning (``evaluate_test=False``); the
+final grid then trains each strategy with its best parameters on every seed and reports test
+metrics like an untuned benchmark does.
+
+Storage and resume: studies live in an Optuna storage (SQLite ``optuna.db`` next to the MLflow
+DB by default), named from everything that defines the objective, and are opened with
+``load_if_exists``: re-running the same config continues the same study and runs only the
+trials still missing. ``optuna-dashboard <storage>`` browses them.
+
+Where trials run: in this process (serial executor), or as calls of the ``local``/``ray``
+executor (:func:`study_worker`), ``tune.workers_per_study`` workers per study, sharing a
+journal file (default) or a database; both through :func:`study_storage.fill_study`.
+
+MLflow layout (written by hand with MlflowClient: Optuna's MLflowCallback is deprecated and
+uses the fluent API's global active run)::
+
+    benchmark parent run (kind=benchmark, tuned=true)
+    ├── study run per (dataset, strategy)  kind=study, optuna.study_name, optuna.storage,
+    │   │                                  best.<param> (tags + metrics), best_value
+    │   └── trial run per trial            kind=trial, optuna.trial_number, optuna.state,
+    │                                      params, per-epoch metrics, objective
+    └── final cell runs                    tuned=true, optuna.study_name, the tuned params
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import optuna
+from metalr_bench.benchmark.config import (
+    BenchmarkConfig,
+    Cell,
+    ConfigError,
+    DatasetSpec,
+    TuneSpec,
+    stable_hash,
+)
+from metalr_bench.benchmark.models.zoo import build_model
+from metalr_bench.benchmark.tracking import tags as T
+from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
+from metalr_bench.benchmark.training.cell import CellResult, train_cell
+from metalr_bench.benchmark.training.pretrain import starting_weights
+from metalr_bench.benchmark.training.trainer import EpochCallback
+from metalr_bench.benchmark.tuning import stale_trials
+from metalr_bench.benchmark.tuning import storage as study_storage
+from metalr_bench.benchmark.tuning.space import SearchDim, search_space, split_params, suggest
+from metalr_bench.strategies.core.layers import layer_groups
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+FINISHED_STATES = study_storage.FINISHED_STATES
+
+
+# -- settings -> Optuna objects ---------------------------------------------------------------
+def direction(metric: str) -> str:
+    return "minimize" if metric == "val_loss" else "maximize"
+
+
+def metric_key(metric: str) -> str:
+    """The per-epoch record key the objective reads (``val_auc``, ..., ``val_loss``)."""
+    return metric if metric == "val_loss" else f"val_{metric}"
+
+
+def storage_url(cfg: BenchmarkConfig) -> str:
+    """Where the studies live: ``tune.storage``, else a file next to the MLflow DB.
+
+    Serial tuning uses SQLite ``optuna.db``; with ``executor: local|ray`` several processes
+    write at once, so the default is a JournalStorage file ``optuna-journal.log`` (Optuna's
+    recommended storage for parallel workers without a database server). A tracking server
+    (no local SQLite file) puts the file in ``output_dir``.
+    """
+    if cfg.tune.storage is not None:
+        return cfg.tune.storage
+    uri = cfg.tracking_uri
+    if urlparse(uri).scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+    else:
+        folder = Path(cfg.output_dir).expanduser().resolve()
+    if cfg.executor != "serial":
+        return str(folder / "optuna-journal.log")
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage for a URL, a JournalStorage for a ``.log``/``.jsonl`` file path."""
+    try:
+        return study_storage.open_storage(url)
+    except study_storage.StorageError as exc:
+        raise ConfigError(f"`tune.storage`: {exc}") from None
+
+
+def make_sampler(tune: TuneSpec) -> optuna.samplers.BaseSampler:
+    if tune.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=tune.seed)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tune.seed)
+    return optuna.samplers.TPESampler(seed=tune.seed)
+
+
+def make_pruner(tune: TuneSpec, epochs: int) -> optuna.pruners.BasePruner:
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials)
+
+
+# -- what is tuned ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudyTarget:
+    """One study: a dataset, a strategy, its fixed (untuned) params and its search space."""
+
+    dataset: DatasetSpec
+    strategy: str
+    fixed: dict[str, Any]
+    space: dict[str, SearchDim]
+    name: str
+
+    @property
+    def dataset_label(self) -> str:
+        return f"{self.dataset.name}@{self.dataset.size}"
+
+
+def study_name(
+    cfg: BenchmarkConfig, dataset: DatasetSpec, strategy: str, fixed: dict[str, Any],
+    space: dict[str, SearchDim],
+) -> str:
+    """``<benchmark>-<dataset>@<size>-<strategy>-<hash>``; the hash covers what defines the
+    objective: the cell identity of a trial (:meth:`BenchmarkConfig.cell_identity`, at the
+    tuning epochs and seed, without the searched names), the space and the tuning metric. So
+    re-running the same config continues the same study and any change starts a new one.
+    ``n_trials``, ``timeout``, sampler and pruner are left out: raising ``n_trials`` extends it.
+    """
+    trial_cfg = cfg.model_copy(update={"epochs": cfg.tune.epochs or cfg.epochs})
+    trial = Cell(dataset=dataset, strategy=strategy, params=fixed, seed=cfg.tune.seed)
+    payload = {
+        "trial": trial_cfg.cell_identity(trial, tuned=space),
+        "space": {k: asdict(v) for k, v in sorted(space.items())},
+        "metric": cfg.tune.metric,
+    }
+    return f"{cfg.name}-{dataset.name}@{dataset.size}-{strategy}-{stable_hash(payload)[:8]}"
+
+
+def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
+    """Validate the whole tuning plan before any training: one target per (dataset, strategy)."""
+    names = [s.name for s in cfg.strategies]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"`strategies`: {dupes} listed twice; with tuning each strategy is one "
+                          "study, list it once")
+    unknown = sorted(set(cfg.tune.params) - set(names))
+    if unknown:
+        raise ConfigError(f"`tune.params`: {unknown} are not in `strategies` ({', '.join(names)})")
+    targets = []
+    for d in cfg.datasets:
+        bundle = data.get(Cell(dataset=d, strategy=names[0], params={}, seed=cfg.tune.seed))
+        model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs)
+        n_groups = len(layer_groups(model))
+        for s in cfg.strategies:
+            space = search_space(s.name, n_groups, cfg.tune.params)
+            fixed = {k: v for k, v in s.params.items() if k not in space}
+            ignored = sorted(set(s.params) - set(fixed))
+            if ignored:
+                log.warning("strategy %s: %s are tuned, the config's values are ignored",
+                            s.name, ignored)
+            listed = [k for k, v in fixed.items() if isinstance(v, list)]
+            if listed:
+                raise ConfigError(
+                    f"`strategies.{s.name}.params`: {listed} list several values, but a tuned "
+                    "strategy is one study; give one value or tune them via `tune.params`"
+                )
+            name = study_name(cfg, d, s.name, fixed, space)
+            targets.append(StudyTarget(d, s.name, fixed, space, name))
+    return targets
+
+
+# -- the objective --------------------------------------------------------------------------------
+class PruningReporter(EpochCallback):
+    """Report the epoch's validation metric to the trial; raise TrialPruned when told to."""
+
+    def __init__(self, trial: optuna.Trial, key: str) -> None:
+        self.trial = trial
+        self.key = key
+        self.values: list[float] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        value = float(metrics.get(self.key, math.nan))
+        self.values.append(value)
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} ({self.key}={value:.4f})")
+
+
+def best_of(values: list[float], metric: str) -> float:
+    """The objective: the best per-epoch validation value (the checkpoint the trainer keeps)."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        raise ValueError(f"validation {metric} is NaN in every epoch (one class in val?)")
+    return min(finite) if direction(metric) == "minimize" else max(finite)
+
+
+@dataclass
+class StudyOutcome:
+    target: StudyTarget
+    run_id: str
+    best_params: dict[str, Any] | None
+    best_value: float | None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class StudyRunner:
+    """Runs one study: recovery of interrupted trials, the trials, and their MLflow runs."""
+
+    def __init__(self, cfg: BenchmarkConfig, target: StudyTarget, tracker: Tracker,
+                 storage: optuna.storages.BaseStorage, storage_label: str, bundle: Any,
+                 weights: Any, weights_source: str) -> None:
+        self.cfg, self.target, self.tracker = cfg, target, tracker
+        self.storage, self.storage_label = storage, storage_label
+        self.bundle, self.weights, self.weights_source = bundle, weights, weights_source
+        self.epochs = cfg.tune.epochs or cfg.epochs
+        self.study_run_id = ""
+
+    def create_study(self) -> optuna.Study:
+        return optuna.create_study(
+            storage=self.storage, study_name=self.target.name, load_if_exists=True,
+            direction=direction(self.cfg.tune.metric), sampler=make_sampler(self.cfg.tune),
+            pruner=make_pruner(self.cfg.tune, self.epochs),
+        )
+
+    def recover_interrupted(self, study: optuna.Study) -> int:
+        """Mark trials left RUNNING by a dead worker as FAIL (and their MLflow runs KILLED).
+
+        Why by hand: Optuna's ``fail_stale_trials`` needs heartbeats, which only RDB storages
+        have; :mod:`stale_trials` tells dead trials from live ones on any storage (a live trial
+        may belong to another driver on another host). The driver calls this before any of its
+        workers starts. A FAIL does not count towards ``n_trials``, so the trial is run again.
+        """
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        stale = [(t, r) for t in running if (r := stale_trials.stale_reason(t)) is not None]
+        for t, reason in stale:
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if run_id:
+                self.tracker.set_tags(run_id, {"optuna.state": "FAIL",
+                                               T.FAILURE_REASON: f"interrupted: {reason}",
+                                               T.ERROR: f"interrupted: {reason}"})
+                self.tracker.end_run(run_id, "KILLED")
+            log.warning("study %s: trial %d was left RUNNING (%s); marked FAIL",
+                        study.study_name, t.number, reason)
+        if len(running) > len(stale):
+            log.warning("study %s: %d trial(s) RUNNING in other live processes are left alone",
+                        study.study_name, len(running) - len(stale))
+        return len(stale)
+
+    def objective(self, trial: optuna.Trial) -> float:
+        t, cfg = self.target, self.cfg
+        params, overrides = suggest(trial, t.space)
+        cell = Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
+                    seed=cfg.tune.seed, overrides=overrides)
+        worker = stale_trials.worker_id()
+        tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
+                "optuna.state": "RUNNING", T.DATASET: t.dataset.name,
+                T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.SEED: cfg.tune.seed,
+                T.MODEL: cfg.model.arch, "worker": worker}
+        eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
+        with self.tracker.run(f"{t.strategy} trial {trial.number}", tags,
+                              parent_id=self.study_run_id,
+                              beat=lambda run_id: stale_trials.beat(trial, self.tracker, run_id),
+                              finished_on=(optuna.TrialPruned,)) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("worker", worker)
+            self.tracker.log_params(run_id, {
+                **eff.cell_params(cell), "weights_source": self.weights_source,
+                **{f"trial.{k}": v for k, v in trial.params.items()}})
+            logger = MetricsLogger(self.tracker, run_id)
+            reporter = PruningReporter(trial, metric_key(cfg.tune.metric))
+            try:
+                result, _ = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
+                                       epochs=self.epochs, evaluate_test=False)
+                value = best_of(reporter.values, cfg.tune.metric)
+            except optuna.TrialPruned:
+                logger.flush()
+                self.tracker.set_tags(run_id, {"optuna.state": "PRUNED"})
+                raise
+            except BaseException:
+                self.tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+                raise
+            summary = {k: v for k, v in result.summary().items() if not k.startswith("test_")}
+            self.tracker.log_metrics(run_id, {**summary, "objective": value}, step=self.epochs)
+            self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+        return value
+
+    # -- the study's own MLflow run ---------------------------------------------------------------
+    def _find_study_run(self) -> str | None:
+        name = self.target.name.replace("'", "\\'")
+        runs = self.tracker.search_runs(
+            f"tags.{T.KIND} = '{T.KIND_STUDY}' and tags.`{T.STUDY_NAME}` = '{name}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    @contextmanager
+    def study_run(self, parent_id: str) -> Iterator[str]:
+        """The study's MLflow run: reused (and moved under ``parent_id``) when resuming."""
+        t, cfg = self.target, self.cfg
+        tags = {T.KIND: T.KIND_STUDY, T.STUDY_NAME: t.name, "optuna.storage": self.storage_label,
+                "optuna.direction": direction(cfg.tune.metric), T.DATASET: t.dataset.name,
+                T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.MODEL: cfg.model.arch,
+                "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
+                "pruner": cfg.tune.pruner}
+        reopen = self._find_study_run()
+        with self.tracker.run(f"{t.dataset_label}/{t.strategy}/study", tags,
+                              parent_id=parent_id, reopen=reopen) as run_id:
+            self.tracker.log_params(run_id, {
+                "metric": cfg.tune.metric, "tune_epochs": self.epochs,
+                "tune_seed": cfg.tune.seed, "weights_source": self.weights_source,
+                **{f"space.{k}": v.describe() for k, v in t.space.items()},
+                **{f"strategy.{k}": v for k, v in t.fixed.items()},
+            })
+            self.study_run_id = run_id
+            yield run_id
+
+    def run(self, parent_id: str, bar: Any = None) -> StudyOutcome:
+        """The whole study in this process (serial executor)."""
+        cfg = self.cfg
+        study = self.create_study()
+        with self.study_run(parent_id) as run_id:
+            self.recover_interrupted(study)
+            done = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+            if bar is not None:
+                bar.update(min(done, cfg.tune.n_trials))
+
+            def on_trial(trial: optuna.trial.FrozenTrial) -> None:
+                if bar is not None:
+                    bar.update(trial.state in FINISHED_STATES)
+                    best = _best(study)
+                    bar.set_postfix_str(f"{self.target.strategy} trial {trial.number} "
+                                        f"{trial.state.name}"
+                                        + (f" best={best.value:.4f}" if best else ""))
+
+            # the same exact loop as parallel workers: a trial RUNNING in another live driver
+            # counts towards n_trials, so two drivers on one study do not overshoot it
+            study_storage.fill_study(study, self.objective, n_trials=cfg.tune.n_trials,
+                                     url=self.storage_label, timeout=cfg.tune.timeout,
+                                     on_trial=on_trial)
+            return self.summarize(study, run_id)
+
+    def summarize(self, study: optuna.Study, run_id: str) -> StudyOutcome:
+        """Trial counts and the best trial, logged on the study's MLflow run."""
+        trials = study.get_trials(deepcopy=False)
+        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
+                                 step=len(trials))
+        best = _best(study)
+        if best is None:
+            self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
+            return StudyOutcome(self.target, run_id, None, None, counts)
+        self.tracker.set_tags(run_id, {"optuna.best_trial_number": best.number,
+                                       **{f"best.{k}": v for k, v in best.params.items()}})
+        self.tracker.log_metrics(run_id, {"best_value": best.value,
+                                          **{f"best.{k}": float(v)
+                                             for k, v in best.params.items()}},
+                                 step=len(trials))
+        return StudyOutcome(self.target, run_id, dict(best.params), best.value, counts)
+
+
+def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: StudyTarget,
+                 url: str, study_run_id: str, parent_id: str, worker_index: int) -> int:
+    """One tuning worker (a local process or a Ray task): fill the study up to ``n_trials``.
+
+    Several workers may share a study: each reserves its trials under the storage's quota lock
+    (:func:`study_storage.fill_study`), samples with its own seed, and logs its trial runs
+    under the study's MLflow run. Returns the number of trials this worker ran.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    bundle = data.get(Cell(dataset=target.dataset, strategy=target.strategy,
+                           params=target.fixed, seed=cfg.tune.seed))
+    weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+    storage = open_storage(url)
+    runner = StudyRunner(cfg, target, tracker, storage, url, bundle, weights, source)
+    runner.study_run_id = study_run_id
+    tune = cfg.tune.model_copy(update={"seed": cfg.tune.seed + 1000 * worker_index})
+    study = optuna.load_study(study_name=target.name, storage=storage,
+                              sampler=make_sampler(tune),
+                              pruner=make_pruner(cfg.tune, runner.epochs))
+    return study_storage.fill_study(study, runner.objective, n_trials=cfg.tune.n_trials,
+                                    url=url, timeout=cfg.tune.timeout)
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    return study.best_trial
+
+
+# -- the whole tuning stage -------------------------------------------------------------------
+@dataclass
+class TuningOutcome:
+    """The final grid's cells (best params per strategy) and the strategies that got none."""
+
+    cells: list[Cell]
+    failed: list[CellResult]  # for strategies whose study completed no trial
+    studies: list[StudyOutcome]
+
+
+def final_cells(cfg: BenchmarkConfig, outcome: StudyOutcome) -> list[Cell]:
+    """The strategy's best parameters on every seed of the config."""
+    assert outcome.best_params is not None
+    params, overrides = split_params(outcome.best_params)
+    t = outcome.target
+    return [Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
+                 seed=seed, overrides=overrides, study=t.name) for seed in cfg.seeds]
+
+
+def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
+             *, progress: bool = True, executor: Any = None,
+             tracking_uri: str | None = None) -> TuningOutcome:
+    """Run (or continue) every study under ``parent_id``; return the final grid to train.
+
+    With a parallel ``executor`` (local processes, Ray) every study's workers run as calls of
+    that executor (:func:`study_worker`), ``tune.workers_per_study`` per study; otherwise the
+    studies run one after the other in this process.
+    """
+    targets = study_targets(cfg, data)
+    url = storage_url(cfg)
+    storage = open_storage(url)
+    tracker.set_tags(parent_id, {"tuned": "true", "optuna.storage": url})
+    if progress:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar says it
+    studies: list[StudyOutcome] = []
+    bar = tqdm(total=len(targets) * cfg.tune.n_trials, desc="tuning", unit="trial",
+               disable=not progress)
+    try:
+        for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
+            bundle = data.get(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
+                                   seed=cfg.tune.seed))
+            bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
+                                "weights (the pretrain stage runs once, then is cached)")
+            weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+            if executor is None or executor.name == "serial":
+                runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
+                studies.append(runner.run(parent_id, bar))
+        if executor is not None and executor.name != "serial":
+            runners = [StudyRunner(cfg, t, tracker, storage, url, None, None, "")
+                       for t in targets]
+            studies = _tune_in_workers(cfg, runners, parent_id, executor,
+                                       tracking_uri or cfg.tracking_uri, bar)
+    finally:
+        bar.close()
+    return _outcome(cfg, studies)
+
+
+def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id: str,
+                     executor: Any, tracking_uri: str, bar: Any) -> list[StudyOutcome]:
+    """Create the studies and their MLflow runs here, run the workers through ``executor``."""
+    if executor.name == "ray" and study_storage.is_journal(runners[0].storage_label):
+        log.warning("tuning on Ray with a journal file: every node must see %s (shared file "
+                    "system), or pass an RDB URL with --tune-storage", runners[0].storage_label)
+    with ExitStack() as stack:
+        calls, labels, studies = [], [], []
+        for r in runners:
+            study = r.create_study()
+            run_id = stack.enter_context(r.study_run(parent_id))
+            r.recover_interrupted(study)  # before any worker starts: RUNNING means killed
+            studies.append((r, study, run_id))
+            for w in range(cfg.tune.workers_per_study):
+                calls.append((r.target, r.storage_label, run_id, parent_id, w))
+                labels.append(f"{r.target.dataset_label} {r.target.strategy} worker {w}")
+        names = [r.target.name for r in runners]
+        bar.n = study_storage.count_finished(runners[0].storage, names)
+        bar.refresh()
+        results = executor.map_calls(
+            study_worker, cfg, tracking_uri, calls, labels=labels, bar=bar,
+            count=lambda: min(study_storage.count_finished(runners[0].storage, names), bar.total),
+        )
+        for label, res in zip(labels, results, strict=True):
+            if isinstance(res, BaseException):
+                log.error("tuning %s: worker failed (%s); its study may miss trials",
+                          label, res)
+        return [r.summarize(optuna.load_study(study_name=r.target.name, storage=r.storage),
+                            run_id) for r, _, run_id in studies]
+
+
+def _outcome(cfg: BenchmarkConfig, studies: list[StudyOutcome]) -> TuningOutcome:
+    """The final grid: each study's best params on every seed; a study without a COMPLETE
+    trial fails its strategy's cells with a pointer to the trial runs."""
+    cells: list[Cell] = []
+    failed: list[Any] = []
+    for outcome in studies:
+        t = outcome.target
+        if outcome.best_params is not None:
+            cells += final_cells(cfg, outcome)
+            continue
+        error = (f"study {t.name} completed no trial ({outcome.counts}); "
+                 f"see the trial runs under MLflow run {outcome.run_id}")
+        log.error(error)
+        failed += [CellResult(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
+                                   seed=s, study=t.name), outcome.run_id, "", "FAILED",
+                              error=error) for s in cfg.seeds]
+    return TuningOutcome(cells, failed, studies)

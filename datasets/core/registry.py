@@ -1,0 +1,104 @@
+"""Name -> adapter registry, so the config can validate names and the runner can load them.
+
+Adapters are found like strategies: every module of the ``metalr_bench.datasets`` package, and
+every entry point in the group ``metalr_bench.datasets`` (a user's package adds a dataset
+without touching this one); nothing lists adapter names. Discovery runs once, lazily.
+
+An adapter is a function ``(root, size, seed, download, allow_md5_mismatch, **options)`` that
+returns a :class:`DatasetBundle`. ``options_model`` (a pydantic model) validates the adapter's own
+options so a typo in the config is reported with the field name, not deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metalr_bench.datasets.core.base import DatasetBundle
+from pydantic import BaseModel, ConfigDict
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    loader: Callable[..., DatasetBundle]
+    options_model: type[BaseModel]
+    description: str
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+#: entry-point group a third-party package declares its adapter modules under
+ENTRY_POINT_GROUP = "metalr_bench.datasets"
+_discovered = False
+
+
+def register_dataset(
+    name: str, *, options_model: type[BaseModel] = NoOptions, description: str = ""
+) -> Callable[[Callable[..., DatasetBundle]], Callable[..., DatasetBundle]]:
+    def deco(fn: Callable[..., DatasetBundle]) -> Callable[..., DatasetBundle]:
+        DATASETS[name] = DatasetEntry(name, fn, options_model, description or (fn.__doc__ or ""))
+        return fn
+
+    return deco
+
+
+def _ensure_loaded(*, refresh: bool = False) -> None:
+    """Import every adapter module (package scan, then entry points) once."""
+    global _discovered
+    if _discovered and not refresh:
+        return
+    import metalr_bench.datasets as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.ispkg and not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+    _discovered = True
+
+
+def available_datasets() -> list[str]:
+    _ensure_loaded()
+    return sorted(DATASETS)
+
+
+def get_entry(name: str) -> DatasetEntry:
+    _ensure_loaded()
+    if name not in DATASETS:
+        raise KeyError(
+            f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}"
+        )
+    return DATASETS[name]
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    size: int = 28,
+    seed: int = 0,
+    download: bool = False,
+    allow_md5_mismatch: bool = False,
+    options: dict[str, Any] | None = None,
+) -> DatasetBundle:
+    """Load dataset ``name``; ``options`` are validated by the adapter's options model."""
+    entry = get_entry(name)
+    opts = entry.options_model(**(options or {}))
+    return entry.loader(
+        root=Path(root) if root is not None else None,
+        size=size,
+        seed=seed,
+        download=download,
+        allow_md5_mismatch=allow_md5_mismatch,
+        **opts.model_dump(),
+    )

@@ -1,0 +1,147 @@
+"""Batches on the device: data resident on the GPU where it fits, batched GPU augmentation.
+
+Why: MedMNIST-sized sets (a few thousand 28-128 px images) fit in GPU memory many times over;
+a CPU DataLoader with per-image PIL transforms is then the bottleneck, not the model. Keeping the
+uint8 tensor on the device and augmenting whole batches with one ``affine_grid``/``grid_sample``
+call removes host work and host-device copies from the hot loop.
+
+Large images (ImageFolder at 224 px) go through :func:`file_loader` (a DataLoader that decodes
+with PIL in worker processes); both paths yield the same ``(x, y)`` and share the augmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from metalr_bench.datasets.core.base import Split
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Light, label-preserving augmentation for medical images (no colour jitter by default)."""
+
+    hflip: bool = True
+    max_rotate_deg: float = 10.0
+    max_translate: float = 0.08  # fraction of the image
+    scale: tuple[float, float] = (0.9, 1.1)
+
+
+def to_float(x_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N,C,H,W) -> float in [-1, 1]; the one normalisation every path uses."""
+    x = x_uint8.float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment_batch(
+    x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random flip + rotation + translation + scale for a whole float batch in one warp."""
+    n = x.shape[0]
+    dev = x.device
+    u = torch.rand(n, 5, generator=generator, device=generator.device if generator else "cpu")
+    if u.device != dev:
+        # a pageable host->GPU copy blocks the host until the GPU queue drains (a per-step sync);
+        # pinned + non_blocking keeps the hot loop asynchronous with the same random numbers
+        u = u.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else u.to(dev)
+    ang = (u[:, 0] * 2 - 1) * math.radians(spec.max_rotate_deg)
+    lo, hi = spec.scale
+    s = lo + (hi - lo) * u[:, 1]
+    tx = (u[:, 2] * 2 - 1) * spec.max_translate * 2
+    ty = (u[:, 3] * 2 - 1) * spec.max_translate * 2
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if spec.hflip else torch.ones_like(s)
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
+    ).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last
+    ) and x.shape[1] > 1 else out
+
+
+class TensorLoader:
+    """Iterate (x, y) batches over an in-memory split kept on ``device``.
+
+    Shuffling uses a dedicated ``torch.Generator`` seeded per loader so runs are reproducible and
+    the loader's RNG state can be checkpointed (``state_dict``) for exact resume.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        augment: AugmentSpec | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        if split.images is None:
+            raise ValueError("TensorLoader needs an in-memory split; use file_loader for paths")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last and len(split) > batch_size
+        self.channels_last = channels_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = (
+            torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        ).to(self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = to_float(self.images[idx], self.channels_last)
+            if self.augment is not None:
+                x = augment_batch(x, self.augment, self.generator)
+            yield x, self.labels[idx]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def make_loader(
+    split: Split,
+    batch_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    shuffle: bool = False,
+    augment: AugmentSpec | None = None,
+    drop_last: bool = False,
+    seed: int = 0,
+    channels_last: bool = False,
+    num_workers: int = 0,
+    image_size: int | None = None,
+    in_channels: int = 1,
+):
+    """Pick the resident-tensor path for in-memory splits and the DataLoader path otherwise."""
+    if split.in_memory:
+        return TensorLoader(
+            split, batch_size, device=device, shuffle=shuffle, augment=augment,
+            drop_last=drop_last, seed=seed, channels_last=channels_last,
+        )
+    from metalr_bench.datasets.core.files import FileLoader
+
+    return FileLoader(
+        split, batch_size, device=device, shuffle=shuffle, augment=augment,
+        drop_last=drop_last, seed=seed, channels_last=channels_last,
+        num_workers=num_workers, image_size=image_size or 224, in_channels=in_channels,
+    )

@@ -1,0 +1,196 @@
+"""The strategy interface (small on purpose) and the name registry.
+
+A strategy gets the model, its ordered layer groups (:func:`layer_groups`) and the base
+settings, and may
+
+1. build the optimizer's parameter groups (freeze, per-group LR)        -> ``param_groups``
+2. add a term to the loss (L2-SP)                                        -> ``loss_term``
+3. replace the single training step (MetaLR: look-ahead, LR update, step) -> ``train_step``
+
+Everything else (epochs, evaluation, checkpoint selection, logging, timing) is the trainer's,
+so every strategy is measured by the same loop. A strategy reports what it wants logged as
+plain numbers (``log_values``); it never talks to MLflow.
+
+Parameters are a pydantic model (``Params``) so the config rejects a bad value with the field
+name and the allowed range; ``test_params`` are tiny settings for the test-suite (benchopt's
+idea); ``search_space`` is what the tuner may search (:mod:`.space`); ``default_rank`` puts the
+strategy in the quick benchmark's default grid; ``measured_cost_share`` tells the cost plan how
+a configuration scales the step time measured at the defaults. A strategy is one file: the
+class, decorated with :func:`register`, declares all of it (see the README, "Add a strategy in
+one file").
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from metalr_bench.strategies.core.layers import LayerGroup
+from metalr_bench.strategies.core.space import LR, SearchDim
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The base settings every strategy shares (from the config)."""
+
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw | sgd
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 5
+    steps_per_epoch: int = 1
+
+
+@dataclass
+class StepContext:
+    """What a strategy's own ``train_step`` may use; handed over by the trainer each step.
+
+    ``meta_batch`` returns the next batch of the strategy's meta/validation source (MetaLR);
+    ``autocast`` is the trainer's mixed-precision context; ``loss_fn(logits, y)`` the task loss;
+    ``forward`` the model as the trainer calls it (compiled when ``compile`` is set).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    autocast: Callable[[], AbstractContextManager[Any]]
+    epoch: int
+    step: int
+    meta_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: the trainer's forward: ``model``, or ``torch.compile(model)`` with its ``compile`` option
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    compile: bool = False
+
+
+class Strategy:
+    """Base class: plain fine-tuning of every parameter with one learning rate."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    test_params: ClassVar[list[dict[str, Any]]] = [{}]
+    #: what the tuner searches: ``lr`` (the config's base LR) and/or fields of ``Params``
+    search_space: ClassVar[dict[str, SearchDim]] = {"lr": LR}
+    #: position in the quick benchmark's default grid; None: only when a config names it
+    default_rank: ClassVar[int | None] = None
+    #: one line for `run-benchmark list` (default: the first line of the class docstring)
+    summary: ClassVar[str] = ""
+    #: where ``StepContext.meta_batch`` should draw from, or None when not needed
+    meta_source: ClassVar[str | None] = None
+    #: images per meta batch; None: the training batch size
+    meta_batch_size: int | None = None
+
+    def __init__(
+        self,
+        params: BaseModel | dict[str, Any] | None,
+        model: nn.Module,
+        groups: list[LayerGroup],
+        settings: TrainSettings,
+    ) -> None:
+        if not isinstance(params, BaseModel):
+            params = self.Params(**(params or {}))
+        self.params = params
+        self.model = model
+        self.groups = groups
+        self.settings = settings
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def measured_cost_share(cls, params: BaseModel, batch_size: int) -> float:
+        """The share of its extra step time over full fine-tuning (measured by bench_throughput
+        at default parameters) that this configuration pays: 1.0, as measured. A strategy whose
+        parameters change its cost (MetaLR's meta interval and meta batch) overrides it; the
+        cost plan (``run-benchmark plan``) interpolates with it."""
+        return 1.0
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line for `run-benchmark list`."""
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        return cls.summary or (doc[0] if doc else cls.name)
+
+    # -- 1. parameter groups / optimizer ------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; the default puts every layer group at the base LR."""
+        return [self._group(i, lr=self.settings.lr) for i in range(len(self.groups))]
+
+    def _group(self, index: int, **options: Any) -> dict[str, Any]:
+        named = dict(self.model.named_parameters())
+        g = self.groups[index]
+        return {"params": [named[p] for p in g.params], "name": g.name, **options}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        groups = [g for g in self.param_groups() if g["params"]]
+        if not groups:
+            raise ValueError(f"strategy {self.name!r} left no trainable parameter")
+        s = self.settings
+        opt = s.optimizer.lower()
+        if opt == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay)
+        elif opt == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+        elif opt == "sgd":
+            self.optimizer = torch.optim.SGD(
+                groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+            )
+        else:
+            raise ValueError(f"unknown optimizer {s.optimizer!r}; choose adam, adamw or sgd")
+        return self.optimizer
+
+    # -- 2. loss term ---------------------------------------------------------------------------
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra term added to the task loss (None: nothing)."""
+        return None
+
+    # -- 3. the training step -------------------------------------------------------------------
+    def train_step(
+        self, ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Replace the trainer's step and return the (detached) training loss; None: default."""
+        return None
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Put ``model`` in training mode (last-k keeps frozen BatchNorm in eval mode)."""
+        model.train()
+
+    def on_epoch_start(self, epoch: int) -> None:  # noqa: B027
+        """Called before each epoch (0-based)."""
+
+    def log_values(self) -> dict[str, float]:
+        """Numbers to log each epoch; by default each group's learning rate."""
+        if self.optimizer is None:
+            return {}
+        return {f"lr/{g.get('name', i)}": float(g["lr"])
+                for i, g in enumerate(self.optimizer.param_groups)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state beyond the optimizer's, for exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make ``cls`` available by ``cls.name`` in configs and the CLI."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a `name`")
+    known = STRATEGIES.get(cls.name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"strategy name {cls.name!r} is taken by {known.__module__}."
+                         f"{known.__qualname__}; pick another `name` for {cls.__qualname__}")
+    STRATEGIES[cls.name] = cls
+    return cls
