@@ -61,6 +61,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", help="auto | bf16 | off")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no training augmentation (for every strategy)")
+    p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None,
+                   help="no BatchNorm re-estimation before evaluation (for every strategy)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     p.add_argument("--output-dir", help="where leaderboards, reports and caches go")
     p.add_argument("--executor", choices=["serial", "local", "ray"],
@@ -97,7 +101,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """CLI flags -> a partial config dict (only what was given)."""
     o: dict[str, Any] = {}
     for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
-                "compile", "tracking_uri", "output_dir", "executor", "workers", "gpus_per_run",
+                "compile", "augment", "precise_bn", "tracking_uri", "output_dir", "executor", "workers", "gpus_per_run",
                 "ray_address", "force", "deterministic", "report"):
         if getattr(args, key, None) is not None:
             o[key] = getattr(args, key)

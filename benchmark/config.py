@@ -46,6 +46,10 @@ class DatasetSpec(_Strict):
     download: bool = False
     allow_md5_mismatch: bool = False
     options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
+    hflip: bool | None = Field(
+        None, description="horizontal flips in augmentation; None: the dataset's policy (off "
+        "where class names carry left/right, e.g. OrganAMNIST's kidney-left/kidney-right)",
+    )
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSpec:
@@ -103,6 +107,10 @@ class ModelSpec(_Strict):
     arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121"] = "resnet18"
     weights: str = Field(
         "pretrain", description="none | imagenet | pretrain | path to a .pt checkpoint"
+    )
+    keep_head: bool = Field(
+        False, description="keep the checkpoint's classifier when its shape matches the task's "
+        "(default: every cell starts from a freshly initialised head)",
     )
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
 

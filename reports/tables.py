@@ -47,12 +47,22 @@ def _cell_html(mean: float, std: float, lo: float, hi: float, bold: bool) -> str
     return head + (f'<br/><span class="ci"> [{html.escape(ci)}</span>' if ci else "")
 
 
+def _shown(g: pd.DataFrame, column: str) -> str:
+    """A cell's value over its seeds: one value, or the distinct ones (older runs: ``–``)."""
+    if column not in g:
+        return "–"
+    values = sorted({str(v) for v in g[column].dropna()})
+    return "/".join(values) if values else "–"
+
+
 def leaderboard(results: pd.DataFrame, metrics: list[str], primary: str,
                 level: float = 0.95) -> pd.DataFrame:
     """Numbers per (dataset, strategy): ``<metric>_{mean,std,ci_low,ci_high}``, n, rank."""
     rows = []
     for (ds, s), g in results.groupby(["dataset_key", "strategy_label"], sort=True):
-        row = {"dataset": ds, "strategy": s, "n_seeds": int(g["seed"].nunique())}
+        row = {"dataset": ds, "strategy": s, "n_seeds": int(g["seed"].nunique()),
+               "train_images": _shown(g, "param.n_train_images"),
+               "meta_source": _shown(g, "param.meta_source")}
         for m in metrics:
             mean, std, lo, hi, _ = mean_ci(g[m] if m in g else [], level)
             if m in BOUNDED:  # a t-interval from 2-3 seeds can leave [0, 1]: clip it
@@ -70,7 +80,9 @@ def leaderboard(results: pd.DataFrame, metrics: list[str], primary: str,
 def leaderboard_html(board: pd.DataFrame, metrics: list[str], primary: str) -> str:
     """The leaderboard as ``<table id="leaderboard">``, best mean per dataset+metric in bold."""
     shown = pd.DataFrame({"dataset": board["dataset"], "strategy": board["strategy"],
-                          "seeds": board["n_seeds"]})
+                          "seeds": board["n_seeds"],
+                          "train images": board.get("train_images", "–"),
+                          "meta source": board.get("meta_source", "–")})
     for m in metrics:
         best = board.groupby("dataset")[f"{m}_mean"].transform("max")
         cells = []

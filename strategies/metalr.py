@@ -9,30 +9,45 @@ Each iteration, with a training batch and a meta (validation) batch:
 The hyper-gradient is exact and first-order (:mod:`metalr_bench.strategies.core.hypergrad`): one
 extra forward/backward on the meta batch per meta-step, no model copy.
 
-Defaults follow the public code (Schuture/MetaLR, ``MetaLR_POCUS/train.py``): groups = stem,
-each residual block, head; α⁰ = 0.1·lr for the backbone and lr for the head; the multiplicative
-rule α ← clip(α·(1 − η·h), 1e-6, 1e-2) with η = 0.1 and the raw (un-normalised) hyper-gradient h;
-head LR pinned to lr for the first 5 epochs; the real step is Adam (weight decay 1e-4) with the
-learned α as each group's LR. Note the look-ahead is the SGD step of eq. 1 while the real step
-is Adam's; the paper and its code do the same, and we keep it.
+The method's defaults follow the public code (Schuture/MetaLR, ``MetaLR_POCUS/train.py``):
+groups = stem, each residual block, head; α⁰ = backbone_lr_scale·lr = 0.1·lr for the backbone
+and lr for the head; the multiplicative rule α ← clip(α·(1 − η·h), 1e-6, 1e-2) with η = 0.1 and
+the raw (un-normalised) hyper-gradient h; head LR pinned to lr for the first 5 epochs; the real
+step is the benchmark's optimizer (Adam, weight decay 1e-4, by default) with the learned α as
+each group's LR. Note the look-ahead is the SGD step of eq. 1 while the real step is Adam's; the
+paper and its code do the same, and we keep it.
+
+The training settings are not the public code's. That code trains with lr 0.01, so the head
+starts at 0.01 and the backbone at 0.001, batch 128, 30 epochs, 64 px images, Adam with weight
+decay 1e-4. The suite's default config has lr 1e-3, so 1e-3 (head) and 1e-4 (backbone), batch
+64, 5 epochs, 28 px (Adam, weight decay 1e-4, as in the code). Those are the quick benchmark's
+CPU-sized defaults, shared by every strategy so that the comparison is fair: no strategy gets its
+own LR or epochs, unless every strategy is tuned with the same budget (``--tune``). The public
+code's settings are in ``configs/metalr-paper.yaml``. Tuned, MetaLR searches lr in 1e-5..1e-2
+(the others 1e-5..1e-1): its head starts at lr, and lr_max is 1e-2
+(:meth:`MetaLR.constrain_space` narrows it further for other fixed bounds or scales).
 
 Fixed relative to the public code: the look-ahead descends (θ − α·g; the code's
-``parameter.sub(-lr * grad)`` ascends), the meta batch is re-sampled from a held-out part of the
-training data (the code re-creates its iterator each call and so always uses the first training
-batch), the best epoch is chosen on validation data by the trainer (the code picks it on the
+``parameter.sub(-lr * grad)`` ascends), the meta batch is a fresh, un-augmented batch of the
+training data at each meta-step (``meta_source: train``, the code's source; the code re-creates
+its iterator each call and so always uses the *first* training batch), so MetaLR trains on the
+same images as every baseline (``meta_source: holdout``, the default until this version, held
+20 % of them out instead), the best epoch is chosen on validation data by the trainer (the code picks it on the
 test fold), and no model is rebuilt or state dict reloaded per iteration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from metalr_bench.strategies.core.base import StepContext, Strategy, register
+from metalr_bench.strategies.core.base import SpaceError, StepContext, Strategy, register
 from metalr_bench.strategies.core.hypergrad import Lookahead, hypergradient, update_rates
-from metalr_bench.strategies.core.space import LR, SearchDim
+from metalr_bench.strategies.core.space import SearchDim
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: keep at most this many LR snapshots for the figure (older ones are thinned 2:1)
@@ -51,11 +66,13 @@ class MetaLRParams(BaseModel):
     lr_max: float = Field(1e-2, gt=0, description="upper bound on every learned LR")
     backbone_lr_scale: float = Field(0.1, gt=0, description="initial backbone LR = scale · lr")
     meta_interval: int = Field(1, ge=1, description="update the LRs every k iterations")
-    meta_source: Literal["holdout", "fixed", "val"] = Field(
-        "holdout",
-        description="holdout: a held-out share of the training data, re-sampled each meta-step; "
-        "fixed: one held-out batch; val: the real validation split (also used for model "
-        "selection, so its scores become optimistic)",
+    meta_source: Literal["train", "holdout", "fixed", "val"] = Field(
+        "train",
+        description="train (default): a fresh, un-augmented batch of the training set at each "
+        "meta-step, so MetaLR trains on exactly the images every baseline gets; holdout: a "
+        "held-out 20 %% of the training data (MetaLR then trains on 80 %%), re-sampled each "
+        "meta-step; fixed: one held-out batch; val: the real validation split (also used for "
+        "model selection, so its scores become optimistic)".replace("%%", "%"),
     )
     meta_batch_size: int | None = Field(
         None, ge=2, description="images per meta batch; default: the training batch size. "
@@ -92,9 +109,112 @@ class MetaLR(Strategy):
         {"update": "additive", "hyper_lr": 1e-4, "meta_interval": 2, "meta_source": "fixed",
          "head_pin_epochs": 1},
     ]
-    meta_source = "holdout"  # class default; each instance takes its own from params
-    search_space = {"lr": LR, "hyper_lr": SearchDim("float", 1e-3, 1.0, log=True)}
+    meta_source = "train"  # class default; each instance takes its own from params
+    #: lr tops out at the default lr_max (1e-2): the head starts at lr, and a higher lr is
+    #: refused by __init__; constrain_space narrows it further for other fixed bounds/scales
+    search_space = {"lr": SearchDim("float", 1e-5, 1e-2, log=True),
+                    "hyper_lr": SearchDim("float", 1e-3, 1.0, log=True)}
     default_rank = 4
+
+    @classmethod
+    def constrain_space(
+        cls, space: dict[str, SearchDim], fixed: dict[str, Any]
+    ) -> dict[str, SearchDim]:
+        """MetaLR starts only when both initial rates, backbone_lr_scale·lr (backbone) and lr
+        (head), lie in [lr_min, lr_max]; narrow the space so that every point does.
+
+        Fixed values come from ``fixed`` (else the defaults). A searched ``backbone_lr_scale``,
+        ``lr_min`` or ``lr_max`` counts at its worst case over its range (a box, since Optuna
+        samples the dimensions independently): lr is narrowed to
+        [max(lr_min, lr_min/scale_low), min(lr_max, lr_max/scale_high)] with lr_min at its
+        highest and lr_max at its lowest. With ``lr`` not searched but given in ``fixed``, a
+        searched ``backbone_lr_scale`` is narrowed instead. Raises :class:`SpaceError` naming
+        the parameter to change when no valid point is left.
+        """
+        space = dict(space)
+        fields = cls.Params.model_fields
+
+        def narrow(low: float, high: float, ok: Callable[[float], bool]) -> tuple[float, float]:
+            # a few ulps inwards until ``ok`` holds at both ends: the bounds come from divisions
+            # whose rounding may put a product just outside [lr_min, lr_max]
+            for _ in range(8):
+                if ok(low) or low >= high:
+                    break
+                low = math.nextafter(low, math.inf)
+            for _ in range(8):
+                if ok(high) or high <= low:
+                    break
+                high = math.nextafter(high, -math.inf)
+            return low, high
+
+        def span(name: str) -> tuple[float, float]:
+            dim = space.get(name)
+            if dim is not None:
+                return float(dim.low), float(dim.high)  # type: ignore[arg-type]
+            value = float(fixed.get(name, fields[name].default))
+            return value, value
+
+        searched = [n for n in ("backbone_lr_scale", "lr_min", "lr_max") if n in space]
+        (_, lo_bound), (hi_bound, _) = span("lr_min"), span("lr_max")
+        if lo_bound >= hi_bound:  # fixed values are checked by the config: a searched bound
+            raise SpaceError(
+                "lr_min" if "lr_min" in space else "lr_max",
+                f"lr_min reaches {lo_bound:g} and lr_max goes down to {hi_bound:g}, but "
+                "every sampled pair needs lr_min < lr_max; keep the lr_min range below the "
+                "lr_max range",
+            )
+        s_lo, s_hi = span("backbone_lr_scale")
+        if s_lo <= 0:
+            raise SpaceError("backbone_lr_scale",
+                             f"backbone_lr_scale must be > 0 (low={s_lo:g})")
+
+        def fits(lr: float, scales: tuple[float, float]) -> bool:
+            return all(lo_bound <= r <= hi_bound for r in (lr, scales[0] * lr, scales[1] * lr))
+
+        where = (f"[lr_min, lr_max] = [{lo_bound:g}, {hi_bound:g}]"
+                 + (" (worst case of the searched bounds)" if {"lr_min", "lr_max"} & set(space)
+                    else ""))
+        scale = (f"backbone_lr_scale {s_lo:g}" if s_lo == s_hi
+                 else f"backbone_lr_scale searched in [{s_lo:g}, {s_hi:g}]")
+        if "lr" in space:
+            dim = space["lr"]
+            need = (max(lo_bound, lo_bound / s_lo), min(hi_bound, hi_bound / s_hi))
+            low, high = narrow(max(float(dim.low), need[0]),
+                               min(float(dim.high), need[1]),  # type: ignore[arg-type]
+                               lambda lr: fits(lr, (s_lo, s_hi)))
+            if not low < high:
+                raise SpaceError(
+                    searched[0] if searched else "lr",
+                    f"no lr in [{dim.low:g}, {dim.high:g}] keeps both initial rates, "
+                    f"backbone_lr_scale·lr and lr, inside {where} with {scale}: that needs "
+                    f"{need[0]:g} <= lr <= {need[1]:g}; change backbone_lr_scale, "
+                    "lr_min/lr_max or the lr range",
+                )
+            space["lr"] = dataclasses.replace(dim, low=low, high=high)
+        elif fixed.get("lr") is not None:
+            lr = float(fixed["lr"])
+            if "backbone_lr_scale" in space:
+                dim = space["backbone_lr_scale"]
+                low, high = narrow(max(s_lo, lo_bound / lr), min(s_hi, hi_bound / lr),
+                                   lambda s: lo_bound <= s * lr <= hi_bound)
+                if not low < high:
+                    raise SpaceError(
+                        "backbone_lr_scale",
+                        f"no backbone_lr_scale in [{s_lo:g}, {s_hi:g}] keeps the "
+                        f"backbone's initial rate backbone_lr_scale·lr (lr={lr:g}) inside "
+                        f"{where}: that needs {lo_bound / lr:g} <= backbone_lr_scale <= "
+                        f"{hi_bound / lr:g}",
+                    )
+                space["backbone_lr_scale"] = dataclasses.replace(dim, low=low, high=high)
+                s_lo, s_hi = low, high
+            if not fits(lr, (s_lo, s_hi)):
+                raise SpaceError(
+                    next((n for n in searched if n != "backbone_lr_scale"), "lr"),
+                    f"the initial rates {s_lo * lr:g} (backbone) and {lr:g} (head), "
+                    f"from lr={lr:g}, lie outside {where}; change lr, backbone_lr_scale or "
+                    "the bounds",
+                )
+        return space
 
     @classmethod
     def measured_cost_share(cls, params: BaseModel, batch_size: int) -> float:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from metalr_bench.benchmark.config import ConfigError, validate_config
 from metalr_bench.benchmark.models.zoo import SmallCNN
+from metalr_bench.datasets import load_dataset
 from metalr_bench.strategies.core.base import StepContext, TrainSettings
 from metalr_bench.strategies.core.hypergrad import Lookahead, hypergradient, update_rates
 from metalr_bench.strategies.core.layers import layer_groups
@@ -304,7 +305,10 @@ def test_short_run_logs_lr_curves_to_mlflow(tiny_config: dict, tmp_path: Path) -
     assert all(m.value == pytest.approx(cfg.lr) for m in head)  # pinned for 5 epochs
     stem = client.get_metric_history(run_id, "lr/stem")
     assert stem[-1].value != pytest.approx(0.1 * cfg.lr, rel=1e-6)  # it learned
-    assert run.data.params["strategy.meta_source"] == "holdout"
+    assert run.data.params["strategy.meta_source"] == "train"
+    assert run.data.params["meta_source"] == "train"
+    assert int(run.data.params["n_train_images"]) == len(
+        load_dataset("synthetic", size=16, options={"n_patients": 48}).train)
     artifacts = [a.path for a in client.list_artifacts(run_id)]
     assert "lr_curves.png" in artifacts
     local = client.download_artifacts(run_id, "lr_curves.png", str(tmp_path))

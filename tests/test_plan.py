@@ -65,7 +65,8 @@ def test_counts_match_the_trainer(cfg, strategy: str, monkeypatch: pytest.Monkey
 
 
 def test_metalr_counts_its_held_out_split(cfg) -> None:
-    cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params={}, seed=0)
+    cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params={"meta_source": "holdout"},
+                seed=0)
     bundle = cell_mod.DataCache().get(cell)
     _, strategy = cell_mod.train_cell(cfg, cell, bundle, None)
     planned = count_run(cfg, cell, split_sizes(cell.dataset), epochs=cfg.epochs,
@@ -75,6 +76,9 @@ def test_metalr_counts_its_held_out_split(cfg) -> None:
     assert planned.train_steps < full.train_steps  # a fifth of train is the meta split
     # whole patients are held out, so the split is close, not exact: within a batch per epoch
     assert abs(strategy.step - planned.train_steps) <= cfg.epochs
+    default = Cell(dataset=cell.dataset, strategy="metalr", params={}, seed=0)  # meta_source train
+    assert count_run(cfg, default, split_sizes(cell.dataset), epochs=cfg.epochs,
+                     evaluate_test=True).train_steps == full.train_steps
 
 
 def _write_npz(path: Path, counts: tuple[int, int, int]) -> None:

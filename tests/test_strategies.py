@@ -121,3 +121,70 @@ def test_every_strategy_accepts_its_test_params() -> None:
     for name, cls in STRATEGIES.items():
         for params in cls.test_params:
             _setup(name, params)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_l2sp_turns_off_plain_weight_decay_when_the_base_setting_has_one(optimizer: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 1, 2)
+    strategy = get_strategy("l2sp")(None, model, layer_groups(model), TrainSettings(
+        lr=1e-2, optimizer=optimizer, weight_decay=1e-2))
+    opt = strategy.build_optimizer()
+    assert {id(p) for pg in opt.param_groups for p in pg["params"]} == {
+        id(p) for p in model.parameters()}  # every parameter is trained, so every one is checked
+    assert [pg["weight_decay"] for pg in opt.param_groups] == [0.0] * len(opt.param_groups)
+
+
+def _l2sp_penalty_grad(model, groups, w0: dict[str, torch.Tensor], alpha: float, beta: float
+                       ) -> dict[str, torch.Tensor]:
+    """d/dw of α/2·||w_S − w_S⁰||² + β/2·||w_head||², by hand: conv/linear weights only."""
+    head = set(groups[-1].params)
+    out = {}
+    for n, p in model.named_parameters():
+        if p.ndim <= 1:  # biases and BatchNorm: not regularised
+            out[n] = torch.zeros_like(p)
+        else:
+            out[n] = beta * p.detach() if n in head else alpha * (p.detach() - w0[n])
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_l2sp_step_is_task_plus_penalty_gradient_only(optimizer: str) -> None:
+    """With a non-zero base weight_decay, one step moves each parameter by exactly what the
+    task gradient plus the L2-SP penalty gradient give: the penalty is the only regulariser."""
+    alpha, beta, lr, wd = 0.3, 0.05, 0.1, 1e-2
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 1, 2).double()
+    groups = layer_groups(model)
+    strategy = get_strategy("l2sp")({"alpha": alpha, "beta": beta}, model, groups, TrainSettings(
+        lr=lr, optimizer=optimizer, weight_decay=wd, momentum=0.0))
+    opt = strategy.build_optimizer()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():  # move away from the start so the backbone pull is not zero
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pen = _l2sp_penalty_grad(model, groups, w0, alpha, beta)
+    assert sum(int(g.count_nonzero()) for g in pen.values()) > 0
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,), generator=g)
+    strategy.set_train_mode(model)
+    opt.zero_grad()
+    task = torch.nn.functional.cross_entropy(model(x), y)
+    names = [n for n, _ in model.named_parameters()]
+    task_grad = dict(zip(names, torch.autograd.grad(task, list(model.parameters()),
+                                                    retain_graph=True), strict=True))
+    (task + strategy.loss_term(model)).backward()
+    opt.step()
+
+    for n, p in model.named_parameters():
+        total = task_grad[n] + pen[n]
+        assert torch.allclose(p.grad, total, rtol=0, atol=1e-12), n  # loss_term's gradient
+        if optimizer == "sgd":  # momentum 0: Δw = −lr·g
+            expected = before[n] - lr * total
+        else:  # Adam's first step: m̂ = g, v̂ = g², Δw = −lr·g / (|g| + ε)
+            expected = before[n] - lr * total / (total.abs() + 1e-8)
+        # plain decay on top would add lr·wd·w (SGD) or change g (Adam): far above the tolerance
+        assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-10), n

@@ -399,3 +399,46 @@ def test_rerun_fails_dead_trials_and_leaves_live_ones_alone(
     assert len(trial_runs) == 2
     assert all("run.heartbeat" in r.data.tags and r.data.tags["run.host"] == platform.node()
                for r in trial_runs)
+
+
+def test_search_space_is_narrowed_to_valid_points_and_bad_overrides_are_refused() -> None:
+    """MetaLR refuses an lr whose initial rates leave [lr_min, lr_max]: its space is narrowed by
+    its own ``constrain_space`` from the fixed params, and a ``tune.params`` bound that lets
+    invalid points in is refused, naming it, instead of being silently changed."""
+    assert search_space("metalr", 10)["lr"].high == 1e-2  # the default lr_max: head starts at lr
+    assert search_space("full", 10)["lr"].high == 1e-1  # the others keep the shared range
+    narrowed = search_space("metalr", 10, fixed={"backbone_lr_scale": 0.01, "lr_max": 5e-3})
+    assert (narrowed["lr"].low, narrowed["lr"].high) == pytest.approx((1e-4, 5e-3))
+    wide = validate_config({"tune": {"params": {"metalr": {"lr": {"high": 0.1}}}}})
+    with pytest.raises(ConfigError, match=r"`tune\.params\.metalr\.lr`: high=0\.1 .*\[1e-05, 0\.01\]"):
+        search_space("metalr", 10, wide.tune.params)
+    inside = validate_config({"tune": {"params": {"metalr": {"lr": {"low": 1e-4, "high": 5e-3}}}}})
+    assert search_space("metalr", 10, inside.tune.params)["lr"].high == 5e-3
+    scale = validate_config({"tune": {"params": {"metalr": {
+        "lr": None, "backbone_lr_scale": {"low": 1e-4, "high": 1.0, "log": True}}}}})
+    with pytest.raises(ConfigError, match=r"`tune\.params\.metalr\.backbone_lr_scale`: low=0\.0001"):
+        search_space("metalr", 10, scale.tune.params, fixed={"lr": 1e-3})
+    with pytest.raises(ConfigError, match="'metalr' cannot be tuned with its fixed params: .*"
+                                          "backbone_lr_scale"):
+        search_space("metalr", 10, fixed={"backbone_lr_scale": 1e-5})
+
+
+def test_study_targets_pass_the_fixed_params_and_base_lr_to_the_space() -> None:
+    from types import SimpleNamespace
+
+    class Data:
+        def get(self, cell: Any) -> Any:
+            return SimpleNamespace(in_channels=1, num_outputs=2)
+
+    cfg = validate_config({
+        "model": {"arch": "smallcnn", "weights": "none"},
+        "strategies": ["full", {"name": "metalr", "params": {"backbone_lr_scale": 0.01}}],
+        "tune": {"enabled": True}})
+    full, metalr = tuning.study_targets(cfg, Data())
+    assert full.space["lr"].high == 1e-1
+    assert metalr.fixed == {"backbone_lr_scale": 0.01}
+    assert metalr.space["lr"].low == pytest.approx(1e-4)  # backbone 0.01 * lr >= lr_min 1e-6
+    fixed_lr = validate_config({**cfg.model_dump(include={"model", "strategies"}), "lr": 0.05,
+                                "tune": {"enabled": True, "params": {"metalr": {"lr": None}}}})
+    with pytest.raises(ConfigError, match=r"'metalr' cannot be tuned .* from lr=0\.05"):
+        tuning.study_targets(fixed_lr, Data())

@@ -109,8 +109,16 @@ class WeightsMismatch(ValueError):
     """A checkpoint that does not belong to the model's architecture."""
 
 
-def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load a backbone ``state`` into ``model``; the head is kept new when its shape differs.
+def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], source: str,
+               *, keep_head: bool = False) -> None:
+    """Load a backbone ``state`` into ``model``; the head stays freshly initialised.
+
+    Why always new: a source head whose shape happens to match the target's (a 2-class source
+    and a 2-class target, a 4-class source and OctMNIST) was trained for *other* classes; reusing
+    it would make "linear probe" and L2-SP's head term start from a head for the wrong task, and
+    only for some datasets. The public MetaLR code and Transfer-Learning-Library re-initialise
+    the head too. ``keep_head=True`` (``model.keep_head`` in the config) keeps a matching head,
+    for a checkpoint trained on the same classes.
 
     Raises a ValueError naming the checkpoint, the mismatching keys and the fix when the
     checkpoint does not belong to ``arch``.
@@ -124,7 +132,7 @@ def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], s
     head = _HEAD[fam] + "."
     state = {
         k: v for k, v in state.items()
-        if not (k.startswith(head) and k in own and own[k].shape != v.shape)
+        if not (k.startswith(head) and k in own and (not keep_head or own[k].shape != v.shape))
     }
     missing = [k for k in own if k not in state and not k.startswith(head)]
     unexpected = [k for k in state if k not in own]

@@ -34,6 +34,7 @@ from metalr_bench.strategies.core.registry import get_strategy
 
 #: the trainer's defaults the runner keeps: BatchNorm re-estimation batches before each
 #: evaluation, and the share of train held out for strategies with meta_source holdout/fixed
+#: (meta_source train draws meta batches from the whole training set: nothing held out)
 PRECISE_BN_BATCHES = TrainerOptions.precise_bn_batches
 META_FRACTION = TrainerOptions.meta_fraction
 

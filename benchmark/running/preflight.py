@@ -111,7 +111,8 @@ def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
             built = build(cfg.model.arch, bundle.in_channels, bundle.num_outputs,
                           cell.strategy, cell.params,
                           train_settings(cfg.effective(cell), epochs=cfg.epochs),
-                          weights=state, weights_source=weights)
+                          weights=state, weights_source=weights,
+                          keep_head=cfg.model.keep_head)
             built.strategy.build_optimizer()
         except WeightsMismatch as exc:
             raise InputError(f"`model.weights`: {exc}") from None

@@ -107,6 +107,7 @@ def run_cell(
                 train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
                                                     checkpoint=ckpt, resume=plan.payload)
             logger.flush(final=True)
+            tracker.log_params(run_id, train_result.data_params())
             final = train_result.summary()
             final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
             tracker.log_metrics(run_id, final, step=cfg.epochs)

@@ -90,6 +90,7 @@ def build(
     *,
     weights: dict[str, torch.Tensor] | None = None,
     weights_source: str = "",
+    keep_head: bool = False,
     device: str = "cpu",
     channels_last: bool = False,
     bundle: DatasetBundle | None = None,
@@ -102,7 +103,7 @@ def build(
     """
     model = build_model(arch, in_channels, num_outputs)
     if weights is not None:
-        load_state(model, arch, weights, weights_source)
+        load_state(model, arch, weights, weights_source, keep_head=keep_head)
     if options is not None:
         device, channels_last = options.device, options.channels_last
     model = place_model(model, torch.device(device), channels_last)
@@ -124,12 +125,13 @@ def train_settings(cfg: BenchmarkConfig, *, epochs: int, n_train: int = 0) -> Tr
 
 
 def trainer_options(cfg: BenchmarkConfig, *, seed: int, epochs: int,
-                    evaluate_test: bool = True) -> TrainerOptions:
+                    evaluate_test: bool = True, hflip: bool | None = None) -> TrainerOptions:
     """The trainer's options from the config (``cfg`` with the cell's overrides)."""
     return TrainerOptions(
         epochs=epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         device=cfg.resolved_device(), amp=cfg.use_amp(), channels_last=cfg.use_channels_last(),
-        compile=cfg.compile, augment=cfg.augment, precise_bn=cfg.precise_bn,
+        compile=cfg.compile, augment=cfg.augment, hflip=hflip, precise_bn=cfg.precise_bn,
+        normalize="imagenet" if cfg.model.weights == "imagenet" else "symmetric",
         selection_metric=cfg.selection_metric,
         seed=seed, log_every_n_steps=cfg.log_every_n_steps,
         deterministic=cfg.deterministic, evaluate_test=evaluate_test,
@@ -157,8 +159,10 @@ def build_cell(
     return build(
         cfg.model.arch, bundle.in_channels, bundle.num_outputs, cell.strategy, cell.params,
         train_settings(cfg, epochs=epochs, n_train=len(bundle.train)),
-        weights=weights, weights_source=cfg.model.weights, bundle=bundle,
-        options=trainer_options(cfg, seed=cell.seed, epochs=epochs, evaluate_test=evaluate_test),
+        weights=weights, weights_source=cfg.model.weights, keep_head=cfg.model.keep_head,
+        bundle=bundle,
+        options=trainer_options(cfg, seed=cell.seed, epochs=epochs, evaluate_test=evaluate_test,
+                                hflip=cell.dataset.hflip),
         callbacks=callbacks, checkpoint=checkpoint,
     )
 

@@ -46,6 +46,11 @@ class TrainerOptions:
     channels_last: bool = False
     compile: bool = False
     augment: bool = True
+    #: horizontal flips when augmenting; None: the dataset's policy (``DatasetBundle.hflip_safe``)
+    hflip: bool | None = None
+    #: input normalisation (``datasets.core.tensors.NORMALIZATIONS``): ImageNet mean/std for
+    #: ImageNet weights, [-1, 1] otherwise (the cell builder picks it from ``model.weights``)
+    normalize: str = "symmetric"
     selection_metric: str = "auc"
     seed: int = 0
     log_every_n_steps: int = 0  # 0: strategy values once per epoch only
@@ -77,6 +82,14 @@ class TrainResult:
     peak_memory_mb: float
     mean_epoch_time_s: float
     total_time_s: float
+    #: images the model trained on (MetaLR with meta_source holdout: 80 % of the training set)
+    n_train_images: int = 0
+    #: where a meta-learning strategy drew its meta batches ("none" for the others)
+    meta_source: str = "none"
+
+    def data_params(self) -> dict[str, int | str]:
+        """The params every run logs so a leaderboard shows what each strategy trained on."""
+        return {"n_train_images": self.n_train_images, "meta_source": self.meta_source}
 
     def summary(self) -> dict[str, float]:
         """Flat final numbers: test metrics, best validation metrics, cost."""
@@ -143,18 +156,24 @@ class Trainer:
             train, self.meta_split = group_holdout(
                 train, options.meta_fraction, seed=options.seed, stratify=True
             )
+        elif strategy.meta_source == "train":  # the training images themselves, un-augmented
+            self.meta_split = train
         elif strategy.meta_source == "val":
             self.meta_split = bundle.val
         elif strategy.meta_source is not None:
             raise ValueError(
                 f"strategy {strategy.name!r} asks for meta_source={strategy.meta_source!r}; "
-                "expected holdout, fixed or val"
+                "expected train, holdout, fixed or val"
             )
+        #: what this run trains on, logged with every run (a fair comparison shows it)
+        self.n_train_images = len(train)
         common = dict(device=self.device, channels_last=options.channels_last,
-                      image_size=bundle.image_size, in_channels=bundle.in_channels)
+                      image_size=bundle.image_size, in_channels=bundle.in_channels,
+                      normalize=options.normalize)
         self.train_loader = make_loader(
             train, options.batch_size, shuffle=True, drop_last=True, seed=options.seed,
-            augment=AugmentSpec() if options.augment else None, **common,
+            augment=AugmentSpec(hflip=bundle.hflip_safe if options.hflip is None
+                                else options.hflip) if options.augment else None, **common,
         )
         self._eval_loaders = {
             name: make_loader(split, options.eval_batch_size, shuffle=False, **common)
@@ -384,6 +403,8 @@ class Trainer:
             peak_memory_mb=_peak_memory_mb(self.device),
             mean_epoch_time_s=float(np.mean(times)),
             total_time_s=elapsed_before + time.perf_counter() - t_start,
+            n_train_images=self.n_train_images,
+            meta_source=self.strategy.meta_source or "none",
         )
 
     def _test(self) -> dict[str, float]:

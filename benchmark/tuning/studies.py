@@ -171,7 +171,7 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
         model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs)
         n_groups = len(layer_groups(model))
         for s in cfg.strategies:
-            space = search_space(s.name, n_groups, cfg.tune.params)
+            space = search_space(s.name, n_groups, cfg.tune.params, {"lr": cfg.lr, **s.params})
             fixed = {k: v for k, v in s.params.items() if k not in space}
             ignored = sorted(set(s.params) - set(fixed))
             if ignored:
@@ -299,6 +299,7 @@ class StudyRunner:
             except BaseException:
                 self.tracker.set_tags(run_id, {"optuna.state": "FAIL"})
                 raise
+            self.tracker.log_params(run_id, result.data_params())
             summary = {k: v for k, v in result.summary().items() if not k.startswith("test_")}
             self.tracker.log_metrics(run_id, {**summary, "objective": value}, step=self.epochs)
             self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})

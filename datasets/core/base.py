@@ -13,6 +13,7 @@ A split holds either
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -76,6 +77,10 @@ class Split:
         )
 
 
+#: a class name that names a body side: ``kidney-left``, ``Right lung``, ``left`` (not "leftover")
+LATERAL = re.compile(r"(?<![a-z])(left|right)(?![a-z])", re.IGNORECASE)
+
+
 @dataclass
 class DatasetBundle:
     """Train/val/test splits plus what the model and the metrics need to know."""
@@ -89,6 +94,13 @@ class DatasetBundle:
     val: Split
     test: Split
     info: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hflip_safe(self) -> bool:
+        """Whether a horizontal flip keeps every label: not when a class name says left or
+        right (OrganA/C/SMNIST's femur-, kidney-, lung-left/right; a folder named ``left``),
+        where a flipped image would carry the other side's label."""
+        return not any(LATERAL.search(n) for n in self.class_names)
 
     @property
     def num_outputs(self) -> int:

@@ -109,6 +109,7 @@ class FileLoader:
         drop_last: bool = False,
         seed: int = 0,
         channels_last: bool = False,
+        normalize: str = "symmetric",
         num_workers: int = 0,
         image_size: int = 224,
         in_channels: int = 1,
@@ -122,6 +123,7 @@ class FileLoader:
         self.augment = augment
         self.drop_last = drop_last and len(split) > batch_size
         self.channels_last = channels_last
+        self.normalize = normalize
         self.num_workers = num_workers
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -145,7 +147,8 @@ class FileLoader:
         )
         non_blocking = self.device.type == "cuda"
         for xb, yb in loader:
-            x = to_float(xb.to(self.device, non_blocking=non_blocking), self.channels_last)
+            x = to_float(xb.to(self.device, non_blocking=non_blocking), self.channels_last,
+                         self.normalize)
             if self.augment is not None:
                 x = augment_batch(x, self.augment, self.generator)
             yield x, yb.to(self.device, non_blocking=non_blocking)

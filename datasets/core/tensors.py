@@ -30,9 +30,30 @@ class AugmentSpec:
     scale: tuple[float, float] = (0.9, 1.1)
 
 
-def to_float(x_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N,C,H,W) -> float in [-1, 1]; the one normalisation every path uses."""
-    x = x_uint8.float().div_(127.5).sub_(1.0)
+#: ``normalize`` values of the loaders: ``symmetric`` maps [0, 255] to [-1, 1] (every weight
+#: source but ImageNet: the suite's own pre-training and random init train with it);
+#: ``imagenet`` uses torchvision's ImageNet mean/std, as its ImageNet weights expect
+#: (grey images: the mean of the three channels' mean and std, matching the stem whose RGB
+#: filters are summed for one input channel)
+NORMALIZATIONS = ("symmetric", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_float(x_uint8: torch.Tensor, channels_last: bool = False,
+             normalize: str = "symmetric") -> torch.Tensor:
+    """uint8 (N,C,H,W) -> float, normalised (:data:`NORMALIZATIONS`); every path uses it."""
+    if normalize == "imagenet":
+        c = x_uint8.shape[1]
+        mean = torch.tensor(IMAGENET_MEAN if c == 3 else [sum(IMAGENET_MEAN) / 3] * c,
+                            device=x_uint8.device).view(1, c, 1, 1)
+        std = torch.tensor(IMAGENET_STD if c == 3 else [sum(IMAGENET_STD) / 3] * c,
+                           device=x_uint8.device).view(1, c, 1, 1)
+        x = x_uint8.float().div_(255.0).sub_(mean).div_(std)
+    elif normalize == "symmetric":
+        x = x_uint8.float().div_(127.5).sub_(1.0)
+    else:
+        raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -82,6 +103,7 @@ class TensorLoader:
         drop_last: bool = False,
         seed: int = 0,
         channels_last: bool = False,
+        normalize: str = "symmetric",
     ) -> None:
         if split.images is None:
             raise ValueError("TensorLoader needs an in-memory split; use file_loader for paths")
@@ -93,6 +115,7 @@ class TensorLoader:
         self.augment = augment
         self.drop_last = drop_last and len(split) > batch_size
         self.channels_last = channels_last
+        self.normalize = normalize
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -106,7 +129,7 @@ class TensorLoader:
         ).to(self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = to_float(self.images[idx], self.channels_last)
+            x = to_float(self.images[idx], self.channels_last, self.normalize)
             if self.augment is not None:
                 x = augment_batch(x, self.augment, self.generator)
             yield x, self.labels[idx]
@@ -131,17 +154,20 @@ def make_loader(
     num_workers: int = 0,
     image_size: int | None = None,
     in_channels: int = 1,
+    normalize: str = "symmetric",
 ):
     """Pick the resident-tensor path for in-memory splits and the DataLoader path otherwise."""
     if split.in_memory:
         return TensorLoader(
             split, batch_size, device=device, shuffle=shuffle, augment=augment,
-            drop_last=drop_last, seed=seed, channels_last=channels_last,
+            drop_last=drop_last, seed=seed, channels_last=channels_last, normalize=normalize,
         )
+    # imported here: files.py imports this module (to_float, augment_batch)
     from metalr_bench.datasets.core.files import FileLoader
 
     return FileLoader(
         split, batch_size, device=device, shuffle=shuffle, augment=augment,
         drop_last=drop_last, seed=seed, channels_last=channels_last,
         num_workers=num_workers, image_size=image_size or 224, in_channels=in_channels,
+        normalize=normalize,
     )

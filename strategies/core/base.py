@@ -13,7 +13,9 @@ plain numbers (``log_values``); it never talks to MLflow.
 
 Parameters are a pydantic model (``Params``) so the config rejects a bad value with the field
 name and the allowed range; ``test_params`` are tiny settings for the test-suite (benchopt's
-idea); ``search_space`` is what the tuner may search (:mod:`.space`); ``default_rank`` puts the
+idea); ``search_space`` is what the tuner may search (:mod:`.space`), and ``constrain_space``
+narrows it to the configurations the strategy accepts given its untuned parameters (MetaLR: an
+``lr`` whose initial rates lie inside its bounds); ``default_rank`` puts the
 strategy in the quick benchmark's default grid; ``measured_cost_share`` tells the cost plan how
 a configuration scales the step time measured at the defaults. A strategy is one file: the
 class, decorated with :func:`register`, declares all of it (see the README, "Add a strategy in
@@ -33,6 +35,15 @@ from metalr_bench.strategies.core.layers import LayerGroup
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+
+class SpaceError(ValueError):
+    """A search space with no valid configuration; ``name`` is the dimension or parameter to
+    change (the tuner reports it as ``tune.params.<strategy>.<name>`` when the config set it)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class NoParams(BaseModel):
@@ -111,6 +122,19 @@ class Strategy:
         parameters change its cost (MetaLR's meta interval and meta batch) overrides it; the
         cost plan (``run-benchmark plan``) interpolates with it."""
         return 1.0
+
+    @classmethod
+    def constrain_space(
+        cls, space: dict[str, SearchDim], fixed: dict[str, Any]
+    ) -> dict[str, SearchDim]:
+        """Narrow ``space`` (resolved: no ``"groups"`` bound left) so that every point of it is a
+        configuration this strategy accepts, given ``fixed``: the untuned parameters as the
+        config gives them (defaults not filled in), plus ``lr``, the config's base LR, when
+        ``lr`` is not searched and the caller knows it. Return a space with the same names,
+        each range inside the given one (the tuner refuses a ``tune.params`` override that had
+        to be narrowed); raise :class:`SpaceError` naming the culprit when nothing is left.
+        Default: every point is valid, the space is returned as is."""
+        return space
 
     @classmethod
     def describe(cls) -> str:
