@@ -16,8 +16,11 @@ Each subcommand imports its stage inside its handler, on purpose: `run-benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from metalr_bench.benchmark.config import ConfigError, load_config
@@ -168,8 +171,9 @@ def cmd_run(argv: list[str]) -> int:
     from metalr_bench.benchmark.running.runner import format_leaderboard, leaderboard, run_benchmark
 
     cells = cfg.cells()
-    print(f"run-benchmark: {len(cells)} runs ({len(cfg.datasets)} dataset(s) x "
-          f"{len(cells) // len(cfg.datasets) // len(cfg.seeds)} strategy setting(s) x "
+    n_data = len(cfg.dataset_specs())  # cross-validation folds count as datasets
+    print(f"run-benchmark: {len(cells)} runs ({n_data} dataset(s) x "
+          f"{len(cells) // n_data // len(cfg.seeds)} strategy setting(s) x "
           f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
           f"tracking {cfg.tracking_uri}", flush=True)
     tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
@@ -183,7 +187,7 @@ def cmd_run(argv: list[str]) -> int:
         from metalr_bench.benchmark.tuning.studies import storage_url
 
         print(f"tuning first: {cfg.tune.n_trials} trial(s) x {len(cfg.strategies)} strateg(ies) "
-              f"x {len(cfg.datasets)} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
+              f"x {len(cfg.dataset_specs())} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
               f"objective validation {cfg.tune.metric}, storage {storage_url(cfg)}. "
               f"Browse with: optuna-dashboard {storage_url(cfg)}", flush=True)
     outcome = run_benchmark(cfg, progress=not args.no_progress)
@@ -230,12 +234,16 @@ def cmd_pretrain(argv: list[str]) -> int:
     from metalr_bench.benchmark.training.pretrain import pretrained_checkpoint
 
     tracker = Tracker(cfg.tracking_uri, cfg.name)
-    for size in sorted({d.size for d in cfg.datasets}):
+    spec = cfg.model.pretrain
+    # one checkpoint per target size, or the one of the source's own `size`
+    sizes = [spec.size] if spec.size is not None else sorted({d.size for d in cfg.datasets})
+    for size in sizes:
         path = pretrained_checkpoint(
-            cfg.model.arch, cfg.model.pretrain, size,
+            cfg.model.arch, spec, size,
             cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
             device=cfg.resolved_device(), amp=cfg.use_amp(),
             channels_last=cfg.use_channels_last(), tracker=tracker,
+            progress=not args.no_progress,
         )
         print(path)
     return 0
@@ -288,8 +296,46 @@ def cmd_plan(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Show the suite's own warnings as one line, ``run-benchmark: warning: <message>``.
+
+    Python's format (``/path/to/download.py:55: UserWarning: ...`` and a source line) reads like
+    a crash. The suite's warnings (:class:`~metalr_bench.datasets.core.errors.DatasetWarning`)
+    name their input in the message, so the CLI shows only that, like its errors; every other
+    warning keeps Python's format. Installed while :func:`main` runs, so library users keep
+    Python's behaviour. Python's filters still decide what is shown (each once per place).
+    """
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        # looked up, not imported: the datasets (torch) load only when a command needs them,
+        # and a DatasetWarning cannot be raised before they did
+        errors = sys.modules.get("metalr_bench.datasets.core.errors")
+        if errors is None or not issubclass(category, errors.DatasetWarning):
+            previous(message, category, filename, lineno, file, line)
+            return
+        from tqdm import tqdm  # write above an active progress bar, not through it
+
+        text = " ".join(str(message).split())  # one line, whatever the message holds
+        tqdm.write(f"run-benchmark: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings_as_lines():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     handlers = {"list": cmd_list, "plan": cmd_plan, "pretrain": cmd_pretrain,
                 "replay-metrics": cmd_replay, "report": cmd_report}
     try:

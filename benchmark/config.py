@@ -50,6 +50,43 @@ class DatasetSpec(_Strict):
         None, description="horizontal flips in augmentation; None: the dataset's policy (off "
         "where class names carry left/right, e.g. OrganAMNIST's kidney-left/kidney-right)",
     )
+    label: str | None = Field(
+        None, min_length=1, pattern=r"^[^/@]+$",
+        description="how runs, tags, leaderboards and reports name this dataset; default: the "
+        "adapter's name (imagefolder/csv: the root folder's name); a cross-validation fold adds "
+        "-fold<k>",
+    )
+
+    @property
+    def group_name(self) -> str:
+        """The dataset's name without its fold: ``label``, else the adapter's default."""
+        from metalr_bench.datasets.core.registry import get_entry
+
+        return self.label or get_entry(self.name).default_label(self.root, self.options)
+
+    @property
+    def fold(self) -> int | None:
+        fold = self.options.get("fold")
+        return None if fold is None else int(fold)
+
+    @property
+    def display_name(self) -> str:
+        """The dataset's name wherever it is shown (tags, run names, reports): ``group_name``,
+        and ``-fold<k>`` for a cross-validation fold, so folds and two image folders never
+        merge."""
+        return self.group_name if self.fold is None else f"{self.group_name}-fold{self.fold}"
+
+    def expand_folds(self) -> list[DatasetSpec]:
+        """One entry per fold when the adapter's options give ``n_folds`` without ``fold``
+        (k-fold cross-validation as a grid dimension), else ``[self]``."""
+        from metalr_bench.datasets.core.registry import get_entry
+
+        opts = get_entry(self.name).options_model(**self.options)
+        n_folds = getattr(opts, "n_folds", None)
+        if n_folds is None or getattr(opts, "fold", None) is not None:
+            return [self]
+        return [self.model_copy(update={"options": {**self.options, "fold": k}})
+                for k in range(n_folds)]
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSpec:
@@ -93,14 +130,40 @@ class StrategySpec(_Strict):
 
 
 class PretrainSpec(_Strict):
-    """The suite's own pre-training stage (``model.weights: pretrain``)."""
+    """The suite's own pre-training stage (``model.weights: pretrain``).
 
-    dataset: str = "synthetic-source"
-    root: str | None = None
+    Its source is a dataset entry like those under ``datasets`` (``dataset`` is its name): a
+    MedMNIST file (``root``, ``download``, ``allow_md5_mismatch``), an ``imagefolder`` or
+    ``csv`` (``root``, ``options``), the synthetic source domain, at ``size`` px (default: the
+    size of each target dataset it starts).
+    """
+
+    dataset: str = Field("synthetic-source", description="source dataset (`run-benchmark list`)")
+    root: str | None = Field(None, description="folder holding the source's files")
+    size: int | None = Field(
+        None, ge=8, le=1024, description="the source's image side in pixels; default: the size "
+        "of the target dataset (one checkpoint per target size)",
+    )
+    download: bool = False
+    allow_md5_mismatch: bool = False
+    options: dict[str, Any] = Field(default_factory=dict, description="the source's adapter options")
     epochs: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(128, ge=2)
-    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> PretrainSpec:
+        # the checks of DatasetSpec._known, so a bad source fails with the config, not later
+        from metalr_bench.datasets.core.registry import available_datasets, get_entry
+
+        names = available_datasets()
+        if self.dataset not in names:
+            raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(names)}")
+        try:
+            get_entry(self.dataset).options_model(**self.options)
+        except ValidationError as exc:
+            raise ValueError(f"options of dataset {self.dataset!r}: {_explain(exc)}") from None
+        return self
 
 
 class ModelSpec(_Strict):
@@ -113,6 +176,19 @@ class ModelSpec(_Strict):
         "(default: every cell starts from a freshly initialised head)",
     )
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    # the default list is zoo.USCL_HEAD_PREFIXES (config sits below models and cannot import
+    # it; a test keeps the two equal)
+    weights_mapping: Literal["names", "positional"] = Field(
+        "names",
+        description="how a checkpoint's tensors find the model's: by key name, or positional "
+        "(a foreign wrapper's keys, e.g. USCL's features.*, paired in order after dropping "
+        "drop_prefixes), as the public MetaLR code loads its USCL start",
+    )
+    drop_prefixes: list[str] = Field(
+        default_factory=lambda: ["l1.", "l2.", "linear.", "fc", "classifier"],
+        description="weights_mapping positional: checkpoint keys starting with one of these "
+        "(a projection head, a classifier) are dropped before pairing; default: USCL's",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -122,6 +198,16 @@ class ModelSpec(_Strict):
         raise ValueError(
             f"weights={v!r}: expected none, imagenet, pretrain or a path ending in .pt/.pth/.ckpt"
         )
+
+    @model_validator(mode="after")
+    def _positional_needs_a_file(self) -> ModelSpec:
+        if self.weights_mapping == "positional" and self.weights in ("none", "imagenet",
+                                                                     "pretrain"):
+            raise ValueError(
+                f"weights_mapping=positional pairs a checkpoint file's tensors in order; "
+                f"weights={self.weights!r} is not a file (give a .pt/.pth/.ckpt path)"
+            )
+        return self
 
 
 def _dataset_default() -> list[DatasetSpec]:
@@ -288,11 +374,15 @@ class BenchmarkConfig(_Strict):
         on = self.channels_last == "on"
         return on or (self.channels_last == "auto" and self.resolved_device() != "cpu")
 
+    def dataset_specs(self) -> list[DatasetSpec]:
+        """The datasets of the grid, cross-validation folds expanded (one entry per fold)."""
+        return [f for d in self.datasets for f in d.expand_folds()]
+
     def cells(self) -> list[Cell]:
         """The grid, dataset-major then strategy, params and seed (stable order)."""
         return [
             Cell(dataset=d, strategy=s.name, params=p, seed=seed)
-            for d in self.datasets
+            for d in self.dataset_specs()
             for s in self.strategies
             for p in s.expand()
             for seed in self.seeds
@@ -323,7 +413,11 @@ class BenchmarkConfig(_Strict):
         tuned = set(tuned)
         params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
         return {
-            "dataset": cell.dataset.model_dump(mode="json", exclude={"download", "root"}),
+            "dataset": {**cell.dataset.model_dump(mode="json",
+                                                   exclude={"download", "root", "label"}),
+                        # the root is left out (moving the data keeps the cells), its name not:
+                        # two image folders with the same options are two datasets
+                        "label": cell.dataset.display_name},
             "model": eff.model.model_dump(mode="json"),
             "strategy": cell.strategy,
             "params": {k: v for k, v in params.items() if k not in tuned},
@@ -345,7 +439,8 @@ class BenchmarkConfig(_Strict):
         ident = self.cell_identity(cell)
         dataset, model = ident["dataset"], ident["model"]
         return {
-            "dataset": dataset.pop("name"), "image_size": dataset.pop("size"),
+            "dataset": dataset.pop("label"), "dataset.adapter": dataset.pop("name"),
+            "image_size": dataset.pop("size"),
             **{f"dataset.{k}": v for k, v in dataset.items()},
             "strategy": cell.strategy, "seed": cell.seed,
             "model": model.pop("arch"), "weights": model.pop("weights"),
@@ -386,7 +481,8 @@ class Cell:
 
     @property
     def dataset_label(self) -> str:
-        return f"{self.dataset.name}@{self.dataset.size}"
+        """``<display name>@<size>``: the same dataset at two sizes is two tasks."""
+        return f"{self.dataset.display_name}@{self.dataset.size}"
 
 
 def _explain(exc: ValidationError) -> str:

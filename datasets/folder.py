@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -74,10 +74,10 @@ class FolderOptions(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FolderOptions:
-        if (self.n_folds is None) != (self.fold is None):
-            raise ValueError("give both n_folds and fold (k-fold CV), or neither")
+        if self.fold is not None and self.n_folds is None:
+            raise ValueError("fold needs n_folds (k-fold CV); n_folds alone runs every fold")
         if self.n_folds is not None:
-            if self.fold >= self.n_folds:  # type: ignore[operator]
+            if self.fold is not None and self.fold >= self.n_folds:
                 raise ValueError(f"fold must be in 0..{self.n_folds - 1}, got {self.fold}")
             if self.val_fraction >= 1 - 1 / self.n_folds:
                 raise ValueError("val_fraction leaves no training data with these n_folds")
@@ -132,6 +132,11 @@ def _split(rec: Records, opts: FolderOptions, seed: int) -> tuple[Split, Split, 
             how += f"; val = {opts.val_fraction:g} of the train groups (seed {s})"
         return parts["train"], parts["val"], parts["test"], how
     if opts.n_folds is not None:
+        if opts.fold is None:
+            raise DatasetError(
+                f"n_folds={opts.n_folds} without fold: a benchmark config expands it into one "
+                f"cell per fold; to load one fold directly give fold 0..{opts.n_folds - 1}"
+            )
         folds = group_kfold_indices(pool, opts.n_folds, seed=s)
         rest_idx, test_idx = folds[opts.fold]  # type: ignore[index]
         train, val = group_holdout(
@@ -187,9 +192,15 @@ def build_bundle(
     )
 
 
+def _root_name(root: Path | None, options: dict[str, Any]) -> str | None:
+    """A folder's datasets are told apart by their root folder's name (``/data/busi`` -> busi)."""
+    return Path(root).expanduser().resolve().name if root else None
+
+
 @register_dataset(
     "imagefolder",
     options_model=FolderOptions,
+    label=_root_name,
     description="root/<class>/<images>; group-aware stratified splits (group_pattern)",
 )
 def load_imagefolder(
@@ -218,6 +229,7 @@ def load_imagefolder(
 @register_dataset(
     "csv",
     options_model=CsvOptions,
+    label=_root_name,
     description="CSV manifest image,label[,group][,split]; multi-label as 'a|b'",
 )
 def load_csv(

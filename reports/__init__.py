@@ -2,7 +2,8 @@
 
 Holds: ``templates/benchmark_report.py`` (the jupytext notebook papermill executes),
 ``results`` (MLflow runs -> tidy tables), ``stats`` (CIs, paired tests, Friedman + Nemenyi),
-``tables``, ``figures``, ``build`` (papermill + HTML) and ``cli`` (`run-benchmark report`).
+``tables``, ``figures``, ``transferability`` (learned LRs against per-layer transferability,
+Spearman), ``build`` (papermill + HTML) and ``cli`` (`run-benchmark report`).
 
 May import: mlflow, pandas, scipy, matplotlib, papermill and the torch-free tracking layer
 (``benchmark.tracking``); never torch, the trainer, the strategies or the datasets

@@ -160,6 +160,26 @@ def drift_heatmap(drift: pd.DataFrame, groups: Sequence[str] | None = None) -> F
     return fig
 
 
+def confusion_matrices(mats: dict[str, pd.DataFrame], title: str) -> Figure:
+    """One pooled confusion matrix per strategy (rows: true class; counts and row shares)."""
+    fig, axes = plt.subplots(1, len(mats), squeeze=False, layout="constrained",
+                             figsize=(3.2 * len(mats), 3.0))
+    for ax, (strategy, m) in zip(axes.flat, mats.items(), strict=True):
+        counts = m.to_numpy()
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(m.columns)), m.columns, rotation=35, ha="right", fontsize=8)
+        ax.set_yticks(range(len(m.index)), m.index, fontsize=8)
+        for (i, j), v in np.ndenumerate(counts):
+            ax.text(j, i, f"{v}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.6 else "black")
+        ax.set_title(strategy, fontsize=10)
+        ax.set_xlabel("predicted")
+    axes.flat[0].set_ylabel("true")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def cd_diagram(avg_ranks: pd.Series, cd: float, cliques: Sequence[Sequence[str]],
                title: str = "") -> Figure:
     """Demšar's critical-difference diagram: average ranks on an axis, CD bar, cliques joined."""
@@ -259,3 +279,97 @@ def optuna_figures(study) -> list[Figure]:
             fig.set_size_inches(max(fig.get_size_inches()[0], 7), 3.6)
             figs.append(fig)
     return figs
+
+
+def transferability_profile(trans: pd.DataFrame, groups: Sequence[str] | None = None,
+                            palette: dict[str, tuple[float, float, float]] | None = None,
+                            reference: str = "full") -> Figure:
+    """Per-layer transferability T per strategy (mean over seeds ± 1 std), one panel per dataset.
+
+    ``trans``: long rows ``dataset_key, strategy_label, strategy, group, transferability``;
+    groups follow ``groups`` (the drift heat-map's order), colours ``palette`` (default
+    :func:`colours`); ``reference`` (full fine-tuning, the paper's) is drawn thickest. Log
+    scale; the dashed line is T = 1 (pre-trained no closer to the end than a random start).
+    """
+    datasets = sorted(trans["dataset_key"].unique())
+    present = set(trans["group"])
+    order = [g for g in (groups or []) if g in present] + sorted(present - set(groups or []))
+    cmap = palette or colours(trans["strategy_label"].unique())
+    refs = set(trans.loc[trans["strategy"] == reference, "strategy_label"])
+    ncols = min(len(datasets), 3)
+    nrows = math.ceil(len(datasets) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained", sharey=True,
+                             figsize=(ncols * max(3.8, 0.55 * len(order) + 1.6),
+                                      nrows * 3.2 + 0.6))
+    for ax, ds in zip(axes.flat, datasets, strict=False):
+        sub = trans[trans["dataset_key"] == ds]
+        for s in sorted(sub["strategy_label"].unique(), key=lambda s: (s in refs, s)):
+            agg = (sub[sub["strategy_label"] == s].groupby("group")["transferability"]
+                   .agg(["mean", "std"]).reindex(order))
+            x = np.arange(len(order))
+            ok = agg["mean"].notna().to_numpy()
+            ax.errorbar(x[ok], agg["mean"].to_numpy()[ok],
+                        yerr=agg["std"].fillna(0).to_numpy()[ok], color=cmap.get(s, "0.4"),
+                        marker="o", markersize=3.5, capsize=2,
+                        linewidth=2.6 if s in refs else 1.3, zorder=3 if s in refs else 2,
+                        label=f"{s} (reference)" if s in refs else s)
+        ax.axhline(1.0, color="0.35", linestyle="--", linewidth=0.9)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(order)), order, rotation=35, ha="right", fontsize=8)
+        ax.set_title(ds, fontsize=10)
+        _style(ax)
+    axes[0, 0].set_ylabel("transferability T (log)")
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.set_visible(False)
+    handles: dict[str, object] = {}  # one entry per strategy over all panels
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=min(len(handles), 5), frameon=False)
+    return fig
+
+
+class _PlainLogLabels(plt.LogFormatter):
+    """Log-axis labels as plain numbers (0.00012, 30): matplotlib picks which ticks to label,
+    but its ``3×10¹`` minor labels overlap on axes that span about one decade."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+
+def lr_vs_transferability(points: pd.DataFrame, corr: pd.DataFrame,
+                          palette: dict[str, tuple[float, float, float]] | None = None) -> Figure:
+    """Each layer group's mean LR over training (y) against its T under full fine-tuning (x),
+    log-log, one panel per (dataset, layer-wise strategy) with its Spearman ρ and p; points
+    are labelled with their group and joined in input -> output order."""
+    cmap = palette or colours(points["strategy_label"].unique())
+    keys = list(zip(corr["dataset_key"], corr["strategy_label"], strict=True))
+    ncols = min(len(keys), 3)
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
+                             figsize=(ncols * 3.9, nrows * 3.3))
+    for ax, (ds, s), (_, row) in zip(axes.flat, keys, corr.iterrows(), strict=False):
+        sub = points[(points["dataset_key"] == ds) & (points["strategy_label"] == s)]
+        ax.plot(sub["transferability"], sub["mean_lr"], color="0.75", linewidth=0.8, zorder=1)
+        ax.scatter(sub["transferability"], sub["mean_lr"], color=cmap.get(s, "0.4"), s=22,
+                   zorder=2)
+        for _, r in sub.iterrows():
+            ax.annotate(r["group"], (r["transferability"], r["mean_lr"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(_PlainLogLabels(labelOnlyBase=False))
+            axis.set_minor_formatter(_PlainLogLabels(labelOnlyBase=False))
+        ax.tick_params(which="both", labelsize=7)
+        p = row["p"]
+        shown_p = "n/a" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+        ax.set_title(f"{ds}: {s}\nρ = {row['rho']:.2f}, p = {shown_p} ({row['verdict']})",
+                     fontsize=9)
+        ax.set_xlabel("T of full fine-tuning (log)")
+        ax.set_ylabel("mean LR over training (log)")
+        _style(ax)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    return fig

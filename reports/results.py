@@ -16,7 +16,9 @@ Tables:
 
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 #: tags every child run carries (see ``benchmark.runner.cell_tags``)
 CELL_TAGS = ("dataset", "image_size", "strategy", "strategy_label", "seed", "model",
-             "config_hash")
+             "config_hash", T.FOLD, T.CV_GROUP)
 #: per-epoch metrics the report plots (besides ``lr/<group>``)
 CURVE_METRICS = ("train_loss", "val_loss", "val_auc", "val_acc", "val_balanced_acc", "val_f1",
                  "epoch_time_s")
@@ -145,6 +147,11 @@ def results_table(runs: BenchmarkRuns) -> pd.DataFrame:
         row["image_size"] = int(row["image_size"]) if row["image_size"] is not None else None
         row["strategy_label"] = row["strategy_label"] or row["strategy"]
         row["dataset_key"] = f"{row['dataset']}@{row['image_size']}"
+        # cross-validation: a fold is a dataset of its own (dataset_key), and all folds of one
+        # dataset share cv_key, where the report pools them
+        row["fold"] = int(row["fold"]) if row["fold"] is not None else None
+        row["cv_key"] = (f"{row['cv_group']}@{row['image_size']}"
+                         if row["cv_group"] is not None else None)
         row |= {f"param.{k}": _as_number(v) if k.startswith("strategy.") else v
                 for k, v in sorted(r.data.params.items())}
         row |= {k: v for k, v in sorted(r.data.metrics.items())
@@ -155,6 +162,23 @@ def results_table(runs: BenchmarkRuns) -> pd.DataFrame:
         return df
     return df.sort_values(["dataset_key", "strategy_label", "seed"], kind="stable",
                           ignore_index=True)
+
+
+def test_predictions(tracking_uri: str | MlflowClient, results: pd.DataFrame) -> pd.DataFrame:
+    """The test-set predictions each run of ``results`` logged (``predictions/test.csv``), one
+    row per image with its ``run_id``; runs of older versions, which logged none, are absent."""
+    client = _client(tracking_uri)
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="metalr-preds-") as tmp:
+        for run_id in results["run_id"]:
+            try:
+                path = client.download_artifacts(run_id, T.PREDICTIONS_ARTIFACT, tmp)
+            except Exception:  # noqa: BLE001 - an older run without the artifact
+                continue
+            frame = pd.read_csv(path)
+            frame.insert(0, "run_id", run_id)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def metric_histories(tracking_uri: str | MlflowClient, runs: BenchmarkRuns,
@@ -218,9 +242,6 @@ def parent_provenance(tracking_uri: str | MlflowClient, runs: BenchmarkRuns) -> 
     parent = runs.parents[0]
     config: dict[str, Any] | None = None
     try:
-        import json
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(parent.info.run_id, "config.json", tmp)
             with open(path) as fh:

@@ -56,11 +56,14 @@ def _shown(g: pd.DataFrame, column: str) -> str:
 
 
 def leaderboard(results: pd.DataFrame, metrics: list[str], primary: str,
-                level: float = 0.95) -> pd.DataFrame:
-    """Numbers per (dataset, strategy): ``<metric>_{mean,std,ci_low,ci_high}``, n, rank."""
+                level: float = 0.95, *, by: str = "dataset_key") -> pd.DataFrame:
+    """Numbers per (dataset, strategy): ``<metric>_{mean,std,ci_low,ci_high}``, n, rank.
+
+    ``by="cv_key"``: per cross-validated dataset, over its folds × seeds (``n_runs``)."""
     rows = []
-    for (ds, s), g in results.groupby(["dataset_key", "strategy_label"], sort=True):
+    for (ds, s), g in results.groupby([by, "strategy_label"], sort=True):
         row = {"dataset": ds, "strategy": s, "n_seeds": int(g["seed"].nunique()),
+               "n_runs": len(g),
                "train_images": _shown(g, "param.n_train_images"),
                "meta_source": _shown(g, "param.meta_source")}
         for m in metrics:
@@ -77,7 +80,8 @@ def leaderboard(results: pd.DataFrame, metrics: list[str], primary: str,
     return board.sort_values(["dataset", "rank", "strategy"], ignore_index=True)
 
 
-def leaderboard_html(board: pd.DataFrame, metrics: list[str], primary: str) -> str:
+def leaderboard_html(board: pd.DataFrame, metrics: list[str], primary: str,
+                     table_id: str = "leaderboard") -> str:
     """The leaderboard as ``<table id="leaderboard">``, best mean per dataset+metric in bold."""
     shown = pd.DataFrame({"dataset": board["dataset"], "strategy": board["strategy"],
                           "seeds": board["n_seeds"],
@@ -92,7 +96,7 @@ def leaderboard_html(board: pd.DataFrame, metrics: list[str], primary: str) -> s
                                     r[f"{m}_ci_high"], is_best))
         shown[METRIC_NAMES.get(m, m)] = cells
     shown[f"rank ({METRIC_NAMES.get(primary, primary)})"] = [f"{v:g}" for v in board["rank"]]
-    return shown.to_html(index=False, escape=False, table_id="leaderboard",
+    return shown.to_html(index=False, escape=False, table_id=table_id,
                          classes="metalr-table", border=0)
 
 
@@ -118,17 +122,20 @@ def average_ranks_html(table: pd.DataFrame) -> str:
                                        classes="metalr-table", border=0)
 
 
-def paired_vs_best(results: pd.DataFrame, board: pd.DataFrame, primary: str) -> pd.DataFrame:
-    """Per dataset: each strategy vs the best one (by mean ``primary``), paired on seeds."""
+def paired_vs_best(results: pd.DataFrame, board: pd.DataFrame, primary: str, *,
+                   by: str = "dataset_key", pair_on: tuple[str, ...] = ("seed",)
+                   ) -> pd.DataFrame:
+    """Per dataset: each strategy vs the best one (by mean ``primary``), paired on seeds (a
+    cross-validated dataset, ``by="cv_key"``: paired on (fold, seed))."""
     rows = []
     for ds, b in board.groupby("dataset"):
         best = b.sort_values("rank").iloc[0]["strategy"]
-        sub = results[results["dataset_key"] == ds]
-        ref = sub[sub["strategy_label"] == best].set_index("seed")[primary]
+        sub = results[results[by] == ds]
+        ref = sub[sub["strategy_label"] == best].set_index(list(pair_on))[primary]
         for s in b.sort_values("rank")["strategy"]:
             if s == best:
                 continue
-            other = sub[sub["strategy_label"] == s].set_index("seed")[primary]
+            other = sub[sub["strategy_label"] == s].set_index(list(pair_on))[primary]
             t: PairedTest = paired_test(other, ref)
             rows.append({"dataset": ds, "strategy": s, "best": best, "mean diff": t.mean_diff,
                          "test": t.test, "statistic": t.statistic, "p-value": t.p_value,
@@ -137,11 +144,86 @@ def paired_vs_best(results: pd.DataFrame, board: pd.DataFrame, primary: str) -> 
                                        "statistic", "p-value", "pairs"])
 
 
-def paired_html(table: pd.DataFrame) -> str:
+def paired_html(table: pd.DataFrame, table_id: str = "paired-tests") -> str:
     shown = table.copy()
     shown["mean diff"] = [f"{v:+.3f}" for v in shown["mean diff"]]
     shown["statistic"] = [f"{v:.3f}" if not math.isnan(v) else "–" for v in shown["statistic"]]
     shown["p-value"] = [("–" if math.isnan(v) else f"<strong>{v:.3g}</strong>" if v < 0.05
                          else f"{v:.3g}") for v in shown["p-value"]]
-    return shown.to_html(index=False, escape=False, table_id="paired-tests",
+    return shown.to_html(index=False, escape=False, table_id=table_id,
                          classes="metalr-table", border=0)
+
+
+# -- cross-validation: the folds pooled ------------------------------------------------------------
+def pooled_cv(results: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
+    """Per (cross-validated dataset, strategy, seed): the paper's figures on the test
+    predictions of all its folds pooled (every image of the dataset predicted once, by the fold
+    that held it out): accuracy, macro AUC, and precision / recall / F1 per class.
+
+    ``predictions``: :func:`results.test_predictions` of ``results`` (single-label tasks)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
+
+    if predictions.empty or "label" not in predictions:
+        return pd.DataFrame()
+    probs = [c for c in predictions if c.startswith("prob.")]
+    classes = [c.removeprefix("prob.") for c in probs]
+    merged = predictions.merge(results[["run_id", "cv_key", "strategy_label", "seed"]],
+                               on="run_id")
+    rows = []
+    for (ds, s, seed), g in merged.groupby(["cv_key", "strategy_label", "seed"], sort=True):
+        y = g["label"].to_numpy(dtype=int)
+        p = g[probs].to_numpy(dtype=float)
+        pred = p.argmax(axis=1)
+        row = {"dataset": ds, "strategy": s, "seed": seed, "n_images": len(g),
+               "n_folds": int(results.loc[results["run_id"].isin(g["run_id"]), "fold"].nunique()),
+               "pooled_acc": accuracy_score(y, pred)}
+        present = sorted(set(y))
+        try:
+            row["pooled_auc"] = (roc_auc_score(y, p[:, 1]) if len(classes) == 2 else
+                                 roc_auc_score(y, p, multi_class="ovr", labels=range(len(classes))))
+        except ValueError:  # one class only among the pooled labels
+            row["pooled_auc"] = math.nan
+        prec, rec, f1, _ = precision_recall_fscore_support(
+            y, pred, labels=range(len(classes)), zero_division=0)
+        for i, c in enumerate(classes):
+            if i in present:
+                row |= {f"precision.{c}": prec[i], f"recall.{c}": rec[i], f"f1.{c}": f1[i]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pooled_cv_html(pooled: pd.DataFrame) -> str:
+    """Mean ± std over seeds of each pooled figure, per dataset and strategy."""
+    figures = [c for c in pooled if c.startswith(("pooled_", "precision.", "recall.", "f1."))]
+    rows = []
+    for (ds, s), g in pooled.groupby(["dataset", "strategy"], sort=True):
+        row = {"dataset": ds, "strategy": s, "seeds": g["seed"].nunique(),
+               "folds": int(g["n_folds"].max()), "images": int(g["n_images"].max())}
+        for c in figures:
+            v = g[c].dropna()
+            row[c.replace("pooled_", "pooled ")] = (
+                "–" if v.empty else f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}"
+                                                          if len(v) > 1 else ""))
+        rows.append(row)
+    return pd.DataFrame(rows).to_html(index=False, escape=True, table_id="cv-pooled",
+                                      classes="metalr-table", border=0)
+
+
+def confusion(results: pd.DataFrame, predictions: pd.DataFrame) -> dict[tuple[str, str],
+                                                                           pd.DataFrame]:
+    """Per (cross-validated dataset, strategy): the confusion matrix of the pooled test
+    predictions, summed over folds and seeds (rows: true class, columns: predicted)."""
+    if predictions.empty or "label" not in predictions:
+        return {}
+    probs = [c for c in predictions if c.startswith("prob.")]
+    classes = [c.removeprefix("prob.") for c in probs]
+    merged = predictions.merge(results[["run_id", "cv_key", "strategy_label"]], on="run_id")
+    merged["pred"] = merged[probs].to_numpy().argmax(axis=1)
+    out = {}
+    for (ds, s), g in merged.groupby(["cv_key", "strategy_label"], sort=True):
+        m = pd.crosstab(g["label"].astype(int), g["pred"]).reindex(
+            index=range(len(classes)), columns=range(len(classes)), fill_value=0)
+        m.index, m.columns = classes, classes
+        m.index.name, m.columns.name = "true", "predicted"
+        out[(ds, s)] = m
+    return out

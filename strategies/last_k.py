@@ -11,7 +11,6 @@ from typing import Any
 from metalr_bench.strategies.core.base import Strategy, register
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 
 class LastKParams(BaseModel):
@@ -38,25 +37,9 @@ class LastK(Strategy):
                 f"({', '.join(g.name for g in groups)}); use 1 <= k <= {len(groups)}"
             )
         self.frozen = groups[: len(groups) - k]
-        frozen_params = {p for g in self.frozen for p in g.params}
-        for name, p in model.named_parameters():
-            p.requires_grad_(name not in frozen_params)
-        self._frozen_modules = [model.get_submodule(m) for g in self.frozen for m in g.modules
-                                if _has_module(model, m)]
+        self.freeze(self.frozen)
 
     def param_groups(self) -> list[dict[str, Any]]:
         start = len(self.groups) - self.params.k
         return [self._group(i, lr=self.settings.lr) for i in range(start, len(self.groups))]
 
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
-        for module in self._frozen_modules:
-            module.eval()
-
-
-def _has_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False

@@ -110,8 +110,10 @@ def test_kfold_test_parts_partition_groups(tmp_path: Path) -> None:
 
 def test_kfold_options_are_validated(tmp_path: Path) -> None:
     make_folder(tmp_path / "us")
-    with pytest.raises(ValueError, match="both n_folds and fold"):
+    with pytest.raises(ValueError, match="fold needs n_folds"):
         load_dataset("imagefolder", root=tmp_path / "us", options={"fold": 1})
+    with pytest.raises(DatasetError, match="one cell per fold"):  # a config expands it
+        load_dataset("imagefolder", root=tmp_path / "us", options={"n_folds": 3})
     with pytest.raises(ValueError, match="fold must be in 0..2"):
         load_dataset("imagefolder", root=tmp_path / "us", options={"n_folds": 3, "fold": 3})
     with pytest.raises(ValueError, match="group_pattern"):

@@ -109,9 +109,74 @@ class WeightsMismatch(ValueError):
     """A checkpoint that does not belong to the model's architecture."""
 
 
+#: what ``model.weights_mapping`` accepts: keys matched by name, or paired in order
+WEIGHTS_MAPPINGS = ("names", "positional")
+
+#: keys a USCL checkpoint holds besides its backbone (``features.*``): the SimCLR projection MLP
+#: (``l1``, ``l2``; ``linear`` in the released ResNetUSCL) and classifiers (``fc``, ``fc1``,
+#: ``fc2``); the public MetaLR code drops every key starting with ``l``, ``fc`` or ``classifier``
+#: before pairing the rest by position (``l`` alone would drop torchvision's ``layer1...`` too)
+USCL_HEAD_PREFIXES = ("l1.", "l2.", "linear.", "fc", "classifier")
+
+
+def map_by_position(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], source: str,
+                    *, drop_prefixes: tuple[str, ...] | list[str] = USCL_HEAD_PREFIXES,
+                    ) -> dict[str, torch.Tensor]:
+    """Rename a foreign checkpoint's tensors to ``model``'s backbone keys, pairing them in order.
+
+    Why: a checkpoint saved from another wrapper of the same network (USCL's ``features.0``,
+    ``features.4.0.conv1`` for torchvision's ``conv1``, ``layer1.0.conv1``) has other names but
+    the same tensors in the same order, which is how the public MetaLR code loads its USCL start.
+    Keys starting with one of ``drop_prefixes`` (the projection head, a classifier) are dropped;
+    the rest pair with the model's state dict entries outside its head, in order. Every pair's
+    shape must match (the stem's input channels excepted: :func:`load_state` adapts them), and
+    the counts too; otherwise a :class:`WeightsMismatch` names the first mismatch. A checkpoint
+    without BatchNorm's ``num_batches_tracked`` counters (older PyTorch) pairs without them
+    (the model keeps its own).
+    """
+    fam = family(arch)
+    head = _HEAD[fam] + "."
+    stem_key = f"{_STEM_CONV[fam]}.weight"
+    prefixes = tuple(drop_prefixes)
+    theirs = [(k, v) for k, v in state.items() if not (prefixes and k.startswith(prefixes))]
+    ours = [(k, v) for k, v in model.state_dict().items() if not k.startswith(head)]
+    counters: dict[str, torch.Tensor] = {}
+    if not any(k.endswith("num_batches_tracked") for k, _ in theirs):
+        counters = {k: v for k, v in ours if k.endswith("num_batches_tracked")}
+        ours = [(k, v) for k, v in ours if k not in counters]
+    dropped = f"after dropping keys starting with {', '.join(prefixes) or '(nothing)'}"
+    for i, ((tk, tv), (ok, ov)) in enumerate(zip(theirs, ours, strict=False)):
+        same = tuple(tv.shape) == tuple(ov.shape) or (
+            ok == stem_key and tv.ndim == ov.ndim == 4
+            and tv.shape[:1] + tv.shape[2:] == ov.shape[:1] + ov.shape[2:]
+        )
+        if not same:
+            raise WeightsMismatch(
+                f"checkpoint {source} does not pair with model {arch!r} by position ({dropped}): "
+                f"position {i}: checkpoint {tk!r} {tuple(tv.shape)} vs model {ok!r} "
+                f"{tuple(ov.shape)}. Check `model.arch`, and `model.drop_prefixes` for head keys "
+                "left in the checkpoint."
+            )
+    if len(theirs) != len(ours):
+        extra = (f"first unpaired checkpoint key: {theirs[len(ours)][0]!r}"
+                 if len(theirs) > len(ours) else
+                 f"first unpaired model key: {ours[len(theirs)][0]!r}")
+        raise WeightsMismatch(
+            f"checkpoint {source} does not pair with model {arch!r} by position: it holds "
+            f"{len(theirs)} tensors {dropped}, the model's backbone {len(ours)} ({extra}). Check "
+            "`model.arch`, and `model.drop_prefixes` for head keys left in the checkpoint."
+        )
+    return {ok: tv for (_, tv), (ok, _) in zip(theirs, ours, strict=True)} | counters
+
+
 def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], source: str,
-               *, keep_head: bool = False) -> None:
+               *, keep_head: bool = False, mapping: str = "names",
+               drop_prefixes: tuple[str, ...] | list[str] | None = None) -> None:
     """Load a backbone ``state`` into ``model``; the head stays freshly initialised.
+
+    ``mapping="positional"`` first renames a foreign checkpoint's keys by position
+    (:func:`map_by_position`, dropping ``drop_prefixes``, default :data:`USCL_HEAD_PREFIXES`);
+    its head is never loaded.
 
     Why always new: a source head whose shape happens to match the target's (a 2-class source
     and a 2-class target, a 4-class source and OctMNIST) was trained for *other* classes; reusing
@@ -123,6 +188,13 @@ def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], s
     Raises a ValueError naming the checkpoint, the mismatching keys and the fix when the
     checkpoint does not belong to ``arch``.
     """
+    if mapping not in WEIGHTS_MAPPINGS:
+        raise ValueError(f"mapping={mapping!r}: expected one of {', '.join(WEIGHTS_MAPPINGS)}")
+    if mapping == "positional":
+        state = map_by_position(
+            model, arch, state, source,
+            drop_prefixes=USCL_HEAD_PREFIXES if drop_prefixes is None else drop_prefixes,
+        )
     fam = family(arch)
     own = model.state_dict()
     state = dict(state)

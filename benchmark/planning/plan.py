@@ -228,7 +228,7 @@ def study_cells(cfg: BenchmarkConfig) -> list[Cell]:
     """One cell per tuning study (dataset x strategy), its fixed (non-list) parameters set."""
     return [Cell(dataset=d, strategy=s.name, seed=cfg.tune.seed,
                  params={k: v for k, v in s.params.items() if not isinstance(v, list)})
-            for d in cfg.datasets for s in cfg.strategies]
+            for d in cfg.dataset_specs() for s in cfg.strategies]
 
 
 def final_cells(cfg: BenchmarkConfig) -> list[Cell]:
@@ -295,7 +295,7 @@ def format_plan(cfg: BenchmarkConfig, rows: list[PlanRow], timings: StepTimings 
                 devices: int = 1) -> str:
     """The plan as the user reads it: totals per strategy, per dataset, and the wall-clock."""
     lines = [f"plan {cfg.name!r}: {cfg.model.arch}, batch {cfg.batch_size}, "
-             f"{len(cfg.datasets)} dataset(s) x {len(cfg.strategies)} strateg(ies) x "
+             f"{len(cfg.dataset_specs())} dataset(s) x {len(cfg.strategies)} strateg(ies) x "
              f"{len(cfg.seeds)} seed(s)"]
     for phase in ("tuning", "final"):
         pr = [r for r in rows if r.phase == phase]

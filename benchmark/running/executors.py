@@ -63,7 +63,7 @@ WorkerFn = Callable[..., Any]
 
 
 def _cell_name(cell: Cell) -> str:
-    return f"{cell.dataset.name} {cell.label} seed={cell.seed}"
+    return f"{cell.dataset_label} {cell.label} seed={cell.seed}"
 
 
 def _failed(cfg: BenchmarkConfig, cell: Cell, exc: BaseException) -> CellResult:

@@ -112,7 +112,9 @@ def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
                           cell.strategy, cell.params,
                           train_settings(cfg.effective(cell), epochs=cfg.epochs),
                           weights=state, weights_source=weights,
-                          keep_head=cfg.model.keep_head)
+                          keep_head=cfg.model.keep_head,
+                          weights_mapping=cfg.model.weights_mapping,
+                          drop_prefixes=cfg.model.drop_prefixes)
             built.strategy.build_optimizer()
         except WeightsMismatch as exc:
             raise InputError(f"`model.weights`: {exc}") from None

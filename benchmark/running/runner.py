@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 from metalr_bench.benchmark import __version__
-from metalr_bench.benchmark.config import BenchmarkConfig, Cell
+from metalr_bench.benchmark.config import BenchmarkConfig, Cell, DatasetSpec
 from metalr_bench.benchmark.running.executors import get_executor
 from metalr_bench.benchmark.running.preflight import preflight
 from metalr_bench.benchmark.running.resume import plan_cell
@@ -30,6 +30,10 @@ from metalr_bench.benchmark.training.cell import CellResult, DataCache, train_ce
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.faults import explain_oom
 from metalr_bench.benchmark.training.pretrain import starting_weights
+from metalr_bench.benchmark.training.transferability import (
+    TRANSFERABILITY_SEED,
+    run_transferability,
+)
 from metalr_bench.benchmark.tuning.studies import tune_all
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,19 @@ class BenchmarkOutcome:
         return [r for r in self.results if r.status != "FINISHED"]
 
 
+def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
+    """How a run names its dataset: display name, adapter, size, and its fold when it is one."""
+    tags: dict[str, Any] = {T.DATASET: dataset.display_name, T.DATASET_ADAPTER: dataset.name,
+                            T.IMAGE_SIZE: dataset.size}
+    if dataset.fold is not None:
+        tags |= {T.FOLD: dataset.fold, T.CV_GROUP: dataset.group_name}
+    return tags
+
+
 def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
     return {
         T.KIND: T.KIND_CELL,
-        T.DATASET: cell.dataset.name,
-        T.IMAGE_SIZE: cell.dataset.size,
+        **dataset_tags(cell.dataset),
         T.STRATEGY: cell.strategy,
         T.STRATEGY_LABEL: cell.label,
         T.SEED: cell.seed,
@@ -108,8 +120,17 @@ def run_cell(
                                                     checkpoint=ckpt, resume=plan.payload)
             logger.flush(final=True)
             tracker.log_params(run_id, train_result.data_params())
+            if train_result.test_predictions is not None:
+                tracker.log_table(run_id, train_result.test_predictions, T.PREDICTIONS_ARTIFACT)
             final = train_result.summary()
             final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
+            # per-layer transferability of the pre-trained start (Chen et al. 2022): θ_B is the
+            # selected checkpoint, which the strategy's model holds after fit
+            transfer = run_transferability(cfg, bundle.in_channels, bundle.num_outputs,
+                                           weights, strategy.model)
+            if transfer:
+                final |= transfer
+                tracker.log_params(run_id, {"transferability_seed": TRANSFERABILITY_SEED})
             tracker.log_metrics(run_id, final, step=cfg.epochs)
             for artifact in getattr(strategy, "artifacts", lambda: {})().items():
                 tracker.log_figure(run_id, artifact[1], artifact[0])
@@ -187,7 +208,7 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
         if executor.n_workers > 1:  # pre-train once here, not once per worker at the same time
             for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
-                starting_weights(cfg, data.get(cell), tracker, parent)
+                starting_weights(cfg, data.get(cell), tracker, parent, progress=progress)
         results += executor.map_cells(run_cell_call, cfg, cells, parent, tracking_uri,
                                       tracker=tracker,
                                       data=data, progress=progress)

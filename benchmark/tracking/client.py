@@ -8,6 +8,8 @@ Metrics are buffered and written with ``log_batch`` (one request per epoch, not 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import time
@@ -209,6 +211,14 @@ class Tracker:
 
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None):
         self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    def log_table(self, run_id: str, columns: dict[str, list[Any]], path: str) -> None:
+        """A table as a CSV artifact (``columns``: name -> values, all the same length)."""
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values(), strict=True))
+        self.log_text(run_id, out.getvalue(), path)
 
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
         self.client.log_figure(run_id, figure, path)

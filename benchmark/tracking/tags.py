@@ -18,7 +18,11 @@ KIND_PRETRAIN = "pretrain"  # the pre-training stage
 #: the key older versions wrote on pre-training runs (read, never written)
 LEGACY_STAGE = "stage"
 
-DATASET = "dataset"
+DATASET = "dataset"  # the dataset's display name (label, fold included)
+DATASET_ADAPTER = "dataset.adapter"  # the adapter that loads it (imagefolder, pneumoniamnist)
+#: cross-validation: the fold (test fold index) and the name shared by all folds of a dataset
+FOLD = "fold"
+CV_GROUP = "cv_group"
 IMAGE_SIZE = "image_size"
 STRATEGY = "strategy"
 STRATEGY_LABEL = "strategy_label"
@@ -31,6 +35,10 @@ STUDY_NAME = "optuna.study_name"
 #: why a run ended FAILED or KILLED (``error`` is the older key, still written for filters)
 FAILURE_REASON = "failure_reason"
 ERROR = "error"
+
+#: the artifact every cell run logs: its test-set predictions (CSV: label(s), prob.<class>);
+#: the report pools the folds of a cross-validation from them
+PREDICTIONS_ARTIFACT = "predictions/test.csv"
 
 #: who runs it (liveness): host name, process id, Unix time of the last heartbeat
 HOST = "run.host"

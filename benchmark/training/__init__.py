@@ -3,8 +3,8 @@
 Holds: ``cell`` (the cell builder: model, weights, placement, layer groups, strategy, trainer;
 ``train_cell``; ``DataCache``; ``CellResult``), ``trainer`` (epochs, evaluation, checkpoint
 selection, PreciseBN, drift), ``metrics``, ``checkpoint`` (per-epoch state for exact resume),
-``faults`` (divergence, out-of-memory) and ``pretrain`` (the pre-training stage and
-``starting_weights``).
+``faults`` (divergence, out-of-memory), ``pretrain`` (the pre-training stage and
+``starting_weights``) and ``transferability`` (per-layer transferability T of a finished run).
 
 May import: tracking (pre-training logs its run), models, config, strategies, datasets; never
 running, tuning, planning, reports or cli.

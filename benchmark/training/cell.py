@@ -91,6 +91,8 @@ def build(
     weights: dict[str, torch.Tensor] | None = None,
     weights_source: str = "",
     keep_head: bool = False,
+    weights_mapping: str = "names",
+    drop_prefixes: list[str] | tuple[str, ...] | None = None,
     device: str = "cpu",
     channels_last: bool = False,
     bundle: DatasetBundle | None = None,
@@ -103,7 +105,8 @@ def build(
     """
     model = build_model(arch, in_channels, num_outputs)
     if weights is not None:
-        load_state(model, arch, weights, weights_source, keep_head=keep_head)
+        load_state(model, arch, weights, weights_source, keep_head=keep_head,
+                   mapping=weights_mapping, drop_prefixes=drop_prefixes)
     if options is not None:
         device, channels_last = options.device, options.channels_last
     model = place_model(model, torch.device(device), channels_last)
@@ -160,6 +163,7 @@ def build_cell(
         cfg.model.arch, bundle.in_channels, bundle.num_outputs, cell.strategy, cell.params,
         train_settings(cfg, epochs=epochs, n_train=len(bundle.train)),
         weights=weights, weights_source=cfg.model.weights, keep_head=cfg.model.keep_head,
+        weights_mapping=cfg.model.weights_mapping, drop_prefixes=cfg.model.drop_prefixes,
         bundle=bundle,
         options=trainer_options(cfg, seed=cell.seed, epochs=epochs, evaluate_test=evaluate_test,
                                 hflip=cell.dataset.hflip),

@@ -1,9 +1,13 @@
 """The ``pretrain`` stage: a pre-trained starting point when no hub is reachable.
 
-Supervised training of the architecture on a *source* dataset (by default the synthetic source
-domain). The checkpoint is cached under ``<output_dir>/cache/pretrain`` by a content hash of
-everything that determines it, so every cell (and every later call) reuses it; the training run
-itself is logged to MLflow with the tag ``kind=pretrain``.
+Supervised training of the architecture on a *source* dataset: any dataset entry
+(``model.pretrain``: a MedMNIST file, with ``allow_md5_mismatch`` for a copy that is not the
+official file, an ``imagefolder`` or ``csv``, with its size and options), by default the
+synthetic source domain. The checkpoint is cached under ``<output_dir>/cache/pretrain`` by a
+content hash of everything that determines it, so every cell (and every later call) reuses it;
+the training run itself is logged to MLflow with the tag ``kind=pretrain``. With ``progress``
+the stage says what it trains and prints one line per epoch on stderr, since a large source
+trains for minutes.
 """
 
 from __future__ import annotations
@@ -11,24 +15,97 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
-from metalr_bench.benchmark.config import CODE_VERSION, BenchmarkConfig, PretrainSpec
+from metalr_bench.benchmark.config import CODE_VERSION, BenchmarkConfig, ConfigError, PretrainSpec
 from metalr_bench.benchmark.models.zoo import imagenet_state, read_checkpoint
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
 from metalr_bench.benchmark.training.cell import build
-from metalr_bench.benchmark.training.trainer import TrainerOptions, seed_everything
+from metalr_bench.benchmark.training.trainer import EpochCallback, TrainerOptions, seed_everything
 from metalr_bench.datasets.core.base import DatasetBundle
+from metalr_bench.datasets.core.medmnist_info import INFO as MEDMNIST
 from metalr_bench.datasets.core.registry import load_dataset
 from metalr_bench.strategies.core.base import TrainSettings
+from tqdm import tqdm
+
+
+class PretrainSourceError(ConfigError):
+    """The pre-training source cannot be loaded; the message names it and the fix."""
+
+
+def source_size(spec: PretrainSpec, target_size: int) -> int:
+    """The image side the source trains at: its own ``size``, else the target's."""
+    return spec.size if spec.size is not None else target_size
+
+
+def _source_location(spec: PretrainSpec) -> str | None:
+    """Where the source's content lives, when that decides the content.
+
+    An official MedMNIST file is pinned by its MD5 wherever it lies, so moving it keeps the
+    cached checkpoint; a copy accepted with ``allow_md5_mismatch``, an image folder or a CSV
+    is what its folder holds, so two folders must not share a checkpoint.
+    """
+    if spec.root is None or (spec.dataset in MEDMNIST and not spec.allow_md5_mismatch):
+        return None
+    return str(Path(spec.root).expanduser().resolve())
 
 
 def pretrain_key(arch: str, spec: PretrainSpec, size: int) -> str:
-    payload = {"arch": arch, "spec": spec.model_dump(mode="json", exclude={"root"}),
-               "size": size, "code": CODE_VERSION}
+    """Hash of everything that determines the checkpoint; ``size`` is the source's side.
+
+    ``download`` is left out (it only fetches a missing file, which is then MD5-checked), and so
+    is ``spec.size`` (the ``size`` argument is the resolved side). ``allow_md5_mismatch`` and the
+    location enter only when they matter, so checkpoints cached by earlier versions keep their
+    key.
+    """
+    fields = spec.model_dump(mode="json", exclude={"root", "size", "download"})
+    if not spec.allow_md5_mismatch:
+        del fields["allow_md5_mismatch"]
+    payload = {"arch": arch, "spec": fields, "size": size, "code": CODE_VERSION}
+    location = _source_location(spec)
+    if location is not None:
+        payload["root"] = location
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe_source(spec: PretrainSpec, size: int) -> str:
+    root = f", root {spec.root}" if spec.root else ""
+    return f"pretrain source {spec.dataset!r} (size {size}{root})"
+
+
+def load_source(spec: PretrainSpec, size: int) -> DatasetBundle:
+    """The source dataset at ``size`` px; a failure names the source and its config key."""
+    try:
+        return load_dataset(spec.dataset, root=spec.root, size=size, download=spec.download,
+                            allow_md5_mismatch=spec.allow_md5_mismatch, options=spec.options)
+    except (ValueError, KeyError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise PretrainSourceError(
+            f"{_describe_source(spec, size)}: {msg}\n(The pre-training source is `model.pretrain` "
+            "in the config: dataset, root, size, download, allow_md5_mismatch, options; the "
+            "dataset flags such as --allow-md5-mismatch apply to the target datasets only.)"
+        ) from None
+
+
+class EpochLines(EpochCallback):
+    """One stderr line per epoch, written through ``tqdm.write`` so an active bar stays whole."""
+
+    def __init__(self, label: str, epochs: int) -> None:
+        self.label, self.epochs = label, epochs
+
+    def write(self, text: str) -> None:
+        tqdm.write(f"{self.label}: {text}", file=sys.stderr)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        shown = " ".join(f"{k} {metrics[k]:.3g}" for k in
+                         ("train_loss", "val_loss", "val_acc", "val_auc") if k in metrics)
+        seconds = metrics.get("epoch_time_s")
+        took = f" ({seconds:.0f} s)" if seconds is not None else ""
+        self.write(f"epoch {epoch + 1}/{self.epochs} {shown}{took}")
 
 
 def pretrained_checkpoint(
@@ -42,26 +119,38 @@ def pretrained_checkpoint(
     channels_last: bool = False,
     tracker: Tracker | None = None,
     parent_id: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Path of the cached checkpoint for (arch, spec, size), training it first if needed.
 
-    The training is an MLflow run (``kind=pretrain``) with the same lifecycle as every other
-    run (:meth:`Tracker.run`): owner tags and a heartbeat, so a re-run after a ``kill -9``
-    marks it KILLED instead of leaving it RUNNING forever.
+    ``size`` is the target's image side; the source trains at ``spec.size`` when given. The
+    training is an MLflow run (``kind=pretrain``) with the same lifecycle as every other run
+    (:meth:`Tracker.run`): owner tags and a heartbeat, so a re-run after a ``kill -9`` marks it
+    KILLED instead of leaving it RUNNING forever. ``progress``: a line when the training starts,
+    one per epoch and one at the end, on stderr (a cached checkpoint prints nothing).
+    A source that cannot be loaded raises :class:`PretrainSourceError` (a ``ConfigError``).
     """
+    size = source_size(spec, size)
     key = pretrain_key(arch, spec, size)
     path = cache_dir / f"pretrain-{arch}-{spec.dataset}-{size}px-{key}.pt"
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(0)
-    bundle = load_dataset(spec.dataset, root=spec.root, size=size, options=spec.options)
+    bundle = load_source(spec, size)
     settings = TrainSettings(lr=spec.lr, optimizer="adam", weight_decay=1e-4,
                              epochs=spec.epochs)
     options = TrainerOptions(epochs=spec.epochs, batch_size=spec.batch_size, device=device,
                              amp=amp, channels_last=channels_last, seed=0)
+    name = spec.dataset if bundle.name in ("", spec.dataset) else f"{spec.dataset} {bundle.name}"
+    lines = EpochLines(f"pretrain {arch} on {name}@{size}", spec.epochs) if progress else None
 
-    def train(callbacks: list[MetricsLogger]) -> dict[str, float]:
+    def train(callbacks: list[EpochCallback]) -> dict[str, float]:
+        if lines is not None:
+            lines.write(f"{spec.epochs} epoch(s) on {len(bundle.train)} training images, "
+                        f"then cached in {cache_dir}")
+            callbacks = [*callbacks, lines]
+        t0 = time.perf_counter()
         built = build(arch, bundle.in_channels, bundle.num_outputs, "full", None, settings,
                       bundle=bundle, options=options, callbacks=callbacks)
         assert built.trainer is not None
@@ -69,6 +158,11 @@ def pretrained_checkpoint(
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"model": built.model.state_dict(), "arch": arch, "key": key}, tmp)
         tmp.replace(path)  # atomic: a killed pre-training never leaves a half-written file
+        if lines is not None:
+            acc = result.best_val.get("acc")
+            best = (f", best val_acc {acc:.3g} (epoch {result.best_epoch + 1})"
+                    if acc is not None else "")
+            lines.write(f"done in {time.perf_counter() - t0:.0f} s{best}: {path.name}")
         return result.summary()
 
     if tracker is None:
@@ -78,7 +172,7 @@ def pretrained_checkpoint(
             T.DATASET: spec.dataset}
     with tracker.run(f"pretrain-{arch}-{spec.dataset}-{size}px", tags=tags,
                      parent_id=parent_id) as run_id:
-        tracker.log_params(run_id, {"arch": arch, "size": size, **spec.model_dump(mode="json")})
+        tracker.log_params(run_id, {"arch": arch, **spec.model_dump(mode="json"), "size": size})
         summary = train([MetricsLogger(tracker, run_id)])
         tracker.log_metrics(run_id, summary)
         tracker.set_tags(run_id, {"checkpoint": str(path)})
@@ -86,9 +180,13 @@ def pretrained_checkpoint(
 
 
 def starting_weights(
-    cfg: BenchmarkConfig, bundle: DatasetBundle, tracker: Tracker | None, parent_id: str | None
+    cfg: BenchmarkConfig, bundle: DatasetBundle, tracker: Tracker | None, parent_id: str | None,
+    *, progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The starting state for this dataset's input size, and its description."""
+    """The starting state for this dataset's input size, and its description.
+
+    ``progress``: the pre-training stage's lines when it trains (once; cached afterwards).
+    """
     w = cfg.model.weights
     if w == "none":
         return None, "none (random init)"
@@ -100,6 +198,7 @@ def starting_weights(
             cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
             device=cfg.resolved_device(), amp=cfg.use_amp(),
             channels_last=cfg.use_channels_last(), tracker=tracker, parent_id=parent_id,
+            progress=progress,
         )
         return read_checkpoint(path), f"pretrain:{path.name}"
     return read_checkpoint(w), w

@@ -86,6 +86,9 @@ class TrainResult:
     n_train_images: int = 0
     #: where a meta-learning strategy drew its meta batches ("none" for the others)
     meta_source: str = "none"
+    #: the selected checkpoint's test-set predictions: ``label`` (or ``label.<class>`` columns
+    #: for multi-label) and ``prob.<class>`` per class; None when the test split was not read
+    test_predictions: dict[str, list[float]] | None = None
 
     def data_params(self) -> dict[str, int | str]:
         """The params every run logs so a leaderboard shows what each strategy trained on."""
@@ -110,6 +113,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def predictions_table(labels: np.ndarray, scores: np.ndarray,
+                      class_names: list[str]) -> dict[str, list[float]]:
+    """Columns of a predictions table: the true label(s) and one probability per class."""
+    table: dict[str, list[float]] = {}
+    if labels.ndim == 2:  # multi-label: one 0/1 column per class
+        table |= {f"label.{c}": labels[:, i].tolist() for i, c in enumerate(class_names)}
+    else:
+        table["label"] = labels.tolist()
+    table |= {f"prob.{c}": scores[:, i].tolist() for i, c in enumerate(class_names)}
+    return table
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -160,13 +175,20 @@ class Trainer:
             self.meta_split = train
         elif strategy.meta_source == "val":
             self.meta_split = bundle.val
+        # -- meta source "first" (metalr_public): the public MetaLR code re-creates its meta
+        # iterator on every call, so it always validates on the first batch of the un-shuffled,
+        # un-augmented training set; nothing is held out
+        elif strategy.meta_source == "first":
+            self.meta_split = train
+        # -- end of meta source "first"
         elif strategy.meta_source is not None:
             raise ValueError(
                 f"strategy {strategy.name!r} asks for meta_source={strategy.meta_source!r}; "
-                "expected train, holdout, fixed or val"
+                "expected train, holdout, fixed, val or first"
             )
         #: what this run trains on, logged with every run (a fair comparison shows it)
         self.n_train_images = len(train)
+        self.test_predictions: dict[str, list[float]] | None = None
         common = dict(device=self.device, channels_last=options.channels_last,
                       image_size=bundle.image_size, in_channels=bundle.in_channels,
                       normalize=options.normalize)
@@ -201,6 +223,16 @@ class Trainer:
         in ``_meta_pos`` so a resumed run draws exactly the batches an uninterrupted one would.
         """
         assert self.meta_split is not None
+        # -- meta source "first": the same first un-shuffled batch every time (no RNG, no
+        # position to resume: a resumed run rebuilds the same batch)
+        if self.strategy.meta_source == "first":
+            first = next(iter(make_loader(
+                self.meta_split, self.strategy.meta_batch_size or self.options.batch_size,
+                shuffle=False, **common,
+            )))
+            while True:
+                yield first
+        # -- end of meta source "first"
         loader = make_loader(
             self.meta_split, self.strategy.meta_batch_size or self.options.batch_size,
             shuffle=True, seed=self.options.seed + 1, drop_last=True, **common,
@@ -291,7 +323,10 @@ class Trainer:
         loss = float(self.loss_fn(out, y))
         check_finite(self._epoch, {f"{split}_loss": loss})  # NaN outputs: diverged weights
         scores = scores_from_logits(self.bundle.task, out).cpu().numpy()
-        return {"loss": loss, **compute_metrics(self.bundle.task, y.cpu().numpy(), scores)}
+        y_np = y.cpu().numpy()
+        if split == "test":  # kept for the run's predictions artifact (pooled CV reports)
+            self.test_predictions = predictions_table(y_np, scores, self.bundle.class_names)
+        return {"loss": loss, **compute_metrics(self.bundle.task, y_np, scores)}
 
     def _better(self, val: dict[str, float], best: dict[str, float] | None) -> bool:
         if best is None:
@@ -404,6 +439,7 @@ class Trainer:
             mean_epoch_time_s=float(np.mean(times)),
             total_time_s=elapsed_before + time.perf_counter() - t_start,
             n_train_images=self.n_train_images,
+            test_predictions=self.test_predictions if self.options.evaluate_test else None,
             meta_source=self.strategy.meta_source or "none",
         )
 

@@ -132,7 +132,7 @@ class StudyTarget:
 
     @property
     def dataset_label(self) -> str:
-        return f"{self.dataset.name}@{self.dataset.size}"
+        return f"{self.dataset.display_name}@{self.dataset.size}"
 
 
 def study_name(
@@ -152,7 +152,8 @@ def study_name(
         "space": {k: asdict(v) for k, v in sorted(space.items())},
         "metric": cfg.tune.metric,
     }
-    return f"{cfg.name}-{dataset.name}@{dataset.size}-{strategy}-{stable_hash(payload)[:8]}"
+    return (f"{cfg.name}-{dataset.display_name}@{dataset.size}-{strategy}-"
+            f"{stable_hash(payload)[:8]}")
 
 
 def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
@@ -166,7 +167,7 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
     if unknown:
         raise ConfigError(f"`tune.params`: {unknown} are not in `strategies` ({', '.join(names)})")
     targets = []
-    for d in cfg.datasets:
+    for d in cfg.dataset_specs():  # a cross-validation fold is tuned on its own validation data
         bundle = data.get(Cell(dataset=d, strategy=names[0], params={}, seed=cfg.tune.seed))
         model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs)
         n_groups = len(layer_groups(model))
@@ -273,7 +274,7 @@ class StudyRunner:
                     seed=cfg.tune.seed, overrides=overrides)
         worker = stale_trials.worker_id()
         tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
-                "optuna.state": "RUNNING", T.DATASET: t.dataset.name,
+                "optuna.state": "RUNNING", T.DATASET: t.dataset.display_name,
                 T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.SEED: cfg.tune.seed,
                 T.MODEL: cfg.model.arch, "worker": worker}
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
@@ -319,7 +320,8 @@ class StudyRunner:
         """The study's MLflow run: reused (and moved under ``parent_id``) when resuming."""
         t, cfg = self.target, self.cfg
         tags = {T.KIND: T.KIND_STUDY, T.STUDY_NAME: t.name, "optuna.storage": self.storage_label,
-                "optuna.direction": direction(cfg.tune.metric), T.DATASET: t.dataset.name,
+                "optuna.direction": direction(cfg.tune.metric),
+                T.DATASET: t.dataset.display_name,
                 T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.MODEL: cfg.model.arch,
                 "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
                 "pruner": cfg.tune.pruner}
@@ -451,7 +453,7 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
                                    seed=cfg.tune.seed))
             bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
-            weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+            weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress)
             if executor is None or executor.name == "serial":
                 runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
                 studies.append(runner.run(parent_id, bar))

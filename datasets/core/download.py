@@ -15,7 +15,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from metalr_bench.datasets.core.errors import ChecksumError, DatasetError
+from metalr_bench.datasets.core.errors import ChecksumError, DatasetError, DatasetWarning
 from tqdm import tqdm
 
 _CHUNK = 1 << 20
@@ -37,7 +37,8 @@ def md5sum(path: Path) -> str:
 
 
 def check_md5(path: Path, expected: str | None, *, allow_mismatch: bool) -> str:
-    """MD5 of ``path``; raise if it is not ``expected`` (only warn when ``allow_mismatch``)."""
+    """MD5 of ``path``; raise if it is not ``expected`` (only warn when ``allow_mismatch``: a
+    :class:`DatasetWarning`, one line naming the file)."""
     actual = md5sum(path)
     if expected is None or actual == expected:
         return actual
@@ -51,10 +52,10 @@ def check_md5(path: Path, expected: str | None, *, allow_mismatch: bool) -> str:
             "it anyway with allow_md5_mismatch=True (CLI: --allow-md5-mismatch)."
         )
     warnings.warn(
-        f"MD5 mismatch for {path} (expected {expected}, actual {actual}); loading it anyway "
-        "because allow_md5_mismatch=True. Results may not be comparable with numbers published "
-        "on the official file.",
-        UserWarning,
+        f"{path}: MD5 mismatch, {actual} instead of the official {expected}; loading it anyway "
+        "because allow_md5_mismatch is set (results may not compare with numbers published on "
+        "the official file)",
+        DatasetWarning,
         stacklevel=3,
     )
     return actual

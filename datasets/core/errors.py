@@ -26,3 +26,12 @@ class CorruptDataError(DatasetError):
 
 class GroupLeakageError(DatasetError):
     """One group (patient, video, lesion) appears on both sides of a split."""
+
+
+class DatasetWarning(UserWarning):
+    """Something about the data the user should know that is not an error (a file accepted
+    although its MD5 is not the official one). The message is one line that starts with the
+    input it is about (a file, a folder, a field); ``run-benchmark`` prints it as
+    ``run-benchmark: warning: <message>``, like its errors, while a library user keeps Python's
+    warning machinery (filters, ``pytest.warns``).
+    """

@@ -134,6 +134,45 @@ else:
                      f"(this benchmark has {len(datasets)} and {len(strategies)})._"))
 
 # %% [markdown]
+# ## Cross-validation: the folds pooled
+#
+# A dataset run with `n_folds` (k-fold cross-validation by patient or video) is one dataset per
+# fold above. Here its folds come together, as in the MetaLR paper: the leaderboard over all
+# (fold, seed) runs, paired tests that pair strategies on (fold, seed), and the paper's figures on
+# the **pooled** test predictions (every image predicted once, by the fold that held it out):
+# pooled accuracy, AUC on the pooled predictions, per-class precision / recall / F1 (mean ± std
+# over seeds) and the pooled confusion matrix (summed over folds and seeds).
+
+# %%
+cv = results[results["fold"].notna()] if "fold" in results else results.iloc[0:0]
+if cv.empty:
+    display(Markdown("_No cross-validated dataset in this benchmark: give `n_folds` (without "
+                     "`fold`) on an `imagefolder`, `csv` or `pocus` entry to run every fold._"))
+else:
+    cv_board = tables.leaderboard(cv, metrics, primary_metric, ci_level, by="cv_key")
+    display(Markdown("**Over folds × seeds** (mean ± std [CI])"))
+    display(HTML(tables.leaderboard_html(cv_board, metrics, primary_metric,
+                                         table_id="cv-leaderboard")))
+    cv_paired = tables.paired_vs_best(cv, cv_board, primary_metric, by="cv_key",
+                                      pair_on=("fold", "seed"))
+    if not cv_paired.empty:
+        display(Markdown("**Paired on (fold, seed)**"))
+        display(HTML(tables.paired_html(cv_paired, table_id="cv-paired-tests")))
+    preds = res.test_predictions(tracking_uri, cv)
+    pooled = tables.pooled_cv(cv, preds)
+    if pooled.empty:
+        display(Markdown("_These runs logged no test predictions (`predictions/test.csv`; "
+                         "runs of older versions, or multi-label tasks): no pooled figures._"))
+    else:
+        display(Markdown("**Pooled test predictions** (mean ± std over seeds)"))
+        display(HTML(tables.pooled_cv_html(pooled)))
+        mats = tables.confusion(cv, preds)
+        for ds in sorted({d for d, _ in mats}):
+            show(figures.confusion_matrices({s: m for (d, s), m in mats.items() if d == ds},
+                                            f"{ds}: pooled confusion matrices"),
+                 f"pooled confusion matrices of {ds}")
+
+# %% [markdown]
 # ## Learning curves
 #
 # Validation metric and losses per epoch: the line is the mean over seeds, the band ± 1 standard
@@ -182,6 +221,46 @@ if drift.empty:
     display(Markdown("_No drift metrics were logged._"))
 else:
     show(figures.drift_heatmap(drift, groups), "drift heat-map")
+
+# %% [markdown]
+# ## Why a strategy wins: transferability of each layer next to its learning rate
+#
+# Transferability of a layer group (Chen et al. 2022) in every run that starts from pre-trained
+# weights: T = D(θ<sub>r</sub>, θ<sub>B</sub>) / D(θ<sub>A</sub>, θ<sub>B</sub>), with
+# θ<sub>A</sub> the pre-trained start, θ<sub>B</sub> the selected fine-tuned checkpoint,
+# θ<sub>r</sub> a fixed random initialisation of the same network (run param
+# `transferability_seed`) and D the mean absolute difference of the group's convolution and
+# linear weights (averaged per layer). **T > 1**: pre-training put the layer closer to where
+# fine-tuning ended than a random start would be; the higher, the more of the layer carried over.
+# Mean over seeds (± 1 std), log scale; full fine-tuning, the paper's reference, is the thick
+# line. The head is re-initialised in every run, so it has no T; a group a strategy froze did not
+# move and has none either. A layer-wise strategy's own T follows its own learning rates (a
+# group with a small rate barely moves, so its T is high), which is why the learning rates are set
+# against **full fine-tuning's** T: for each strategy whose logged learning rates differ across
+# layer groups, the mean rate of each group over training against that group's T, with
+# Spearman's rank correlation (exact p-value up to 9 groups). Reading: p < 0.05 and ρ < 0:
+# anti-correlated (well-transferring layers get smaller rates, MetaLR's premise); p < 0.05 and
+# ρ > 0: correlated; otherwise not significantly correlated (with 4 layer groups no p can fall
+# below 0.05, even at ρ = −1).
+
+# %%
+from metalr_bench.reports import transferability as tf
+
+trans = res.with_cell(tf.transferability_table(results), results)
+why = tf.missing_reason(results, trans)
+if why:
+    display(Markdown(f"_{why}_"))
+else:
+    palette = figures.colours(strategies)
+    show(figures.transferability_profile(trans, groups, palette), "transferability per layer group")
+    lr_t = tf.lr_against_transferability(trans, tf.mean_lrs(hist), groups)
+    for note in lr_t.notes:
+        display(Markdown(f"_{note}_"))
+    if not lr_t.correlations.empty:
+        display(Markdown("\n".join(f"- {line}" for line in lr_t.correlations["sentence"])))
+        show(figures.lr_vs_transferability(lr_t.points, lr_t.correlations, palette),
+             "learning rate against transferability")
+        display(HTML(tf.correlations_html(lr_t.correlations)))
 
 # %% [markdown]
 # ## Hyper-parameter tuning (Optuna)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from metalr_bench.strategies.core.layers import LayerGroup
+from metalr_bench.strategies.core.layers import LayerGroup, modules_of
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -114,6 +114,8 @@ class Strategy:
         self.groups = groups
         self.settings = settings
         self.optimizer: torch.optim.Optimizer | None = None
+        #: modules of frozen groups, kept in eval mode by ``set_train_mode`` (see ``freeze``)
+        self._frozen_modules: list[nn.Module] = []
 
     @classmethod
     def measured_cost_share(cls, params: BaseModel, batch_size: int) -> float:
@@ -183,9 +185,22 @@ class Strategy:
         return None
 
     # -- hooks ----------------------------------------------------------------------------------
+    def freeze(self, frozen: list[LayerGroup]) -> None:
+        """Freeze the ``frozen`` layer groups, the way every selective strategy does: their
+        parameters get ``requires_grad=False`` (no gradient, so no optimizer, weight decay
+        included, moves them) and :meth:`set_train_mode` keeps their modules in eval mode, so
+        their BatchNorm statistics, like their weights, stay the pre-trained ones. Every other
+        parameter trains."""
+        names = {p for g in frozen for p in g.params}
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name not in names)
+        self._frozen_modules = [m for g in frozen for m in modules_of(self.model, g)]
+
     def set_train_mode(self, model: nn.Module) -> None:
-        """Put ``model`` in training mode (last-k keeps frozen BatchNorm in eval mode)."""
+        """Put ``model`` in training mode, the modules of frozen groups (``freeze``) in eval."""
         model.train()
+        for module in self._frozen_modules:
+            module.eval()
 
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027
         """Called before each epoch (0-based)."""

@@ -73,3 +73,13 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
         raise RuntimeError(f"layer grouping of {type(model).__name__} missed {orphans[:5]}")
     return groups
 
+
+def modules_of(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
+    """The modules ``group`` owns that exist in ``model`` (a ReLU in a plan may have none)."""
+    out = []
+    for path in group.modules:
+        try:
+            out.append(model.get_submodule(path))
+        except AttributeError:
+            continue
+    return out

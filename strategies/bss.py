@@ -1,0 +1,104 @@
+"""BSS (Chen et al., NeurIPS 2019, "Catastrophic Forgetting Meets Negative Transfer: Batch
+Spectral Shrinkage for Safe Transfer Learning"): shrink the smallest singular values of the
+batch's features, the directions fine-tuning would otherwise fit to noise (negative transfer).
+
+    L = L_task + η · Σ_{i=1..k} σ²_{-i}(F)
+
+F is the batch's penultimate feature matrix (batch × feature dim: the input of the head, e.g.
+ResNet's pooled features before ``fc``), σ_{-i} its i-th smallest singular value. Defaults k = 1,
+η = 0.001, as the paper and the reference code (thuml/Transfer-Learning-Library,
+``tllib/regularization/bss.py`` and ``examples/task_adaptation/image_classification/bss.py``,
+``--k 1 --trade-off 0.001``). The penalty is added to plain fine-tuning: every layer at the base
+LR with the benchmark's optimizer and weight decay (the reference example also keeps its weight
+decay, 5e-4).
+
+How: a forward hook on the head module (the last layer group) keeps its input while gradients
+are enabled (training forwards; evaluation and BatchNorm re-estimation run without gradients and
+are ignored); :meth:`BSS.loss_term`, which the trainer's default step calls right after the
+forward, takes it and returns the penalty. The hook writes into a dict, not into the strategy, so
+the model never keeps a strategy alive (the tuner builds hundreds on one model), and it is removed
+when the strategy is collected.
+
+Deviations from the reference code, and why:
+
+* the singular values come from ``torch.linalg.svdvals`` of F in float32 (the reference calls
+  ``torch.svd(F.t())`` and discards U, V): the same values, without the singular vectors, whose
+  gradient is ill-defined for repeated singular values; float32 because under bf16 autocast the
+  smallest singular values would drown in rounding;
+* k is clamped to the number of singular values, min(batch, feature dim) (for k > min(b, d) the
+  reference's negative index wraps around and penalises the largest ones too);
+* features with more than two dimensions (a head that takes a feature map) are flattened per
+  image; the reference's heads take flat features only.
+
+On CUDA the SVD synchronises the host once per step (cuSOLVER's error check), the only step-level
+sync in the default loop.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.space import LR, SearchDim
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class BSSParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(1, ge=1, description="how many of the smallest singular values to shrink")
+    eta: float = Field(0.001, ge=0, description="η, the weight of the penalty")
+
+
+def _keep_input(store: dict[str, torch.Tensor]) -> Any:
+    """A forward hook keeping its module's input in ``store`` (only while gradients are on)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if torch.is_grad_enabled():
+            store["features"] = args[0]
+
+    return hook
+
+
+def spectral_penalty(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Σ_{i=1..k} σ²_{-i}(F): the k smallest squared singular values of ``features`` (batch × ...,
+    flattened per image), computed in float32."""
+    s = torch.linalg.svdvals(features.flatten(1).float())  # descending
+    return s[-min(k, s.shape[-1]):].pow(2).sum()
+
+
+@register
+class BSS(Strategy):
+    """BSS: shrink the smallest singular values of the penultimate features (NeurIPS 2019)."""
+
+    name = "bss"
+    Params = BSSParams
+    test_params = [{"k": 1, "eta": 0.001}, {"k": 2, "eta": 0.01}]
+    search_space = {"lr": LR, "eta": SearchDim("float", 1e-4, 1e-1, log=True)}
+
+    def __init__(self, params, model, groups, settings) -> None:
+        super().__init__(params, model, groups, settings)
+        head = groups[-1].modules
+        if len(head) != 1:
+            raise ValueError(f"bss needs a head made of one module; the last layer group "
+                             f"{groups[-1].name!r} holds {list(head)}")
+        self._store: dict[str, torch.Tensor] = {}
+        handle = model.get_submodule(head[0]).register_forward_hook(_keep_input(self._store))
+        weakref.finalize(self, handle.remove)
+        device = next(model.parameters()).device
+        #: the last step's Σ σ²_{-i} (before η), for the epoch log
+        self.last_penalty = torch.zeros((), device=device)
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor:
+        features = self._store.pop("features", None)
+        if features is None:
+            raise RuntimeError("bss: no features from the head's forward hook; loss_term must "
+                               "follow a forward of the model with gradients enabled")
+        penalty = spectral_penalty(features, self.params.k)
+        self.last_penalty = penalty.detach()
+        return self.params.eta * penalty
+
+    def log_values(self) -> dict[str, float]:
+        return super().log_values() | {"bss/penalty": float(self.last_penalty)}

@@ -1,0 +1,339 @@
+"""DELTA (Li et al., ICLR 2019, "DELTA: DEep Learning Transfer using Feature Map with Attention
+for convolutional networks"): keep the fine-tuned network's feature maps close to the pre-trained
+network's on the same images, weighting each channel by how much the task needs it.
+
+    L = L_task + α · Σ_l ½ · c_l/(h_l·w_l) · Σ_b Σ_j W_lj · ‖FM_lj(w, x_b) − FM_lj(w⁰, x_b)‖²
+               + β · ½ · ‖w_head‖²
+
+FM_lj is channel j of feature map l (c_l channels of h_l × w_l), w⁰ the pre-trained weights, run
+by a frozen copy of the model (``copy.deepcopy`` at construction, eval mode, no gradients), b the
+images of the batch. α = β = 0.01, as the reference code (lixingjian/DELTA, ``train.py``,
+``run.sh``). The regularisers replace weight decay, as in the reference (its optimizer has no
+weight decay for DELTA): every layer trains at the base LR with weight decay 0.
+
+**Attention** (``attention: true``, the paper's DELTA). W_lj comes from the pre-trained network:
+how much the task loss on labelled training images rises when channel j of feature map l is
+removed. As the reference (``channel_eval.py``), we first fit the new head on the frozen
+pre-trained features (its ``train_classifier``: the backbone frozen, only the head trained), then
+for each channel zero it, measure the loss rise averaged over a few batches, standardise the rises
+per feature map (z-score) and take ``softmax(z / 5)`` (``train.py``); each map's weights are
+non-negative and sum to 1. Done once, in the first training step, before the first update: the
+strategy never sees the data before (``meta_source: train`` makes the trainer hand it fresh,
+un-augmented batches of the training images through ``StepContext.meta_batch``; nothing is held
+out, every image is still trained on). Kept in :meth:`Delta.state_dict` for an exact resume.
+
+**Without attention** (``attention: false``): W_lj = 1/c_l, i.e.
+``α · Σ_l ½/(h_l·w_l) · Σ_b ‖FM_l(w, x_b) − FM_l(w⁰, x_b)‖²``.
+
+**Feature maps**: the output of each *stage* of the layer grouping
+(:mod:`metalr_bench.strategies.core.layers`), the stem and head excluded. A stage is the groups
+whose names share the part before the first dot: ResNets' ``layer1`` .. ``layer4`` (the output of
+each layer's last block, 4 maps like the reference's), SmallCNN's ``block1`` .. ``block3``,
+DenseNets' dense blocks and transitions (the last with ``norm5``), any other model's top-level
+children. Forward hooks keep them while gradients are enabled (the training forward); they write
+into a dict, not into the strategy, so a model never keeps a strategy (and its copy) alive.
+
+Deviations from the reference code, and why:
+
+* feature maps are the stage outputs (after the residual addition and ReLU), not the output of
+  the last block's last convolution (``layer1.2.conv3``, before its BatchNorm and the residual
+  addition): the reference names ResNet-50/101 modules; stage outputs exist in every model of the
+  zoo and are what the next stage reads. Removing a channel, for the attention, zeroes that
+  channel of the stage output (the reference zeroes the filter, whose BatchNorm then outputs its
+  bias);
+* the unweighted variant keeps the attention variant's normalisation (uniform weights 1/c_l; ½
+  and 1/(h·w) included). The reference's ``fea_map`` uses ½·‖ΔFM‖² without 1/(h·w), which would
+  make ``attention: false`` h·w times stronger (3136× for 56 × 56 maps) at the same α, so the
+  two variants could not share α nor its search range. Like the reference, the penalty is summed
+  over the images of the batch (the task loss is their mean): its weight grows with the batch
+  size;
+* the head is fitted for the attention on the attention batches' frozen features only
+  (``attention_batches`` × the training batch size, default 2 × 64 = 128 images, the reference's
+  4 × 32), by 200 full-batch Adam steps (lr 0.01, weight decay 1e-4) with the task's loss, not 10
+  epochs of SGD over the whole training set with the backbone's BatchNorm statistics updating (the
+  strategy sees no data before its first step). The fitted head (``probe``) serves the attention
+  only; training starts from the cell's new head, as for every strategy;
+* the attention batches are un-augmented (the reference evaluates augmented training batches);
+* the frozen copy runs in eval mode (as the reference's source model) while the fine-tuned model
+  trains in train mode: with BatchNorm, the penalty is not zero before the first update (batch
+  statistics against running statistics), as in the reference; it is zero with both in eval mode.
+
+Cost: one extra forward of the frozen copy per step (no backward). The attention costs one
+forward of the frozen copy per channel of every feature map per attention batch (960 channels for
+ResNet-18: ≈ 123k image-forwards at the defaults), batched a few hundred images at a time, once.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from metalr_bench.strategies.core.base import StepContext, Strategy, register
+from metalr_bench.strategies.core.layers import LayerGroup
+from metalr_bench.strategies.core.space import LR, SearchDim
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+#: softmax temperature of the attention (reference ``train.py``: ``F.softmax(cw / 5)``)
+TEMPERATURE = 5.0
+#: full-batch Adam steps fitting the head on frozen features before the attention
+PROBE_STEPS = 200
+PROBE_LR = 1e-2
+PROBE_WEIGHT_DECAY = 1e-4
+#: images per forward of the frozen copy while measuring channel importance
+_ABLATION_IMAGES = 256
+
+
+class DeltaParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(0.01, ge=0, description="α, weight of the feature-map penalty")
+    beta: float = Field(0.01, ge=0, description="β, weight of the L2 penalty on the new head")
+    attention: bool = Field(True, description="weight channels by the pre-trained network's "
+                            "attention (DELTA); false: every channel alike")
+    attention_batches: int = Field(2, ge=1, le=64, description="training batches the attention "
+                                   "is measured on (once, in the first step)")
+
+
+def stages(groups: list[LayerGroup]) -> list[tuple[str, str]]:
+    """(stage name, module path of its output) for every stage between the stem and the head:
+    consecutive groups whose names share the part before the first dot form one stage, whose
+    output is its last group's last module."""
+    out: list[tuple[str, str]] = []
+    for g in groups[1:-1]:
+        stage = g.name.split(".")[0]
+        if out and out[-1][0] == stage:
+            out[-1] = (stage, g.modules[-1])
+        else:
+            out.append((stage, g.modules[-1]))
+    return out
+
+
+def _keep_output(store: dict[Any, Any], key: int) -> Any:
+    """Forward hook for the fine-tuned model: keep the output while gradients are enabled."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            store[key] = output
+
+    return hook
+
+
+def _frozen_output(store: dict[Any, Any], key: int) -> Any:
+    """Forward hook for the frozen copy: keep the output, zeroing the channels of
+    ``store["mask"]`` when ``store["ablate"] == key`` (channel importance)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        if store.get("ablate") == key:
+            mask = store["mask"]
+            output = output * mask.view(*mask.shape, *([1] * (output.ndim - 2))).to(output.dtype)
+        store[key] = output
+        return output
+
+    return hook
+
+
+def _frozen_head_input(store: dict[Any, Any]) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        store["head_in"] = args[0]
+
+    return hook
+
+
+def feature_distance(live: list[torch.Tensor], ref: list[torch.Tensor],
+                     weights: list[torch.Tensor] | None) -> torch.Tensor:
+    """Σ_l ½ · c_l/(h_l·w_l) · Σ_b Σ_j W_lj ‖Δ_lbj‖² (W_lj = 1/c_l when ``weights`` is None), in
+    float32."""
+    total = torch.zeros((), device=live[0].device)
+    for i, (a, b) in enumerate(zip(live, ref, strict=True)):
+        d = (a.float() - b.float()).flatten(2) if a.ndim > 2 else (a.float() - b.float())[..., None]
+        per_channel = d.pow(2).sum(2)  # (batch, channels): ‖Δ_bj‖² over the positions
+        c, hw = d.shape[1], d.shape[2]
+        if weights is None:
+            total = total + 0.5 / hw * per_channel.sum()
+        else:
+            total = total + 0.5 * c / hw * (per_channel * weights[i]).sum()
+    return total
+
+
+@register
+class Delta(Strategy):
+    """DELTA: feature maps held near the pre-trained ones, channels weighted (ICLR 2019)."""
+
+    name = "delta"
+    Params = DeltaParams
+    test_params = [{"attention": True, "attention_batches": 1}, {"attention": False}]
+    search_space = {"lr": LR, "alpha": SearchDim("float", 1e-4, 1.0, log=True)}
+    meta_source = "train"  # class default; each instance takes its own from `attention`
+
+    def __init__(self, params, model, groups, settings) -> None:
+        super().__init__(params, model, groups, settings)
+        p: DeltaParams = self.params
+        self.meta_source = "train" if p.attention else None
+        head = groups[-1].modules
+        if len(head) != 1:
+            raise ValueError(f"delta needs a head made of one module; the last layer group "
+                             f"{groups[-1].name!r} holds {list(head)}")
+        self.stages = stages(groups)
+        if not self.stages:
+            raise ValueError("delta needs at least one layer group between the stem and the "
+                             "head (its feature maps)")
+        named = dict(model.named_parameters())
+        self.head_params = [named[n] for n in groups[-1].params]
+        #: the pre-trained network w⁰: never trained, eval mode, no gradients
+        self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        self._live: dict[Any, Any] = {}
+        self._ref: dict[Any, Any] = {}
+        handles = []
+        for i, (_, path) in enumerate(self.stages):
+            handles.append(model.get_submodule(path).register_forward_hook(
+                _keep_output(self._live, i)))
+            self.frozen.get_submodule(path).register_forward_hook(_frozen_output(self._ref, i))
+        self.frozen.get_submodule(head[0]).register_forward_hook(_frozen_head_input(self._ref))
+        for h in handles:  # the frozen copy dies with the strategy; the model does not
+            weakref.finalize(self, h.remove)
+        self.device = next(model.parameters()).device
+        #: per feature map, the channel weights W_l (sum 1); None until the first step
+        self.attention: list[torch.Tensor] | None = None
+        #: the head fitted on frozen features for the attention (None before / without it)
+        self.probe: nn.Module | None = None
+        #: the last step's feature and head penalties (before α, β), for the epoch log
+        self.last_penalties = torch.zeros(2, device=self.device)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        # the penalties replace weight decay, as in the reference
+        return [self._group(i, lr=self.settings.lr, weight_decay=0.0)
+                for i in range(len(self.groups))]
+
+    # -- the penalties -----------------------------------------------------------------------------
+    def forward_with_penalty(self, forward: Callable[[torch.Tensor], torch.Tensor],
+                             x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``forward`` (the fine-tuned model) and the frozen copy on ``x``; return the logits
+        and the feature-map penalty (before α). Call with gradients enabled."""
+        self._live.clear()
+        logits = forward(x)
+        live = [self._live.pop(i, None) for i in range(len(self.stages))]
+        if any(t is None for t in live):
+            raise RuntimeError("delta: the feature-map hooks did not fire; run the model with "
+                               "gradients enabled")
+        with torch.no_grad():
+            self._ref.clear()
+            self.frozen(x)
+            ref = [self._ref[i] for i in range(len(self.stages))]
+            self._ref.clear()
+        return logits, feature_distance(live, ref, self.attention)
+
+    def head_penalty(self) -> torch.Tensor:
+        """½ · ‖w_head‖² (weights and biases of the head, as the reference), before β."""
+        return 0.5 * sum(p.float().pow(2).sum() for p in self.head_params)
+
+    def train_step(self, ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
+                   ) -> torch.Tensor:
+        x, y = batch
+        p: DeltaParams = self.params
+        if p.attention and self.attention is None:
+            batches = ([ctx.meta_batch() for _ in range(p.attention_batches)]
+                       if ctx.meta_batch is not None else [batch])
+            self.attention = self.compute_attention(batches, ctx.loss_fn, ctx.autocast)
+        forward = ctx.model if ctx.forward is None else ctx.forward
+        ctx.optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            logits, feature = self.forward_with_penalty(forward, x)
+            loss = ctx.loss_fn(logits, y)
+            head = self.head_penalty()
+            total = loss + p.alpha * feature + p.beta * head
+        total.backward()
+        ctx.optimizer.step()
+        self.last_penalties = torch.stack([feature.detach(), head.detach()])
+        return loss.detach()
+
+    # -- the attention -----------------------------------------------------------------------------
+    def _frozen_features(self, x: torch.Tensor,
+                         autocast: Callable[[], AbstractContextManager[Any]]) -> torch.Tensor:
+        with torch.no_grad(), autocast():
+            self.frozen(x)
+        features = self._ref.pop("head_in")
+        for i in range(len(self.stages)):
+            self._ref.pop(i, None)
+        return features.float()
+
+    def compute_attention(
+        self,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        autocast: Callable[[], AbstractContextManager[Any]],
+    ) -> list[torch.Tensor]:
+        """W_l per feature map from the frozen network and ``batches`` of labelled images: fit
+        the head (``self.probe``), then the softmax of the standardised loss rise per removed
+        channel (see the module docstring)."""
+        feats = [self._frozen_features(x, autocast) for x, _ in batches]
+        labels = torch.cat([y for _, y in batches])
+        head_path = self.groups[-1].modules[0]
+        probe = copy.deepcopy(self.frozen.get_submodule(head_path)).float().requires_grad_(True)
+        opt = torch.optim.Adam(probe.parameters(), lr=PROBE_LR, weight_decay=PROBE_WEIGHT_DECAY)
+        inputs = torch.cat(feats)
+        with torch.enable_grad():
+            for _ in range(PROBE_STEPS):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(probe(inputs), labels).backward()
+                opt.step()
+        self.probe = probe.eval().requires_grad_(False)
+
+        rises = []
+        with torch.no_grad():
+            base = [loss_fn(self.probe(f), y) for f, (_, y) in zip(feats, batches, strict=True)]
+            for i in range(len(self.stages)):
+                rise = None
+                for (x, y), loss0 in zip(batches, base, strict=True):
+                    r = self._channel_losses(i, x, y, loss_fn, autocast) - loss0
+                    rise = r if rise is None else rise + r
+                rises.append(rise / len(batches))
+        weights = []
+        for r in rises:
+            z = (r - r.mean()) / r.std(correction=0).clamp_min(1e-12)
+            weights.append(torch.softmax(z / TEMPERATURE, 0))
+        return weights
+
+    def _channel_losses(self, stage: int, x: torch.Tensor, y: torch.Tensor,
+                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        autocast: Callable[[], AbstractContextManager[Any]]) -> torch.Tensor:
+        """The task loss on (x, y) with each channel of feature map ``stage`` zeroed in turn."""
+        assert self.probe is not None
+        b = x.shape[0]
+        with torch.no_grad(), autocast():
+            self._ref.clear()
+            self.frozen(x[:1])
+            channels = self._ref[stage].shape[1]
+        per_forward = max(1, _ABLATION_IMAGES // b)
+        losses = []
+        try:
+            for start in range(0, channels, per_forward):
+                idx = torch.arange(start, min(start + per_forward, channels), device=x.device)
+                k = len(idx)
+                mask = torch.ones(k, channels, device=x.device)
+                mask[torch.arange(k, device=x.device), idx] = 0
+                self._ref["ablate"], self._ref["mask"] = stage, mask.repeat_interleave(b, 0)
+                feats = self._frozen_features(x.repeat(k, *([1] * (x.ndim - 1))), autocast)
+                logits = self.probe(feats)
+                # one task loss per copy of the batch, in one call
+                losses.append(torch.func.vmap(loss_fn)(logits.view(k, b, *logits.shape[1:]),
+                                                       y.expand(k, *y.shape)))
+        finally:
+            self._ref.clear()
+        return torch.cat(losses)
+
+    # -- reporting and resume ----------------------------------------------------------------------
+    def log_values(self) -> dict[str, float]:
+        feature, head = self.last_penalties.tolist()
+        return super().log_values() | {"delta/feature": feature, "delta/head": head}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"attention": None if self.attention is None
+                else [w.detach().cpu() for w in self.attention]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        att = state.get("attention")
+        self.attention = None if att is None else [w.to(self.device) for w in att]
