@@ -160,6 +160,12 @@ def results_table(runs: BenchmarkRuns) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    for column in [c for c in df if c.startswith("param.strategy.")]:
+        # two strategies may share a param name with values of other types (metalr's hyper_lr
+        # is a number, hd's may be None): one type per column, or Parquet refuses the table
+        kinds = {isinstance(v, int | float) for v in df[column].dropna()}
+        if len(kinds) > 1:
+            df[column] = [None if pd.isna(v) else str(v) for v in df[column]]
     return df.sort_values(["dataset_key", "strategy_label", "seed"], kind="stable",
                           ignore_index=True)
 

@@ -104,3 +104,14 @@ def test_shipped_configs_load(name: str) -> None:
         assert sorted({c.dataset.display_name for c in cfg.cells()}) == [
             f"pocus-fold{k}" for k in range(5)]
         assert cfg.model.weights_mapping == "positional" and cfg.batch_size == 128
+
+
+def test_report_builds_when_strategies_share_a_param_name_of_other_types(tiny_config) -> None:
+    """metalr's `hyper_lr` is a number, hd's defaults to None (per optimizer): the report's
+    Parquet export failed on the mixed column (ArrowTypeError), so the grid of every strategy
+    on real data ended without a report."""
+    cfg = validate_config({**tiny_config, "strategies": ["metalr", "hd"], "seeds": [0],
+                           "epochs": 1, "report": True})
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed
+    assert outcome.report is not None and Path(outcome.report.parquet).is_file()
