@@ -39,6 +39,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _check_dataset(name: str, options: dict[str, Any]) -> None:
+    """A known adapter name, and options its options model accepts (ValueError otherwise)."""
+    from metalr_bench.datasets.core.registry import available_datasets, get_entry
+
+    names = available_datasets()
+    if name not in names:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(names)}")
+    try:
+        get_entry(name).options_model(**options)
+    except ValidationError as exc:
+        raise ValueError(f"options of dataset {name!r}: {_explain(exc)}") from None
+
+
 class DatasetSpec(_Strict):
     name: str = Field(description="dataset name (see `run-benchmark list`)")
     root: str | None = Field(None, description="folder holding the dataset files")
@@ -90,15 +103,7 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSpec:
-        from metalr_bench.datasets.core.registry import available_datasets, get_entry
-
-        names = available_datasets()
-        if self.name not in names:
-            raise ValueError(f"unknown dataset {self.name!r}; available: {', '.join(names)}")
-        try:
-            get_entry(self.name).options_model(**self.options)
-        except ValidationError as exc:
-            raise ValueError(f"options of dataset {self.name!r}: {_explain(exc)}") from None
+        _check_dataset(self.name, self.options)
         return self
 
 
@@ -153,16 +158,8 @@ class PretrainSpec(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> PretrainSpec:
-        # the checks of DatasetSpec._known, so a bad source fails with the config, not later
-        from metalr_bench.datasets.core.registry import available_datasets, get_entry
-
-        names = available_datasets()
-        if self.dataset not in names:
-            raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(names)}")
-        try:
-            get_entry(self.dataset).options_model(**self.options)
-        except ValidationError as exc:
-            raise ValueError(f"options of dataset {self.dataset!r}: {_explain(exc)}") from None
+        # the checks of a `datasets` entry, so a bad source fails with the config, not later
+        _check_dataset(self.dataset, self.options)
         return self
 
 

@@ -229,14 +229,8 @@ class HD(Strategy):
     def train_step(
         self, ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        x, y = batch
-        model, opt = ctx.model, ctx.optimizer
-        opt.zero_grad(set_to_none=True)
-        # `is None`, not `or`: truth-testing a compiled ResNet calls len(), which raises
-        forward = model if ctx.forward is None else ctx.forward
-        with ctx.autocast():
-            loss = ctx.loss_fn(forward(x), y)
-        loss.backward()
+        opt = ctx.optimizer
+        loss = self.forward_backward(ctx, batch)
         for g, i in zip(opt.param_groups, self._index, strict=True):
             g["lr"] = self._views[i]  # re-bind after an optimizer load_state_dict, cheap
         self.hyper_step(opt)  # α_t from g_t and d_{t−1}, then the step with α_t

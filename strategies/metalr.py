@@ -314,14 +314,8 @@ class MetaLR(Strategy):
     def train_step(
         self, ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        x, y = batch
-        model, opt = ctx.model, ctx.optimizer
-        opt.zero_grad(set_to_none=True)
-        # `is None`, not `or`: truth-testing a compiled ResNet calls len(), which raises
-        forward = model if ctx.forward is None else ctx.forward
-        with ctx.autocast():
-            loss = ctx.loss_fn(forward(x), y)
-        loss.backward()  # g, reused by the look-ahead and by the real step
+        opt = ctx.optimizer
+        loss = self.forward_backward(ctx, batch)  # g, reused by the look-ahead and the real step
         if self.step % self.params.meta_interval == 0:
             self.meta_update(ctx)
         self.pin_head(ctx.epoch)

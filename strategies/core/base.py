@@ -178,6 +178,21 @@ class Strategy:
         return None
 
     # -- 3. the training step -------------------------------------------------------------------
+    @staticmethod
+    def forward_backward(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
+                         ) -> torch.Tensor:
+        """The first half of the trainer's step for a strategy that owns the rest: zero the
+        gradients, the task loss through the trainer's (possibly compiled) forward under its
+        autocast, backward; returns the loss (``.grad`` now holds the training gradient)."""
+        x, y = batch
+        ctx.optimizer.zero_grad(set_to_none=True)
+        # `is None`, not `or`: truth-testing a compiled ResNet calls len(), which raises
+        forward = ctx.model if ctx.forward is None else ctx.forward
+        with ctx.autocast():
+            loss = ctx.loss_fn(forward(x), y)
+        loss.backward()
+        return loss
+
     def train_step(
         self, ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor | None:
