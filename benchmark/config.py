@@ -274,7 +274,7 @@ class TuneSpec(_Strict):
 #: config fields that change a cell's result, besides its dataset, model, strategy, params and
 #: seed (see :meth:`BenchmarkConfig.cell_identity`)
 RESULT_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
-                 "augment", "precise_bn", "selection_metric")
+                 "augment", "input_pipeline", "precise_bn", "selection_metric")
 
 #: config fields a cell may override (tuning sets the base LR per strategy)
 CELL_OVERRIDABLE = ("lr", "weight_decay", "momentum", "batch_size", "epochs")
@@ -294,6 +294,11 @@ class BenchmarkConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     augment: bool = True
+    input_pipeline: Literal["suite", "metalr_public"] = Field(
+        "suite", description="suite: rotation/shift/scale + the dataset's flip policy, inputs "
+        "normalised for the weights; metalr_public: the public MetaLR code's pipeline, "
+        "RandomResizedCrop(0.8-1) + the flip policy, mean 0.18 / std 0.24 (for every strategy)",
+    )
     precise_bn: bool = Field(True, description="re-estimate BatchNorm statistics before evaluation")
     selection_metric: Literal["auc", "acc", "balanced_acc", "f1"] = "auc"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -32,7 +32,8 @@ def _identities(cfg: BenchmarkConfig, cell: Cell) -> tuple[str, str, dict[str, A
 
 #: a changed value for every result-relevant config field (RESULT_FIELDS), checked complete below
 CHANGED = {"epochs": 7, "batch_size": 8, "lr": 0.05, "optimizer": "sgd", "weight_decay": 0.0,
-           "momentum": 0.5, "augment": False, "precise_bn": False, "selection_metric": "acc"}
+           "momentum": 0.5, "augment": False, "input_pipeline": "metalr_public",
+           "precise_bn": False, "selection_metric": "acc"}
 
 
 def test_every_result_field_changes_hash_study_and_params() -> None:

@@ -197,3 +197,47 @@ def test_imagenet_weights_get_imagenet_normalisation(tiny_config) -> None:
     torch.testing.assert_close(to_float(x), x / 127.5 - 1.0)
     grey = to_float(x[:, :1], normalize="imagenet")
     torch.testing.assert_close(grey, (x[:, :1] / 255.0 - mean.mean()) / std.mean())
+
+
+# -- the public MetaLR code's input pipeline as a config choice -------------------------------
+def test_metalr_public_input_pipeline(tiny_config) -> None:
+    """`input_pipeline: metalr_public`: RandomResizedCrop(0.8-1) + flips (by the dataset's
+    policy), mean 0.18 / std 0.24, for every strategy; the suite's pipeline is unchanged."""
+    from metalr_bench.benchmark.config import validate_config
+    from metalr_bench.benchmark.training.cell import trainer_options
+    from metalr_bench.datasets.core.tensors import AugmentSpec, augment_batch, to_float
+
+    public = validate_config({**tiny_config, "input_pipeline": "metalr_public"})
+    opts = trainer_options(public, seed=0, epochs=1)
+    assert (opts.normalize, opts.resized_crop) == ("metalr_public", (0.8, 1.0))
+    suite = trainer_options(validate_config(tiny_config), seed=0, epochs=1)
+    assert (suite.normalize, suite.resized_crop) == ("symmetric", None)
+
+    x = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(to_float(x, normalize="metalr_public"), (x / 255.0 - 0.18) / 0.24)
+
+    # a crop of 80-100 % of the area, resized back: an image whose columns count 0..W-1 keeps
+    # its left-to-right order (no flip), spans at least sqrt(0.8 * 3/4) of the width, and a
+    # constant image stays constant (no padding enters a crop inside the image)
+    w = 32
+    ramp = torch.arange(w, dtype=torch.float32).repeat(64, 1, w, 1)
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(ramp, AugmentSpec(hflip=False, resized_crop=(0.8, 1.0)), g)
+    rows = out[:, 0, w // 2]
+    assert bool((rows[:, 1:] >= rows[:, :-1] - 1e-4).all())
+    span = (rows[:, -1] - rows[:, 0]) / (w - 1)
+    assert float(span.min()) >= (0.8 * 3 / 4) ** 0.5 * 0.9 and float(span.max()) <= 1.0
+    flat = augment_batch(torch.full((8, 1, w, w), 0.5), AugmentSpec(resized_crop=(0.8, 1.0)), g)
+    torch.testing.assert_close(flat, torch.full_like(flat, 0.5))
+    flipped = augment_batch(ramp, AugmentSpec(hflip=True, resized_crop=(0.8, 1.0)), g)[:, 0, w // 2]
+    assert bool((flipped[:, 0] > flipped[:, -1]).any())  # flips happen where allowed
+
+    # the side-labelled images keep their labels through the trainer with this pipeline
+    bundle = _sided(64)
+    built = build("smallcnn", 1, 2, "full", {}, TrainSettings(), bundle=bundle,
+                  options=TrainerOptions(epochs=1, batch_size=16, augment=True,
+                                         normalize="metalr_public", resized_crop=(0.8, 1.0)))
+    assert built.trainer is not None
+    for xb, yb in built.trainer.train_loader:
+        right_half = xb[:, 0, :, 8:].sum((1, 2)) > xb[:, 0, :, :8].sum((1, 2))
+        assert bool((right_half.long() == yb).all())

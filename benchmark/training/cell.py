@@ -127,6 +127,14 @@ def train_settings(cfg: BenchmarkConfig, *, epochs: int, n_train: int = 0) -> Tr
     )
 
 
+def _pipeline(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Normalisation and crop of ``input_pipeline``: the suite's (normalised for the weights:
+    ImageNet mean/std for ImageNet weights, [-1, 1] otherwise), or the public MetaLR code's."""
+    if cfg.input_pipeline == "metalr_public":
+        return {"normalize": "metalr_public", "resized_crop": (0.8, 1.0)}
+    return {"normalize": "imagenet" if cfg.model.weights == "imagenet" else "symmetric"}
+
+
 def trainer_options(cfg: BenchmarkConfig, *, seed: int, epochs: int,
                     evaluate_test: bool = True, hflip: bool | None = None) -> TrainerOptions:
     """The trainer's options from the config (``cfg`` with the cell's overrides)."""
@@ -134,7 +142,7 @@ def trainer_options(cfg: BenchmarkConfig, *, seed: int, epochs: int,
         epochs=epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         device=cfg.resolved_device(), amp=cfg.use_amp(), channels_last=cfg.use_channels_last(),
         compile=cfg.compile, augment=cfg.augment, hflip=hflip, precise_bn=cfg.precise_bn,
-        normalize="imagenet" if cfg.model.weights == "imagenet" else "symmetric",
+        **_pipeline(cfg),
         selection_metric=cfg.selection_metric,
         seed=seed, log_every_n_steps=cfg.log_every_n_steps,
         deterministic=cfg.deterministic, evaluate_test=evaluate_test,

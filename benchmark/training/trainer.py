@@ -51,6 +51,9 @@ class TrainerOptions:
     #: input normalisation (``datasets.core.tensors.NORMALIZATIONS``): ImageNet mean/std for
     #: ImageNet weights, [-1, 1] otherwise (the cell builder picks it from ``model.weights``)
     normalize: str = "symmetric"
+    #: training augmentation as a random resized crop of this area range instead of
+    #: rotation/shift/scale (``input_pipeline: metalr_public``: (0.8, 1.0))
+    resized_crop: tuple[float, float] | None = None
     selection_metric: str = "auc"
     seed: int = 0
     log_every_n_steps: int = 0  # 0: strategy values once per epoch only
@@ -195,7 +198,8 @@ class Trainer:
         self.train_loader = make_loader(
             train, options.batch_size, shuffle=True, drop_last=True, seed=options.seed,
             augment=AugmentSpec(hflip=bundle.hflip_safe if options.hflip is None
-                                else options.hflip) if options.augment else None, **common,
+                                else options.hflip, resized_crop=options.resized_crop)
+            if options.augment else None, **common,
         )
         self._eval_loaders = {
             name: make_loader(split, options.eval_batch_size, shuffle=False, **common)

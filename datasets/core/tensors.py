@@ -28,6 +28,10 @@ class AugmentSpec:
     max_rotate_deg: float = 10.0
     max_translate: float = 0.08  # fraction of the image
     scale: tuple[float, float] = (0.9, 1.1)
+    #: instead of rotation/shift/scale: a random resized crop keeping this range of the image's
+    #: area (aspect ratio 3/4..4/3, resized back to full size), as torchvision's
+    #: RandomResizedCrop; the public MetaLR code's pipeline uses (0.8, 1.0)
+    resized_crop: tuple[float, float] | None = None
 
 
 #: ``normalize`` values of the loaders: ``symmetric`` maps [0, 255] to [-1, 1] (every weight
@@ -35,9 +39,12 @@ class AugmentSpec:
 #: ``imagenet`` uses torchvision's ImageNet mean/std, as its ImageNet weights expect
 #: (grey images: the mean of the three channels' mean and std, matching the stem whose RGB
 #: filters are summed for one input channel)
-NORMALIZATIONS = ("symmetric", "imagenet")
+#: ``metalr_public``: the public MetaLR code's ultrasound statistics, mean 0.18 / std 0.24 on
+#: [0, 1] for every channel
+NORMALIZATIONS = ("symmetric", "imagenet", "metalr_public")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+METALR_PUBLIC_MEAN_STD = (0.18, 0.24)
 
 
 def to_float(x_uint8: torch.Tensor, channels_last: bool = False,
@@ -52,6 +59,9 @@ def to_float(x_uint8: torch.Tensor, channels_last: bool = False,
         x = x_uint8.float().div_(255.0).sub_(mean).div_(std)
     elif normalize == "symmetric":
         x = x_uint8.float().div_(127.5).sub_(1.0)
+    elif normalize == "metalr_public":
+        mean, std = METALR_PUBLIC_MEAN_STD
+        x = x_uint8.float().div_(255.0).sub_(mean).div_(std)
     else:
         raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -68,21 +78,44 @@ def augment_batch(
         # a pageable host->GPU copy blocks the host until the GPU queue drains (a per-step sync);
         # pinned + non_blocking keeps the hot loop asynchronous with the same random numbers
         u = u.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else u.to(dev)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if spec.hflip else torch.ones_like(u[:, 4])
+    if spec.resized_crop is not None:
+        theta = _resized_crop_theta(u, spec.resized_crop, flip)
+    else:
+        theta = _affine_theta(u, spec, flip)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last
+    ) and x.shape[1] > 1 else out
+
+
+def _resized_crop_theta(u: torch.Tensor, area: tuple[float, float],
+                        flip: torch.Tensor) -> torch.Tensor:
+    """A crop of ``area`` of the image (aspect ratio 3/4..4/3, clipped to the image; torchvision
+    re-samples such crops up to 10 times before a centre crop instead), resized to full size."""
+    lo, hi = area
+    a = lo + (hi - lo) * u[:, 0]
+    log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    r = torch.exp(log_r)
+    cw, ch = torch.sqrt(a * r).clamp(max=1.0), torch.sqrt(a / r).clamp(max=1.0)
+    cx, cy = (u[:, 2] * 2 - 1) * (1 - cw), (u[:, 3] * 2 - 1) * (1 - ch)
+    zero = torch.zeros_like(cw)
+    return torch.stack([torch.stack([cw * flip, zero, cx], 1),
+                        torch.stack([zero, ch, cy], 1)], 1)
+
+
+def _affine_theta(u: torch.Tensor, spec: AugmentSpec, flip: torch.Tensor) -> torch.Tensor:
+    """Rotation, shift and scale (the suite's default augmentation)."""
     ang = (u[:, 0] * 2 - 1) * math.radians(spec.max_rotate_deg)
     lo, hi = spec.scale
     s = lo + (hi - lo) * u[:, 1]
     tx = (u[:, 2] * 2 - 1) * spec.max_translate * 2
     ty = (u[:, 3] * 2 - 1) * spec.max_translate * 2
-    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if spec.hflip else torch.ones_like(s)
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack(
+    return torch.stack(
         [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
-    ).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-        memory_format=torch.channels_last
-    ) and x.shape[1] > 1 else out
+    )
 
 
 class TensorLoader:
