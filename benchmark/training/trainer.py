@@ -16,7 +16,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,8 @@ class TrainResult:
     n_train_images: int = 0
     #: where a meta-learning strategy drew its meta batches ("none" for the others)
     meta_source: str = "none"
+    #: the weights the run started from (the trainer's own copy, for per-layer transferability)
+    start_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     #: the selected checkpoint's test-set predictions: ``label`` (or ``label.<class>`` columns
     #: for multi-label) and ``prob.<class>`` per class; None when the test split was not read
     test_predictions: dict[str, list[float]] | None = None
@@ -443,6 +445,7 @@ class Trainer:
             mean_epoch_time_s=float(np.mean(times)),
             total_time_s=elapsed_before + time.perf_counter() - t_start,
             n_train_images=self.n_train_images,
+            start_state=self._start,
             test_predictions=self.test_predictions if self.options.evaluate_test else None,
             meta_source=self.strategy.meta_source or "none",
         )

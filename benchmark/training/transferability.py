@@ -36,8 +36,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from metalr_bench.benchmark.config import BenchmarkConfig
 from metalr_bench.benchmark.models.zoo import build_model
-from metalr_bench.benchmark.training.cell import build
-from metalr_bench.strategies.core.base import TrainSettings
 from metalr_bench.strategies.core.layers import LayerGroup, layer_groups
 from torch import nn
 
@@ -112,29 +110,17 @@ def random_state(arch: str, in_channels: int, num_outputs: int,
         return build_model(arch, in_channels, num_outputs).state_dict()
 
 
-def start_state(cfg: BenchmarkConfig, in_channels: int, num_outputs: int,
-                weights: State) -> dict[str, torch.Tensor]:
-    """θ_A: the cell's starting weights as the one cell builder loads them (on the CPU, RNG
-    untouched). Equal to the trainer's starting state on every parameter but the head's, which
-    is random in both (``tests/test_transferability.py`` checks it)."""
-    with torch.random.fork_rng(devices=[]):
-        built = build(cfg.model.arch, in_channels, num_outputs, "full", None, TrainSettings(),
-                      weights=dict(weights), weights_source=cfg.model.weights,
-                      keep_head=cfg.model.keep_head, weights_mapping=cfg.model.weights_mapping,
-                      drop_prefixes=cfg.model.drop_prefixes, device="cpu")
-    return built.model.state_dict()
-
-
 def run_transferability(cfg: BenchmarkConfig, in_channels: int, num_outputs: int,
-                        weights: State | None, model: nn.Module) -> dict[str, float]:
-    """The metrics of one finished run: ``model`` holds θ_B (the selected checkpoint),
-    ``weights`` the starting point the run loaded (None: a random start, nothing to measure)."""
-    if weights is None or cfg.model.weights == "none":
+                        start: State | None, model: nn.Module) -> dict[str, float]:
+    """The metrics of one finished run: ``model`` holds θ_B (the selected checkpoint), ``start``
+    θ_A, the state the trainer started from (``TrainResult.start_state``); nothing to measure
+    from a random start (``weights: none``)."""
+    if start is None or cfg.model.weights == "none":
         return {}
     finetuned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return transferability_metrics(
         model, layer_groups(model),
         random_state(cfg.model.arch, in_channels, num_outputs),
-        start_state(cfg, in_channels, num_outputs, weights),
+        {k: v.detach().cpu() for k, v in start.items()},
         finetuned,
     )
