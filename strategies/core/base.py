@@ -99,6 +99,11 @@ class Strategy:
     meta_source: ClassVar[str | None] = None
     #: images per meta batch; None: the training batch size
     meta_batch_size: int | None = None
+    #: the key of ``log_values()`` (logged every epoch) that shows this strategy's mechanism
+    #: acted, e.g. ``"l2sp/penalty_share"``, ``"lr_spread"``, ``"trainable_share"``; the run
+    #: logs it as the tag ``mechanism`` and the report's "Did each strategy act?" table reads
+    #: that metric's first and last value. None: nothing beyond plain fine-tuning to show.
+    mechanism: ClassVar[str | None] = None
 
     def __init__(
         self,
