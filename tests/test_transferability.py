@@ -211,7 +211,7 @@ def test_pretrained_run_logs_transferability_and_the_report_checks_out(
         t = [run.data.metrics[f"transferability/{g}"] for g in backbone]
         assert all(math.isfinite(v) and v > 0 for v in t)
         assert run.data.metrics["transferability/mean_backbone"] == pytest.approx(np.mean(t))
-        assert run.data.params["transferability_seed"] == str(tr.TRANSFERABILITY_SEED)
+        assert run.data.params["transferability_reference"] == tr.PRETRAIN_START
 
     soup = BeautifulSoup(html.read_text(encoding="utf-8"), "html.parser")
     alts = {img["alt"] for img in soup.select("img.metalr-figure")}
@@ -256,3 +256,94 @@ def test_without_pretrained_weights_the_report_says_why(tiny_config: dict[str, A
     assert "No transferability: every run started from random weights" in text
     assert "needs pre-trained weights" in text
 
+
+
+# -- θ_r: the pre-training's own random start (issue 23) --------------------------------------
+
+
+def _pretrain_config(tiny_config: dict[str, Any], **model: Any) -> Any:
+    return validate_config(tiny_config | {"model": {
+        "arch": "smallcnn", "weights": "pretrain",
+        "pretrain": {"epochs": 1, "options": {"n_images": 64}}, **model}})
+
+
+def test_theta_r_is_the_pretrainings_first_state(tiny_config: dict[str, Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """θ_r is, bit for bit, the state the pre-training's model held before its first update
+    (seen here by a spy on the cell builder the stage calls), not a fresh random draw."""
+    from metalr_bench.benchmark.training import pretrain
+
+    first: dict[str, torch.Tensor] = {}
+    real_build = pretrain.build
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        built = real_build(*args, **kwargs)
+        first.update({k: v.detach().clone() for k, v in built.model.state_dict().items()})
+        return built
+
+    monkeypatch.setattr(pretrain, "build", spy)
+    cfg = _pretrain_config(tiny_config)
+    bundle = DataCache().get(Cell(cfg.datasets[0], "full", {}, 0))
+    weights, _ = starting_weights(cfg, bundle, None, None, progress=False)
+    assert first and weights is not None
+    theta_r, kind = tr.reference_state(cfg, bundle)
+    assert kind == tr.PRETRAIN_START
+    backbone = [k for k in first if not k.startswith("head.")]
+    assert backbone and all(torch.equal(theta_r[k], first[k]) for k in backbone)
+    # the old θ_r (an independent draw) is not it, and the trained weights moved away from it
+    old = tr.random_state("smallcnn", bundle.in_channels, bundle.num_outputs)
+    assert not torch.equal(old["stem.0.weight"], first["stem.0.weight"])
+    assert not torch.equal(weights["stem.0.weight"], first["stem.0.weight"])
+
+
+def test_a_checkpoint_without_its_start_falls_back_to_a_random_draw(
+        tiny_config: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A pre-training cached by an earlier version (no ``start`` in the file) stays usable; θ_r
+    is then the fixed random draw and the run says so; external weights likewise."""
+    from metalr_bench.benchmark.training.pretrain import checkpoint_path, pretrain_cache_dir
+
+    cfg = _pretrain_config(tiny_config)
+    bundle = DataCache().get(Cell(cfg.datasets[0], "full", {}, 0))
+    path = checkpoint_path("smallcnn", cfg.model.pretrain, bundle.image_size,
+                           pretrain_cache_dir(cfg))
+    path.parent.mkdir(parents=True)
+    old_model = build_model("smallcnn", bundle.in_channels, 3).state_dict()
+    torch.save({"model": old_model, "arch": "smallcnn", "key": "old"}, path)  # old format
+    weights, _ = starting_weights(cfg, bundle, None, None, progress=False)
+    assert torch.equal(weights["stem.0.weight"], old_model["stem.0.weight"])  # reused as is
+    theta_r, kind = tr.reference_state(cfg, bundle)
+    drawn = tr.random_state("smallcnn", bundle.in_channels, bundle.num_outputs)
+    assert kind == tr.RANDOM_DRAW and all(torch.equal(theta_r[k], drawn[k]) for k in drawn)
+    assert "does not keep its random start" in caplog.text
+
+    external = validate_config(tiny_config | {"model": {"arch": "smallcnn",
+                                                        "weights": str(path)}})
+    assert tr.reference_state(external, bundle)[1] == tr.RANDOM_DRAW
+
+
+def test_runs_log_what_theta_r_was_the_mechanism_tag_and_trainable_params(
+        tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cell run logs ``n_trainable_params`` (counted here from the layer groups) and its
+    strategy's ``mechanism`` as a tag (none for a strategy without one); a pre-trained run
+    logs ``transferability_reference: pretrain_start`` and no ``transferability_seed``."""
+    from metalr_bench.strategies.core.registry import get_strategy
+
+    monkeypatch.setattr(get_strategy("last_k"), "mechanism", "trainable_share")
+    monkeypatch.setattr(get_strategy("full"), "mechanism", None)
+    cfg = _pretrain_config(tiny_config | {"strategies": ["full", "last_k"], "seeds": [0],
+                                          "epochs": 1})
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed, [r.error for r in outcome.failed]
+    client = MlflowClient(cfg.tracking_uri)
+    runs = {r.cell.strategy: client.get_run(r.run_id) for r in outcome.results}
+    model = build_model("smallcnn", 1, 2)
+    groups = layer_groups(model)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    last_two = sum(sizes[n] for g in groups[-2:] for n in g.params)  # last_k's default k = 2
+    assert runs["full"].data.params["n_trainable_params"] == str(sum(sizes.values()))
+    assert runs["last_k"].data.params["n_trainable_params"] == str(last_two)
+    assert runs["last_k"].data.tags["mechanism"] == "trainable_share"
+    assert "mechanism" not in runs["full"].data.tags
+    for run in runs.values():
+        assert run.data.params["transferability_reference"] == tr.PRETRAIN_START
+        assert "transferability_seed" not in run.data.params

@@ -26,14 +26,16 @@ from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
 from metalr_bench.benchmark.tracking.liveness import mark_stale_runs
 from metalr_bench.benchmark.tracking.retry import RetryPolicy
-from metalr_bench.benchmark.training.cell import CellResult, DataCache, train_cell
+from metalr_bench.benchmark.training.cell import (
+    CellResult,
+    DataCache,
+    strategy_tags,
+    train_cell,
+)
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.faults import explain_oom
 from metalr_bench.benchmark.training.pretrain import starting_weights
-from metalr_bench.benchmark.training.transferability import (
-    TRANSFERABILITY_SEED,
-    run_transferability,
-)
+from metalr_bench.benchmark.training.transferability import run_transferability
 from metalr_bench.benchmark.tuning.studies import tune_all
 
 log = logging.getLogger(__name__)
@@ -120,17 +122,19 @@ def run_cell(
                                                     checkpoint=ckpt, resume=plan.payload)
             logger.flush(final=True)
             tracker.log_params(run_id, train_result.data_params())
+            tracker.set_tags(run_id, strategy_tags(strategy))
             if train_result.test_predictions is not None:
                 tracker.log_table(run_id, train_result.test_predictions, T.PREDICTIONS_ARTIFACT)
             final = train_result.summary()
             final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
             # per-layer transferability of the pre-trained start (Chen et al. 2022): θ_B is the
-            # selected checkpoint, which the strategy's model holds after fit
-            transfer = run_transferability(cfg, bundle.in_channels, bundle.num_outputs,
-                                           train_result.start_state, strategy.model)
+            # selected checkpoint, which the strategy's model holds after fit; θ_r the
+            # pre-training's own start where known (param transferability_reference)
+            transfer, reference = run_transferability(cfg, bundle, train_result.start_state,
+                                                      strategy.model)
             if transfer:
                 final |= transfer
-                tracker.log_params(run_id, {"transferability_seed": TRANSFERABILITY_SEED})
+                tracker.log_params(run_id, reference)
             tracker.log_metrics(run_id, final, step=cfg.epochs)
             for artifact in getattr(strategy, "artifacts", lambda: {})().items():
                 tracker.log_figure(run_id, artifact[1], artifact[0])

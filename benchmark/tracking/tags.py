@@ -30,6 +30,9 @@ SEED = "seed"
 MODEL = "model"
 CONFIG_HASH = "config_hash"
 TUNED = "tuned"
+#: the strategy's ``Strategy.mechanism``: the logged metric that shows its mechanism acted
+#: (absent for a strategy without one, ``full``); the report's "Did each strategy act?" reads it
+MECHANISM = "mechanism"
 STUDY_NAME = "optuna.study_name"
 
 #: why a run ended FAILED or KILLED (``error`` is the older key, still written for filters)

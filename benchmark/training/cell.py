@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from metalr_bench.benchmark.config import BenchmarkConfig, Cell
 from metalr_bench.benchmark.models.zoo import build_model, load_state
+from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.trainer import (
     EpochCallback,
@@ -177,6 +178,12 @@ def build_cell(
                                 hflip=cell.dataset.hflip),
         callbacks=callbacks, checkpoint=checkpoint,
     )
+
+
+def strategy_tags(strategy: Strategy) -> dict[str, str]:
+    """The run tags a built strategy adds: ``mechanism`` (its ``Strategy.mechanism``, the
+    metric that shows it acted), absent when it has none."""
+    return {T.MECHANISM: strategy.mechanism} if strategy.mechanism else {}
 
 
 def train_cell(

@@ -8,6 +8,14 @@ content hash of everything that determines it, so every cell (and every later ca
 the training run itself is logged to MLflow with the tag ``kind=pretrain``. With ``progress``
 the stage says what it trains and prints one line per epoch on stderr, since a large source
 trains for minutes.
+
+The checkpoint also keeps the random initialisation the pre-training started from (key
+``start``, the trainer's own copy of its first state): per-layer transferability (Chen et al.
+2022) measures a layer against *that* start, θ_r (:func:`pretrain_start`). A checkpoint cached by
+an earlier version has no ``start``; it stays valid (same cache key, nothing re-trained) and
+transferability then falls back to an independent random draw, which the run says
+(``transferability_reference: random_draw``). Delete the cached file to re-train it with its
+start.
 """
 
 from __future__ import annotations
@@ -108,6 +116,25 @@ class EpochLines(EpochCallback):
         self.write(f"epoch {epoch + 1}/{self.epochs} {shown}{took}")
 
 
+def checkpoint_path(arch: str, spec: PretrainSpec, size: int, cache_dir: Path) -> Path:
+    """Where the checkpoint for (arch, spec, target ``size``) is cached (it may not exist yet)."""
+    size = source_size(spec, size)
+    key = pretrain_key(arch, spec, size)
+    return cache_dir / f"pretrain-{arch}-{spec.dataset}-{size}px-{key}.pt"
+
+
+def pretrain_cache_dir(cfg: BenchmarkConfig) -> Path:
+    return Path(cfg.output_dir) / "cache" / "pretrain"
+
+
+def pretrain_start(path: Path) -> dict[str, torch.Tensor] | None:
+    """The random initialisation the cached pre-training at ``path`` started from, bit for bit;
+    None for a checkpoint of an earlier version, which did not keep it."""
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    start = obj.get("start") if isinstance(obj, dict) else None
+    return dict(start) if isinstance(start, dict) else None
+
+
 def pretrained_checkpoint(
     arch: str,
     spec: PretrainSpec,
@@ -130,9 +157,9 @@ def pretrained_checkpoint(
     one per epoch and one at the end, on stderr (a cached checkpoint prints nothing).
     A source that cannot be loaded raises :class:`PretrainSourceError` (a ``ConfigError``).
     """
+    path = checkpoint_path(arch, spec, size, cache_dir)
     size = source_size(spec, size)
     key = pretrain_key(arch, spec, size)
-    path = cache_dir / f"pretrain-{arch}-{spec.dataset}-{size}px-{key}.pt"
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +183,11 @@ def pretrained_checkpoint(
         assert built.trainer is not None
         result = built.trainer.fit()
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"model": built.model.state_dict(), "arch": arch, "key": key}, tmp)
+        # ``start``: the trainer's copy of the first state, the θ_r of transferability
+        assert result.start_state is not None
+        start = {k: v.detach().cpu() for k, v in result.start_state.items()}
+        torch.save({"model": built.model.state_dict(), "start": start, "arch": arch,
+                    "key": key}, tmp)
         tmp.replace(path)  # atomic: a killed pre-training never leaves a half-written file
         if lines is not None:
             acc = result.best_val.get("acc")
@@ -195,7 +226,7 @@ def starting_weights(
     if w == "pretrain":
         path = pretrained_checkpoint(
             cfg.model.arch, cfg.model.pretrain, bundle.image_size,
-            cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
+            cache_dir=pretrain_cache_dir(cfg),
             device=cfg.resolved_device(), amp=cfg.use_amp(),
             channels_last=cfg.use_channels_last(), tracker=tracker, parent_id=parent_id,
             progress=progress,

@@ -89,6 +89,8 @@ class TrainResult:
     n_train_images: int = 0
     #: where a meta-learning strategy drew its meta batches ("none" for the others)
     meta_source: str = "none"
+    #: parameters with ``requires_grad`` once the strategy was built (the report's cost table)
+    n_trainable_params: int = 0
     #: the weights the run started from (the trainer's own copy, for per-layer transferability)
     start_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     #: the selected checkpoint's test-set predictions: ``label`` (or ``label.<class>`` columns
@@ -97,7 +99,8 @@ class TrainResult:
 
     def data_params(self) -> dict[str, int | str]:
         """The params every run logs so a leaderboard shows what each strategy trained on."""
-        return {"n_train_images": self.n_train_images, "meta_source": self.meta_source}
+        return {"n_train_images": self.n_train_images, "meta_source": self.meta_source,
+                "n_trainable_params": self.n_trainable_params}
 
     def summary(self) -> dict[str, float]:
         """Flat final numbers: test metrics, best validation metrics, cost."""
@@ -169,6 +172,8 @@ class Trainer:
         self.forward = torch.compile(self.model) if options.compile else self.model
         self.optimizer = strategy.build_optimizer()
         self._start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.n_trainable_params = sum(p.numel() for p in self.model.parameters()
+                                      if p.requires_grad)
 
         train = bundle.train
         self.meta_split: Split | None = None
@@ -445,6 +450,7 @@ class Trainer:
             mean_epoch_time_s=float(np.mean(times)),
             total_time_s=elapsed_before + time.perf_counter() - t_start,
             n_train_images=self.n_train_images,
+            n_trainable_params=self.n_trainable_params,
             start_state=self._start,
             test_predictions=self.test_predictions if self.options.evaluate_test else None,
             meta_source=self.strategy.meta_source or "none",

@@ -50,7 +50,7 @@ from metalr_bench.benchmark.config import (
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
-from metalr_bench.benchmark.training.cell import CellResult, train_cell
+from metalr_bench.benchmark.training.cell import CellResult, strategy_tags, train_cell
 from metalr_bench.benchmark.training.pretrain import starting_weights
 from metalr_bench.benchmark.training.trainer import EpochCallback
 from metalr_bench.benchmark.tuning import stale_trials
@@ -290,7 +290,7 @@ class StudyRunner:
             logger = MetricsLogger(self.tracker, run_id)
             reporter = PruningReporter(trial, metric_key(cfg.tune.metric))
             try:
-                result, _ = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
+                result, strategy = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
                                        epochs=self.epochs, evaluate_test=False)
                 value = best_of(reporter.values, cfg.tune.metric)
             except optuna.TrialPruned:
@@ -301,6 +301,7 @@ class StudyRunner:
                 self.tracker.set_tags(run_id, {"optuna.state": "FAIL"})
                 raise
             self.tracker.log_params(run_id, result.data_params())
+            self.tracker.set_tags(run_id, strategy_tags(strategy))
             summary = {k: v for k, v in result.summary().items() if not k.startswith("test_")}
             self.tracker.log_metrics(run_id, {**summary, "objective": value}, step=self.epochs)
             self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
