@@ -11,7 +11,7 @@ import base64
 import html
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -283,8 +283,12 @@ def optuna_figures(study) -> list[Figure]:
 
 def transferability_profile(trans: pd.DataFrame, groups: Sequence[str] | None = None,
                             palette: dict[str, tuple[float, float, float]] | None = None,
-                            reference: str = "full") -> Figure:
+                            reference: str = "full",
+                            subtitles: Mapping[str, str] | None = None) -> Figure:
     """Per-layer transferability T per strategy (mean over seeds ± 1 std), one panel per dataset.
+
+    ``subtitles``: a second title line per dataset (what θ_r was, see
+    ``reports.transferability.reference_labels``).
 
     ``trans``: long rows ``dataset_key, strategy_label, strategy, group, transferability``;
     groups follow ``groups`` (the drift heat-map's order), colours ``palette`` (default
@@ -316,7 +320,9 @@ def transferability_profile(trans: pd.DataFrame, groups: Sequence[str] | None = 
         ax.axhline(1.0, color="0.35", linestyle="--", linewidth=0.9)
         ax.set_yscale("log")
         ax.set_xticks(range(len(order)), order, rotation=35, ha="right", fontsize=8)
-        ax.set_title(ds, fontsize=10)
+        sub_title = (subtitles or {}).get(ds)
+        ax.set_title(f"{ds}\n{sub_title}" if sub_title else ds, fontsize=10 if not sub_title
+                     else 8)
         _style(ax)
     axes[0, 0].set_ylabel("transferability T (log)")
     for ax in list(axes.flat)[len(datasets):]:

@@ -16,6 +16,18 @@ moves, so its own D(θ_A, θ_B) is small and its own T large by construction; th
 T would correlate with its LRs whatever the layers are worth. Full fine-tuning moves every
 layer with one LR, the paper's reference.
 
+Only where the rates spread: a correlation of ranks does not care how far apart the rates are,
+so rates 1.000 and 1.002 (a learned LR that barely moved, ``hd`` at the reference β) would be
+ranked as if they differed. The correlation is computed only where the final group LRs (the
+last logged ``lr/<group>``, mean over seeds, over the layer groups that have a T) spread by at
+least :data:`SPREAD_MIN` (max/min); otherwise the report says the rates did not move and gives
+the spread.
+
+θ_r: the run param ``transferability_reference`` says whether T was measured against the
+pre-training's own random start (``pretrain_start``, the paper's definition) or an independent
+random draw (``random_draw``: external weights, or runs of an earlier version, which logged no
+such param); :func:`reference_labels` words it per dataset and the figure carries it.
+
 p-values: exact (all n! pairings) for up to :data:`EXACT_MAX_GROUPS` layer groups, where the
 t-approximation of ``scipy.stats.spearmanr`` is far off (4 groups with ρ = −1: exact p = 0.083,
 t-approximation p = 0); with 4 groups no p falls below 0.05, with 5 the smallest is 0.017.
@@ -40,6 +52,15 @@ REFERENCE = "full"
 ALPHA = 0.05
 #: fewest layer groups a rank correlation is computed on
 MIN_GROUPS = 3
+#: max/min of the final group LRs from which the rates count as spread (a correlation is
+#: computed); the "Did each strategy act?" table uses the same threshold
+SPREAD_MIN = 1.1
+#: what θ_r was (run param ``transferability_reference``)
+REFERENCE_PARAM = "param.transferability_reference"
+REFERENCE_WORDS = {
+    "pretrain_start": "θ_r = the pre-training's own random start",
+    "random_draw": "θ_r = an independent random draw (the source's start is unknown)",
+}
 #: up to this many groups the p-value is exact (9! = 362,880 pairings, under a second)
 EXACT_MAX_GROUPS = 9
 
@@ -73,17 +94,20 @@ def missing_reason(results: pd.DataFrame, trans: pd.DataFrame) -> str | None:
 
 def mean_lrs(hist: pd.DataFrame) -> pd.DataFrame:
     """Per run and layer group, the mean LR over training (``lr/<group>`` histories with the
-    cell columns, see ``results.with_cell``), and whether it changed during training:
-    ``run_id, dataset_key, strategy_label, seed, group, mean_lr, changed``."""
-    cols = ["run_id", "dataset_key", "strategy_label", "seed", "group", "mean_lr", "changed"]
+    cell columns, see ``results.with_cell``), the last logged one, and whether it changed
+    during training:
+    ``run_id, dataset_key, strategy_label, seed, group, mean_lr, final_lr, changed``."""
+    cols = ["run_id", "dataset_key", "strategy_label", "seed", "group", "mean_lr", "final_lr",
+            "changed"]
     if hist.empty:
         return pd.DataFrame(columns=cols)
     lr = hist[hist["key"].str.startswith("lr/")].copy()
     if lr.empty:
         return pd.DataFrame(columns=cols)
     lr["group"] = lr["key"].str.removeprefix("lr/")
+    lr = lr.sort_values("step", kind="stable")
     agg = lr.groupby(["run_id", "dataset_key", "strategy_label", "seed", "group"])["value"].agg(
-        mean_lr="mean", changed=lambda v: _distinct(v) > 1)
+        mean_lr="mean", final_lr="last", changed=lambda v: _distinct(v) > 1)
     return agg.reset_index()[cols]
 
 
@@ -126,6 +150,29 @@ def verdict(rho: float, p: float, alpha: float = ALPHA) -> str:
     return "anti-correlated" if rho < 0 else "correlated"
 
 
+def spread(lrs: Sequence[float]) -> float:
+    """max/min of the positive learning rates (NaN with none): how far apart the rates are."""
+    v = np.asarray(lrs, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(v.max() / v.min()) if len(v) else math.nan
+
+
+def reference_labels(results: pd.DataFrame) -> dict[str, str]:
+    """Per dataset, what θ_r was in its runs' T (:data:`REFERENCE_WORDS`); runs without the
+    param (an earlier version) used a random draw. Mixed runs are said to be mixed."""
+    out: dict[str, str] = {}
+    if results.empty:
+        return out
+    refs = (results[REFERENCE_PARAM] if REFERENCE_PARAM in results
+            else pd.Series(None, index=results.index))
+    has_t = results[[c for c in results.columns if c.startswith(PREFIX)]].notna().any(axis=1)
+    for ds, r in refs[has_t].fillna("random_draw").groupby(results.loc[has_t, "dataset_key"]):
+        kinds = sorted(set(r))
+        out[str(ds)] = (REFERENCE_WORDS.get(kinds[0], f"θ_r = {kinds[0]}") if len(kinds) == 1
+                        else "θ_r mixed: " + ", ".join(kinds) + " (runs of several versions)")
+    return out
+
+
 def _p(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
@@ -161,7 +208,8 @@ def lr_against_transferability(trans: pd.DataFrame, lrs: pd.DataFrame,
     order = {g: i for i, g in enumerate(groups)}
     rows, points, notes = [], [], []
     per_group = (lrs.groupby(["dataset_key", "strategy_label", "group"])
-                 .agg(mean_lr=("mean_lr", "mean"), changed=("changed", "any")).reset_index())
+                 .agg(mean_lr=("mean_lr", "mean"), final_lr=("final_lr", "mean"),
+                      changed=("changed", "any")).reset_index())
     layerwise = {key for key, g in per_group.groupby(["dataset_key", "strategy_label"])
                  if _distinct(g["mean_lr"]) > 1}
     if not layerwise:
@@ -196,6 +244,12 @@ def lr_against_transferability(trans: pd.DataFrame, lrs: pd.DataFrame,
             if _distinct(g["mean_lr"]) < 2:
                 notes.append(f"On {ds}, {s}: the same learning rate on every layer group that "
                              "has a T (only the head's differs); no rank correlation.")
+                continue
+            final_spread = spread(g["final_lr"])
+            if not final_spread >= SPREAD_MIN:
+                notes.append(f"On {ds}, {s}: the rates did not move apart (final spread "
+                             f"{final_spread:.3f}× across the layer groups that have a T, max/"
+                             f"min, under {SPREAD_MIN}×); no rank correlation.")
                 continue
             rho, p, test = spearman(g["transferability"], g["mean_lr"])
             learned = bool(g["changed"].any())

@@ -173,6 +173,52 @@ else:
                  f"pooled confusion matrices of {ds}")
 
 # %% [markdown]
+# ## Did each strategy act?
+#
+# A row of the leaderboard measures its method only if the method did something. Each strategy
+# names the figure that shows its mechanism acted (its run tag `mechanism`, a metric logged every
+# epoch): the penalty's share of the loss (L2-SP, DELTA, BSS), the spread max/min of the
+# per-group learning rates (layer-wise and learned rates), the share of parameters trained
+# (partial fine-tuning), the linear probe's training loss (LP-FT). Start and end: the metric's
+# first and last logged value, mean over seeds (and folds). A penalty at under 0.01 % of the loss,
+# or learning rates that spread by less than 1.1×, make the strategy plain fine-tuning under
+# another name.
+
+# %%
+from metalr_bench.reports import mechanisms as mech
+
+mech_keys = mech.mechanism_keys(results)
+mech_hist = (res.metric_histories(tracking_uri, runs, mech_keys, lr=False) if mech_keys
+             else pd.DataFrame(columns=["run_id", "key", "step", "value"]))
+acted = mech.mechanism_table(results, mech_hist)
+if not mech_keys:
+    display(Markdown("_No run carries a `mechanism` tag (runs of an earlier version, or only "
+                     "strategies without one such as `full`)._"))
+display(HTML(mech.mechanism_html(acted)))
+
+# %% [markdown]
+# ## What learning the rates buys: MetaLR against `discriminative`
+#
+# MetaLR starts from a fixed backbone/head learning-rate ratio and then learns the rates;
+# `discriminative` keeps MetaLR's starting rates, head pin and schedule without the
+# hyper-gradient. Their paired difference on the primary metric (paired on seeds; on (fold, seed)
+# for a cross-validated dataset's folds pooled) is the gain that learning the rates buys, with a
+# t-interval and the test named (paired t-test below 6 pairs, Wilcoxon signed-rank from 6).
+
+# %%
+from metalr_bench.reports import learned_rates as lr_gain
+
+gain = lr_gain.learned_rates_gain(results, primary_metric, ci_level)
+if gain.empty:
+    display(Markdown("_No dataset has runs of both `metalr` and `discriminative`: nothing to "
+                     "say about what learning the rates buys._"))
+else:
+    display(Markdown("\n".join(f"- {line}" for line in gain["sentence"])))
+for ds in lr_gain.missing_control(results):
+    display(Markdown(f"_On {ds}: `metalr` without its control `discriminative` (add it to the "
+                     "grid to see what learning the rates buys)._"))
+
+# %% [markdown]
 # ## Learning curves
 #
 # Validation metric and losses per epoch: the line is the mean over seeds, the band ± 1 standard
@@ -228,8 +274,10 @@ else:
 # Transferability of a layer group (Chen et al. 2022) in every run that starts from pre-trained
 # weights: T = D(θ<sub>r</sub>, θ<sub>B</sub>) / D(θ<sub>A</sub>, θ<sub>B</sub>), with
 # θ<sub>A</sub> the pre-trained start, θ<sub>B</sub> the selected fine-tuned checkpoint,
-# θ<sub>r</sub> a fixed random initialisation of the same network (run param
-# `transferability_seed`) and D the mean absolute difference of the group's convolution and
+# θ<sub>r</sub> the random initialisation the pre-training started from (run param
+# `transferability_reference: pretrain_start`; for external weights, whose start is unknown, an
+# independent random draw, `random_draw`, with `transferability_seed`; each panel says which)
+# and D the mean absolute difference of the group's convolution and
 # linear weights (averaged per layer). **T > 1**: pre-training put the layer closer to where
 # fine-tuning ended than a random start would be; the higher, the more of the layer carried over.
 # Mean over seeds (± 1 std), log scale; full fine-tuning, the paper's reference, is the thick
@@ -241,7 +289,9 @@ else:
 # Spearman's rank correlation (exact p-value up to 9 groups). Reading: p < 0.05 and ρ < 0:
 # anti-correlated (well-transferring layers get smaller rates, MetaLR's premise); p < 0.05 and
 # ρ > 0: correlated; otherwise not significantly correlated (with 4 layer groups no p can fall
-# below 0.05, even at ρ = −1).
+# below 0.05, even at ρ = −1). The correlation is computed only where the final rates spread
+# (max/min of the final group learning rates ≥ 1.1×); otherwise the rates did not move and the
+# report gives their spread.
 
 # %%
 from metalr_bench.reports import transferability as tf
@@ -252,7 +302,10 @@ if why:
     display(Markdown(f"_{why}_"))
 else:
     palette = figures.colours(strategies)
-    show(figures.transferability_profile(trans, groups, palette), "transferability per layer group")
+    theta_r = tf.reference_labels(results)
+    show(figures.transferability_profile(trans, groups, palette, subtitles=theta_r),
+         "transferability per layer group")
+    display(Markdown("\n".join(f"- {ds}: {words}" for ds, words in sorted(theta_r.items()))))
     lr_t = tf.lr_against_transferability(trans, tf.mean_lrs(hist), groups)
     for note in lr_t.notes:
         display(Markdown(f"_{note}_"))
