@@ -347,3 +347,32 @@ def test_runs_log_what_theta_r_was_the_mechanism_tag_and_trainable_params(
     for run in runs.values():
         assert run.data.params["transferability_reference"] == tr.PRETRAIN_START
         assert "transferability_seed" not in run.data.params
+
+
+def test_theta_r_of_an_rgb_source_is_mapped_like_theta_a(tiny_config: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    """An RGB pre-training feeding a grey target: θ_A's stem is the trained RGB stem summed
+    over its channels, so θ_r's stem is the pre-training's RGB start summed the same way."""
+    from metalr_bench.benchmark.models.zoo import adapt_input_conv
+    from metalr_bench.benchmark.training.pretrain import (
+        checkpoint_path,
+        pretrain_cache_dir,
+        pretrain_start,
+    )
+    from test_folder import PATTERN, make_folder
+
+    make_folder(tmp_path / "us", mode="RGB", videos=6, frames=4)
+    cfg = validate_config(tiny_config | {"model": {"arch": "smallcnn", "weights": "pretrain",
+                                                   "pretrain": {
+        "dataset": "imagefolder", "root": str(tmp_path / "us"), "epochs": 1, "batch_size": 8,
+        "options": {"group_pattern": PATTERN}}}})
+    bundle = DataCache().get(Cell(cfg.datasets[0], "full", {}, 0))
+    assert bundle.in_channels == 1
+    starting_weights(cfg, bundle, None, None, progress=False)
+    start = pretrain_start(checkpoint_path("smallcnn", cfg.model.pretrain, bundle.image_size,
+                                           pretrain_cache_dir(cfg)))
+    assert start is not None and start["stem.0.weight"].shape[1] == 3
+    theta_r, kind = tr.reference_state(cfg, bundle)
+    assert kind == tr.PRETRAIN_START
+    assert torch.equal(theta_r["stem.0.weight"], adapt_input_conv(start["stem.0.weight"], 1))
+    assert torch.equal(theta_r["block3.0.weight"], start["block3.0.weight"])
