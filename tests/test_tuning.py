@@ -104,6 +104,8 @@ def test_two_strategies_three_trials_nested_runs_pruning_best_params_and_no_test
 ) -> None:
     reads = SplitReads(monkeypatch)
     monkeypatch.setattr(tuning, "make_pruner", lambda tune, epochs: PruneTrialOne())
+    monkeypatch.setattr(get_strategy("last_k"), "mechanism", "trainable_share")
+    monkeypatch.setattr(get_strategy("full"), "mechanism", None)
     cfg = validate_config(tune_config(tiny_config, epochs=2))  # trials: 2 epochs; finals: 1
     outcome = run_benchmark(cfg, progress=False)
     assert not outcome.failed and len(outcome.results) == 4  # 2 strategies x 2 seeds
@@ -143,6 +145,10 @@ def test_two_strategies_three_trials_nested_runs_pruning_best_params_and_no_test
             assert run.info.run_id == t.user_attrs["mlflow_run_id"]
             assert run.data.tags["optuna.state"] == t.state.name and run.info.status == "FINISHED"
             assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+            if t.state == TrialState.COMPLETE:  # a trial logs the mechanism like a cell run
+                assert run.data.tags.get("mechanism") == (
+                    "trainable_share" if tags["strategy"] == "last_k" else None)
+                assert int(run.data.params["n_trainable_params"]) > 0
             assert not any(k.startswith("test_") for k in run.data.metrics)
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")]
             if t.state == TrialState.PRUNED:  # stopped after its first epoch
