@@ -130,7 +130,7 @@ def pretrain_cache_dir(cfg: BenchmarkConfig) -> Path:
 def pretrain_start(path: Path) -> dict[str, torch.Tensor] | None:
     """The random initialisation the cached pre-training at ``path`` started from, bit for bit;
     None for a checkpoint of an earlier version, which did not keep it."""
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
     start = obj.get("start") if isinstance(obj, dict) else None
     return dict(start) if isinstance(start, dict) else None
 
