@@ -218,6 +218,7 @@ def test_pretrained_run_logs_transferability_and_the_report_checks_out(
     assert {"transferability per layer group", "learning rate against transferability"} <= alts
     text = soup.get_text(" ")
     assert "Traceback" not in text
+    assert "synthetic@16: θ_r = the pre-training's own random start" in text  # the label
     full_t = [runs["full"].data.metrics[f"transferability/{g}"] for g in backbone]
     pattern = (r"On synthetic@16, {}'s (learned LRs|per-layer LRs \(fixed during training\)) are "
                r"(anti-correlated|correlated|not significantly correlated) with transferability \(ρ = (-?[\d.]+), "
