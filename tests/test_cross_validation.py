@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bs4 import BeautifulSoup
 from metalr_bench.benchmark.config import validate_config
 from metalr_bench.benchmark.running.runner import run_benchmark
 from metalr_bench.benchmark.training.cell import DataCache
@@ -61,6 +62,13 @@ def test_n_folds_runs_every_fold_under_its_own_name(tiny_config, frames) -> None
     assert 'id="cv-leaderboard"' in html and 'id="cv-pooled"' in html
     assert "pooled confusion matrices of pocus-frames@16" in html
     assert 'id="cv-paired-tests"' in html  # paired on (fold, seed)
+    # folds of one dataset are not datasets: one block in the average rank, no Friedman test
+    # across datasets (it used to print "Friedman ... (3 datasets ...)" over the 3 folds)
+    soup = BeautifulSoup(html, "html.parser")
+    assert [th.get_text(strip=True) for th in soup.select("table#average-rank thead th")] == [
+        "strategy", "average rank", "datasets", "pocus-frames@16"]
+    text = soup.get_text(" ")
+    assert "Friedman χ²" not in text and "there is 1 dataset" in text
 
 
 def test_two_image_folders_with_the_same_options_stay_apart(tiny_config, tmp_path) -> None:
