@@ -146,7 +146,8 @@ class DatasetAnswer:
 
 
 def _fmt_p(p: float) -> str:
-    return "–" if math.isnan(p) else f"{p:.2g}" if p >= 0.001 else "< 0.001"
+    """``p = 0.17``, ``p < 0.001``, or ``p –`` when no test ran."""
+    return "p –" if math.isnan(p) else f"p = {p:.2g}" if p >= 0.001 else "p < 0.001"
 
 
 def _tests_named(comparisons: pd.DataFrame) -> str:
@@ -242,7 +243,7 @@ def _planned(block: pd.DataFrame, metric: str) -> list[str]:
                    if not math.isnan(row["p"]) else "no test: fewer than 2 paired runs")
         test = "" if row["test"].startswith("no test") else f"{row['test']}, "
         out.append(f"{what}: {row['mean_diff']:+.3f} {METRIC_NAMES.get(metric, metric)} "
-                   f"({test}p = {_fmt_p(row['p'])}, {verdict}).")
+                   f"({test}{_fmt_p(row['p'])}, {verdict}).")
     return out
 
 
@@ -283,7 +284,7 @@ def cross_answer(per_dataset: dict[str, DatasetAnswer], scores: pd.DataFrame,
     need = min_blocks_for_friedman(k, alpha)
     sig = fn.p_value < alpha
     within = [str(s) for s in avg.index[1:] if avg[s] - avg.iloc[0] < fn.cd]
-    ftext = (f"Friedman's test over datasets: χ² = {fn.statistic:.2f}, p = {_fmt_p(fn.p_value)} "
+    ftext = (f"Friedman's test over datasets: χ² = {fn.statistic:.2f}, {_fmt_p(fn.p_value)} "
              f"({'significant' if sig else 'not significant'} at α = {alpha:g}); Nemenyi "
              f"critical difference {fn.cd:.2f} ranks")
     if within:
