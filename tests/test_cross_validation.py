@@ -33,7 +33,10 @@ def test_n_folds_runs_every_fold_under_its_own_name(tiny_config, frames) -> None
     """`n_folds` without `fold` expands into one cell per fold; every run is named and tagged
     by the folder's name and its fold (they used to merge as `imagefolder@16`), no video is in
     two folds' test sets, each run logs its test predictions, and the report pools the folds."""
-    cfg = validate_config(_cv_config(tiny_config, frames, ) | {"report": True})
+    published = {"dataset": "pocus-frames", "size": 16, "model": "ResNet-18", "citation": "P, Tab. 1",
+                 "metrics": {"auc": 0.9}, "weights": "ImageNet"}
+    cfg = validate_config(_cv_config(tiny_config, frames, ) | {"report": True,
+                                                                "references": [published]})
     cells = cfg.cells()
     assert len(cells) == 6
     assert sorted({c.dataset_label for c in cells}) == [
@@ -69,6 +72,14 @@ def test_n_folds_runs_every_fold_under_its_own_name(tiny_config, frames) -> None
         "strategy", "average rank", "datasets", "pocus-frames@16"]
     text = soup.get_text(" ")
     assert "Friedman χ²" not in text and "there is 1 dataset" in text
+    # a published row beside the folds' datasets, unranked, with its protocol in the note
+    rows = [[td.get_text(" ", strip=True) for td in tr.select("td")]
+            for tr in soup.select("table#leaderboard-published tbody tr")]
+    ours = [r for r in rows if r[2] == "this benchmark"]
+    theirs = [r for r in rows if r[1] == "ResNet-18 published"]
+    assert len(ours) == 6 and theirs and all(r[-1] == "published" and "0.900" in r
+                                             for r in theirs)
+    assert "starting weights: ImageNet" in text
 
 
 def test_two_image_folders_with_the_same_options_stay_apart(tiny_config, tmp_path) -> None:
