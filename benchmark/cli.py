@@ -234,10 +234,10 @@ def cmd_pretrain(argv: list[str]) -> int:
     from metalr_bench.benchmark.training.pretrain import pretrained_checkpoint
 
     tracker = Tracker(cfg.tracking_uri, cfg.name)
-    spec = cfg.model.pretrain
-    # one checkpoint per target size, or the one of the source's own `size`
-    sizes = [spec.size] if spec.size is not None else sorted({d.size for d in cfg.datasets})
-    for size in sizes:
+    # one checkpoint per (source, target size), or per source at its own `size`
+    jobs = {(cfg.pretrain_for(d).model_dump_json(), cfg.pretrain_for(d).size or d.size):
+            cfg.pretrain_for(d) for d in cfg.datasets}
+    for (_, size), spec in sorted(jobs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         path = pretrained_checkpoint(
             cfg.model.arch, spec, size,
             cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",

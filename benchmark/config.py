@@ -63,6 +63,10 @@ class DatasetSpec(_Strict):
         None, description="horizontal flips in augmentation; None: the dataset's policy (off "
         "where class names carry left/right, e.g. OrganAMNIST's kidney-left/kidney-right)",
     )
+    pretrain: PretrainSpec | None = Field(
+        None, description="this dataset's own pre-training source, instead of `model.pretrain` "
+        "(with `model.weights: pretrain`): a target must not pre-train on itself",
+    )
     label: str | None = Field(
         None, min_length=1, pattern=r"^[^/@]+$",
         description="how runs, tags, leaderboards and reports name this dataset; default: the "
@@ -207,6 +211,33 @@ class ModelSpec(_Strict):
         return self
 
 
+class ReferenceSpec(_Strict):
+    """A published result shown beside ours (``references:``): never ranked or tested with the
+    benchmark's runs, because its protocol differs (``train_images``, ``weights``,
+    ``selection`` say how, for the report's note)."""
+
+    dataset: str = Field(min_length=1, description="the dataset's name as the grid names it, "
+                         "e.g. pneumoniamnist")
+    size: int = Field(ge=8, le=1024, description="image side in pixels the result was measured at")
+    model: str = Field(min_length=1, description="e.g. ResNet-18")
+    metrics: dict[Literal["auc", "acc", "balanced_acc", "f1"], float] = Field(
+        min_length=1, description="published test figures in [0, 1], e.g. {auc: 0.944, acc: 0.854}")
+    citation: str = Field(min_length=1, description="paper, and the table the figures are from")
+    train_images: int | str | None = Field(None, description="training images the paper used")
+    weights: str | None = Field(None, description="its starting weights, e.g. random init")
+    selection: str | None = Field(None, description="how its checkpoint was chosen")
+    notes: str = ""
+
+    @field_validator("metrics")
+    @classmethod
+    def _unit_interval(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not 0.0 <= x <= 1.0}
+        if bad:
+            raise ValueError(f"metric values are fractions in [0, 1] (write 85.4 % as 0.854), "
+                             f"got {bad}")
+        return v
+
+
 def _dataset_default() -> list[DatasetSpec]:
     return [DatasetSpec(name="synthetic")]
 
@@ -325,6 +356,11 @@ class BenchmarkConfig(_Strict):
     )
     report: bool = Field(True, description="build the report notebook/HTML after the grid")
     tune: TuneSpec = Field(default_factory=TuneSpec)
+    references: list[ReferenceSpec] = Field(
+        default_factory=list, description="published results shown beside ours in the report "
+        "(never ranked or tested with them); an entry may be a YAML file of such rows, e.g. "
+        "references/medmnist.yaml, relative to the config file",
+    )
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -357,7 +393,21 @@ class BenchmarkConfig(_Strict):
             return v
         raise ValueError(f"device={v!r}: expected auto, cpu, cuda or cuda:N")
 
+    @model_validator(mode="after")
+    def _own_pretrain_needs_pretrain(self) -> BenchmarkConfig:
+        own = [d.display_name for d in self.datasets if d.pretrain is not None]
+        if own and self.model.weights != "pretrain":
+            raise ValueError(
+                f"datasets {own} give their own `pretrain` source, which is used only with "
+                f"`model.weights: pretrain` (got {self.model.weights!r}); drop it or set weights"
+            )
+        return self
+
     # -- resolution -------------------------------------------------------------------------------
+    def pretrain_for(self, dataset: DatasetSpec) -> PretrainSpec:
+        """The pre-training source of ``dataset``: its own ``pretrain``, else ``model.pretrain``."""
+        return dataset.pretrain if dataset.pretrain is not None else self.model.pretrain
+
     def resolved_device(self) -> str:
         import torch
 
@@ -415,8 +465,10 @@ class BenchmarkConfig(_Strict):
         tuned = set(tuned)
         params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
         return {
-            "dataset": {**cell.dataset.model_dump(mode="json",
-                                                   exclude={"download", "root", "label"}),
+            "dataset": {**cell.dataset.model_dump(
+                mode="json", exclude={"download", "root", "label"}
+                # no own source: the identity of the cells from before datasets could have one
+                | ({"pretrain"} if cell.dataset.pretrain is None else set())),
                         # the root is left out (moving the data keeps the cells), its name not:
                         # two image folders with the same options are two datasets
                         "label": cell.dataset.display_name},
@@ -548,4 +600,37 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
         data = loaded or {}
-    return validate_config(deep_merge(data, overrides or {}))
+    data = deep_merge(data, overrides or {})
+    if isinstance(data.get("references"), list):
+        data["references"] = _expand_references(data["references"],
+                                                Path(path).parent if path is not None else None)
+    return validate_config(data)
+
+
+def _expand_references(entries: list[Any], base: Path | None) -> list[Any]:
+    """``references:`` entries that are file names become that file's rows: a YAML list of
+    reference rows, or a mapping with a ``references`` list (a file beside the config is found
+    relative to the config's folder, else to the working directory)."""
+    out: list[Any] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            out.append(entry)
+            continue
+        candidates = ([base / entry] if base is not None else []) + [Path(entry)]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(
+                f"`references[{i}]`: file {entry!r} not found (looked in "
+                f"{', '.join(str(c) for c in candidates)}); give a YAML file of reference rows "
+                "relative to the config file, or the rows themselves")
+        try:
+            rows = yaml.safe_load(found.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"`references[{i}]`: {found} is not valid YAML: {exc}") from None
+        if isinstance(rows, dict):
+            rows = rows.get("references")
+        if not isinstance(rows, list):
+            raise ConfigError(f"`references[{i}]`: {found} must hold a list of reference rows "
+                              "(or a mapping with a `references` list)")
+        out += rows
+    return out

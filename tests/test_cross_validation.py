@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bs4 import BeautifulSoup
 from metalr_bench.benchmark.config import validate_config
 from metalr_bench.benchmark.running.runner import run_benchmark
 from metalr_bench.benchmark.training.cell import DataCache
@@ -32,7 +33,10 @@ def test_n_folds_runs_every_fold_under_its_own_name(tiny_config, frames) -> None
     """`n_folds` without `fold` expands into one cell per fold; every run is named and tagged
     by the folder's name and its fold (they used to merge as `imagefolder@16`), no video is in
     two folds' test sets, each run logs its test predictions, and the report pools the folds."""
-    cfg = validate_config(_cv_config(tiny_config, frames, ) | {"report": True})
+    published = {"dataset": "pocus-frames", "size": 16, "model": "ResNet-18", "citation": "P, Tab. 1",
+                 "metrics": {"auc": 0.9}, "weights": "ImageNet"}
+    cfg = validate_config(_cv_config(tiny_config, frames, ) | {"report": True,
+                                                                "references": [published]})
     cells = cfg.cells()
     assert len(cells) == 6
     assert sorted({c.dataset_label for c in cells}) == [
@@ -61,6 +65,21 @@ def test_n_folds_runs_every_fold_under_its_own_name(tiny_config, frames) -> None
     assert 'id="cv-leaderboard"' in html and 'id="cv-pooled"' in html
     assert "pooled confusion matrices of pocus-frames@16" in html
     assert 'id="cv-paired-tests"' in html  # paired on (fold, seed)
+    # folds of one dataset are not datasets: one block in the average rank, no Friedman test
+    # across datasets (it used to print "Friedman ... (3 datasets ...)" over the 3 folds)
+    soup = BeautifulSoup(html, "html.parser")
+    assert [th.get_text(strip=True) for th in soup.select("table#average-rank thead th")] == [
+        "strategy", "average rank", "datasets", "pocus-frames@16"]
+    text = soup.get_text(" ")
+    assert "Friedman χ²" not in text and "there is 1 dataset" in text
+    # a published row beside the folds' datasets, unranked, with its protocol in the note
+    rows = [[td.get_text(" ", strip=True) for td in tr.select("td")]
+            for tr in soup.select("table#leaderboard-published tbody tr")]
+    ours = [r for r in rows if r[2] == "this benchmark"]
+    theirs = [r for r in rows if r[1] == "ResNet-18 published"]
+    assert len(ours) == 6 and theirs and all(r[-1] == "published" and "0.900" in r
+                                             for r in theirs)
+    assert "starting weights: ImageNet" in text
 
 
 def test_two_image_folders_with_the_same_options_stay_apart(tiny_config, tmp_path) -> None:

@@ -147,6 +147,16 @@ def test_report_built_by_the_benchmark_holds_the_right_leaderboard(bench) -> Non
     assert "Friedman χ²" in text and "No Optuna study" in text
     assert soup.select_one("table#provenance") is not None
 
+    # the answer opens the report: a sentence per dataset and one across the three
+    first = soup.find(["h2"])
+    assert first is not None and first.get_text(strip=True).startswith("The answer")
+    best, flat = means.idxmax(axis=1), " ".join(text.split())
+    for ds in means.index:
+        assert f"{ds} : {best[ds]} is best on AUC" in flat
+    assert f"Across the {len(SIZES)} datasets" in flat
+    assert "heat-map of each strategy's paired gain over full" not in figures  # no `full` here
+    assert "No published reference for these datasets" in text
+
 
 def test_a_failing_cell_fails_the_build(bench, tmp_path: Path) -> None:
     from papermill.exceptions import PapermillExecutionError

@@ -96,7 +96,8 @@ def run_cell(
                           plan.summary, skipped=True,
                           error=plan.note if busy else None)
     try:
-        weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+        weights, source = starting_weights(cfg, bundle, tracker, parent_id,
+                                           dataset=cell.dataset)
         tags = cell_tags(cfg, cell)
         if plan.payload is not None:
             tags["resumed_from_epoch"] = plan.resume_epoch
@@ -204,6 +205,10 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
         f"{cfg.name}-benchmark", tags={T.KIND: T.KIND_BENCHMARK, **environment_tags()}
     ) as parent:
         tracker.log_dict(parent, cfg.model_dump(mode="json"), "config.json")
+        if cfg.references:  # published rows for the report, which reads no config module
+            tracker.log_dict(parent, {"references": [r.model_dump(mode="json")
+                                                     for r in cfg.references]},
+                             T.REFERENCES_ARTIFACT)
         if cfg.tune.enabled:  # studies on validation data pick each strategy's parameters
             tuning = tune_all(cfg, tracker, parent, data, progress=progress,
                               executor=executor, tracking_uri=tracking_uri)
@@ -212,7 +217,8 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
         if executor.n_workers > 1:  # pre-train once here, not once per worker at the same time
             for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
-                starting_weights(cfg, data.get(cell), tracker, parent, progress=progress)
+                starting_weights(cfg, data.get(cell), tracker, parent, progress=progress,
+                                 dataset=cell.dataset)
         results += executor.map_cells(run_cell_call, cfg, cells, parent, tracking_uri,
                                       tracker=tracker,
                                       data=data, progress=progress)

@@ -42,6 +42,8 @@ ERROR = "error"
 #: the artifact every cell run logs: its test-set predictions (CSV: label(s), prob.<class>);
 #: the report pools the folds of a cross-validation from them
 PREDICTIONS_ARTIFACT = "predictions/test.csv"
+#: the parent run's published reference rows (config `references:`), read by the report
+REFERENCES_ARTIFACT = "references.json"
 
 #: who runs it (liveness): host name, process id, Unix time of the last heartbeat
 HOST = "run.host"

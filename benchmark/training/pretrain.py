@@ -28,7 +28,13 @@ import time
 from pathlib import Path
 
 import torch
-from metalr_bench.benchmark.config import CODE_VERSION, BenchmarkConfig, ConfigError, PretrainSpec
+from metalr_bench.benchmark.config import (
+    CODE_VERSION,
+    BenchmarkConfig,
+    ConfigError,
+    DatasetSpec,
+    PretrainSpec,
+)
 from metalr_bench.benchmark.models.zoo import imagenet_state, read_checkpoint
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
@@ -212,11 +218,13 @@ def pretrained_checkpoint(
 
 def starting_weights(
     cfg: BenchmarkConfig, bundle: DatasetBundle, tracker: Tracker | None, parent_id: str | None,
-    *, progress: bool = True,
+    *, progress: bool = True, dataset: DatasetSpec | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The starting state for this dataset's input size, and its description.
 
     ``progress``: the pre-training stage's lines when it trains (once; cached afterwards).
+    ``dataset``: the target's config entry; its own ``pretrain`` source, when it has one,
+    replaces ``model.pretrain`` (a target must not pre-train on itself).
     """
     w = cfg.model.weights
     if w == "none":
@@ -225,7 +233,9 @@ def starting_weights(
         return imagenet_state(cfg.model.arch), "imagenet"
     if w == "pretrain":
         path = pretrained_checkpoint(
-            cfg.model.arch, cfg.model.pretrain, bundle.image_size,
+            cfg.model.arch,
+            cfg.pretrain_for(dataset) if dataset is not None else cfg.model.pretrain,
+            bundle.image_size,
             cache_dir=pretrain_cache_dir(cfg),
             device=cfg.resolved_device(), amp=cfg.use_amp(),
             channels_last=cfg.use_channels_last(), tracker=tracker, parent_id=parent_id,

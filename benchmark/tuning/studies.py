@@ -393,7 +393,8 @@ def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: Stud
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     bundle = data.get(Cell(dataset=target.dataset, strategy=target.strategy,
                            params=target.fixed, seed=cfg.tune.seed))
-    weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+    weights, source = starting_weights(cfg, bundle, tracker, parent_id,
+                                       dataset=target.dataset)
     storage = open_storage(url)
     runner = StudyRunner(cfg, target, tracker, storage, url, bundle, weights, source)
     runner.study_run_id = study_run_id
@@ -454,7 +455,8 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
                                    seed=cfg.tune.seed))
             bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
-            weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress)
+            weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress,
+                                               dataset=t.dataset)
             if executor is None or executor.name == "serial":
                 runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
                 studies.append(runner.run(parent_id, bar))

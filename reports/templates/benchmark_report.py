@@ -76,6 +76,27 @@ display(Markdown(
 ))
 
 # %% [markdown]
+# ## The answer
+#
+# Written from the statistics below (`metalr_bench.reports.answer`). Per dataset: the best
+# strategy on the primary metric and those that cannot be told apart from it (each paired with
+# the best on seeds, and on (fold, seed) for a cross-validated dataset; the test named; Holm's
+# correction over the dataset's comparisons at α = 0.05), time per epoch relative to `full`, and
+# where the grid has them, MetaLR's learned rates against `discriminative` and transfer against
+# `scratch`. Across datasets: mean ranks, Friedman's test and the Nemenyi critical difference,
+# one block per dataset (the folds of a cross-validated dataset are one dataset, not several).
+# The heat-map shows each strategy's paired gain over `full` (`*`: Holm p < 0.05).
+
+# %%
+from metalr_bench.reports import answer as answer_mod
+
+the_answer = answer_mod.the_answer(results, primary_metric)
+display(Markdown(the_answer.markdown()))
+if not the_answer.gains.empty:
+    show(answer_mod.gain_heatmap(the_answer.gains, primary_metric),
+         "heat-map of each strategy's paired gain over full")
+
+# %% [markdown]
 # ## Leaderboard
 #
 # Test metrics per dataset and strategy over seeds: **mean ± standard deviation [95% confidence
@@ -88,13 +109,36 @@ board = tables.leaderboard(results, metrics, primary_metric, ci_level)
 display(HTML(tables.leaderboard_html(board, metrics, primary_metric)))
 
 # %% [markdown]
+# ### Published numbers beside ours
+#
+# The config's `references:` rows (logged to the parent run as `references.json`) for the same
+# dataset and image size, marked *published*: shown, never ranked or tested with our runs (one
+# published number per row, from another protocol, with no per-seed values to pair).
+
+# %%
+from metalr_bench.reports import references as refs_mod
+
+published = refs_mod.matching(refs_mod.load_references(tracking_uri, runs), results)
+if published.empty:
+    display(Markdown("_No published reference for these datasets and sizes (config key "
+                     "`references:`, e.g. `references/medmnist.yaml`)._"))
+else:
+    display(HTML(refs_mod.leaderboard_with_published_html(board, published, metrics,
+                                                          primary_metric)))
+    display(Markdown("**Protocols differ**:\n\n" + "\n".join(
+        f"- {line}" for line in refs_mod.protocol_note(published, results))))
+
+# %% [markdown]
 # ### Average rank across datasets
 #
 # Rank of each strategy on every dataset (by the mean of the primary metric over seeds) and the
-# average over datasets; lower is better.
+# average over datasets; lower is better. A cross-validated dataset is one dataset here, its
+# folds and seeds pooled (its folds are dependent splits, not independent datasets).
 
 # %%
-avg = tables.average_ranks(board, primary_metric)
+block_board = tables.leaderboard(answer_mod.with_blocks(results), [primary_metric],
+                                 primary_metric, ci_level, by="block")
+avg = tables.average_ranks(block_board, primary_metric)
 display(HTML(tables.average_ranks_html(avg)))
 
 # %% [markdown]
@@ -120,8 +164,9 @@ else:
 # significantly different (Demšar 2006). Needs at least 3 datasets.
 
 # %%
-scores = board.pivot(index="dataset", columns="strategy", values=f"{primary_metric}_mean")
-if len(datasets) >= 3 and len(strategies) >= 2:
+scores = block_board.pivot(index="dataset", columns="strategy",
+                          values=f"{primary_metric}_mean")
+if len(scores) >= 3 and len(strategies) >= 2:
     fn = stats.friedman_nemenyi(scores)
     display(Markdown(
         f"Friedman χ² = {fn.statistic:.3f}, p = {fn.p_value:.3g} ({fn.n_datasets} datasets, "
@@ -131,7 +176,8 @@ if len(datasets) >= 3 and len(strategies) >= 2:
                             title=f"critical difference on {primary_metric}"), "critical-difference diagram")
 else:
     display(Markdown(f"_Skipped: the diagram needs ≥ 3 datasets and ≥ 2 strategies "
-                     f"(this benchmark has {len(datasets)} and {len(strategies)})._"))
+                     f"(this benchmark has {len(scores)} and {len(strategies)}; the folds of "
+                     f"a cross-validated dataset count as one)._"))
 
 # %% [markdown]
 # ## Cross-validation: the folds pooled
@@ -347,18 +393,19 @@ for info in studies:
 # %% [markdown]
 # ## Cost
 #
-# Wall time per epoch and peak memory (GPU: `torch.cuda.max_memory_allocated`; CPU: the process's
-# peak resident memory, shared by all runs in one process), mean ± std over seeds.
+# Per strategy: trainable parameters (run param `n_trainable_params`), wall time per epoch and
+# peak memory (GPU: `torch.cuda.max_memory_allocated`; CPU: the process's peak resident memory,
+# shared by all runs in one process), mean over seeds (the bars: mean ± std).
 
 # %%
+from metalr_bench.reports import cost as cost_mod
+
 cost_cols = [c for c in ("mean_epoch_time_s", "peak_memory_mb", "total_time_s") if c in results]
 if cost_cols:
     show(figures.cost_bars(results), "cost per strategy")
-    cost = results.groupby(["dataset_key", "strategy_label"])[cost_cols].mean().round(2)
-    cost.columns = [figures.NICE.get(c, c.replace("_", " ")) for c in cost.columns]
-    display(HTML(cost.reset_index().rename(columns={"dataset_key": "dataset",
-                                                    "strategy_label": "strategy"})
-                 .to_html(index=False, table_id="cost", classes="metalr-table", border=0)))
+cost = cost_mod.cost_table(results)
+if not cost.empty:
+    display(HTML(cost.to_html(index=False, table_id="cost", classes="metalr-table", border=0)))
 
 # %% [markdown]
 # ## Provenance
