@@ -132,7 +132,7 @@ def run_cell(
             # selected checkpoint, which the strategy's model holds after fit; θ_r the
             # pre-training's own start where known (param transferability_reference)
             transfer, reference = run_transferability(cfg, bundle, train_result.start_state,
-                                                      strategy.model)
+                                                      strategy.model, cell.dataset)
             if transfer:
                 final |= transfer
                 tracker.log_params(run_id, reference)

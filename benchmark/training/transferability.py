@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from metalr_bench.benchmark.config import BenchmarkConfig
+from metalr_bench.benchmark.config import BenchmarkConfig, DatasetSpec
 from metalr_bench.benchmark.models.zoo import build_model, load_state
 from metalr_bench.benchmark.training.pretrain import (
     checkpoint_path,
@@ -137,19 +137,21 @@ def random_state(arch: str, in_channels: int, num_outputs: int,
     return _random_model(arch, in_channels, num_outputs, seed).state_dict()
 
 
-def reference_state(cfg: BenchmarkConfig, bundle: DatasetBundle
-                    ) -> tuple[dict[str, torch.Tensor], str]:
+def reference_state(cfg: BenchmarkConfig, bundle: DatasetBundle,
+                    dataset: DatasetSpec | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """θ_r for a run of ``cfg`` on ``bundle``, and what it is (:data:`PRETRAIN_START` or
     :data:`RANDOM_DRAW`, see the module docstring).
 
     ``pretrain_start``: the cached pre-training's first state loaded into the target network
     with the same :func:`load_state` call that loaded θ_A (the head, which T leaves out, stays
     the fixed draw). The checkpoint exists: the run's own starting weights came from it.
+    ``dataset``: the run's dataset entry, whose own ``pretrain`` source wins over the model's.
     """
     m = cfg.model
     arch, c, k = m.arch, bundle.in_channels, bundle.num_outputs
     if m.weights == "pretrain":
-        path = checkpoint_path(arch, m.pretrain, bundle.image_size, pretrain_cache_dir(cfg))
+        source = cfg.pretrain_for(dataset) if dataset is not None else m.pretrain
+        path = checkpoint_path(arch, source, bundle.image_size, pretrain_cache_dir(cfg))
         start = pretrain_start(path) if path.is_file() else None
         if start is not None:
             model = _random_model(arch, c, k, TRANSFERABILITY_SEED)
@@ -164,7 +166,8 @@ def reference_state(cfg: BenchmarkConfig, bundle: DatasetBundle
 
 
 def run_transferability(cfg: BenchmarkConfig, bundle: DatasetBundle, start: State | None,
-                        model: nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
+                        model: nn.Module, dataset: DatasetSpec | None = None
+                        ) -> tuple[dict[str, float], dict[str, Any]]:
     """The metrics of one finished run and the params saying what θ_r was: ``model`` holds θ_B
     (the selected checkpoint), ``start`` θ_A, the state the trainer started from
     (``TrainResult.start_state``); nothing to measure from a random start (``weights: none``).
@@ -174,7 +177,7 @@ def run_transferability(cfg: BenchmarkConfig, bundle: DatasetBundle, start: Stat
     """
     if start is None or cfg.model.weights == "none":
         return {}, {}
-    random, kind = reference_state(cfg, bundle)
+    random, kind = reference_state(cfg, bundle, dataset)
     finetuned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics = transferability_metrics(
         model, layer_groups(model), random,
