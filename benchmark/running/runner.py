@@ -94,7 +94,8 @@ def run_cell(
                           plan.summary, skipped=True,
                           error=plan.note if busy else None)
     try:
-        weights, source = starting_weights(cfg, bundle, tracker, parent_id)
+        # pre-trained (with its progress lines) by the driver before the first cell: cached here
+        weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=False)
         tags = cell_tags(cfg, cell)
         if plan.payload is not None:
             tags["resumed_from_epoch"] = plan.resume_epoch
@@ -206,7 +207,9 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
             cells, results = tuning.cells, list(tuning.failed)
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
-        if executor.n_workers > 1:  # pre-train once here, not once per worker at the same time
+        # pre-train here, once, before the first cell (not once per worker at the same time), so
+        # its epoch lines follow `progress` like every other progress line
+        if executor.n_workers > 1 or cfg.model.weights == "pretrain":
             for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
                 starting_weights(cfg, data.get(cell), tracker, parent, progress=progress)
         results += executor.map_cells(run_cell_call, cfg, cells, parent, tracking_uri,

@@ -77,11 +77,31 @@ def _describe_source(spec: PretrainSpec, size: int) -> str:
     return f"pretrain source {spec.dataset!r} (size {size}{root})"
 
 
-def load_source(spec: PretrainSpec, size: int) -> DatasetBundle:
-    """The source dataset at ``size`` px; a failure names the source and its config key."""
+#: sources the pre-flight check loaded, handed to the pre-training stage that follows it (once:
+#: popped on use), so a large source is not read twice
+_PREFLIGHT_SOURCES: dict[tuple[str, int], DatasetBundle] = {}
+
+
+def checkpoint_path(arch: str, spec: PretrainSpec, size: int, cache_dir: Path) -> Path:
+    """Where the checkpoint of (arch, spec, source side ``size``) is cached."""
+    return cache_dir / f"pretrain-{arch}-{spec.dataset}-{size}px-{pretrain_key(arch, spec, size)}.pt"
+
+
+def load_source(spec: PretrainSpec, size: int, *, keep: bool = False) -> DatasetBundle:
+    """The source dataset at ``size`` px; a failure names the source and its config key.
+
+    ``keep`` (the pre-flight check): hold the loaded source for the pre-training stage, which
+    then takes it instead of loading it again.
+    """
+    key = (spec.model_dump_json(), size)
+    if key in _PREFLIGHT_SOURCES:
+        return _PREFLIGHT_SOURCES[key] if keep else _PREFLIGHT_SOURCES.pop(key)
     try:
-        return load_dataset(spec.dataset, root=spec.root, size=size, download=spec.download,
-                            allow_md5_mismatch=spec.allow_md5_mismatch, options=spec.options)
+        bundle = load_dataset(spec.dataset, root=spec.root, size=size, download=spec.download,
+                              allow_md5_mismatch=spec.allow_md5_mismatch, options=spec.options)
+        if keep:
+            _PREFLIGHT_SOURCES[key] = bundle
+        return bundle
     except (ValueError, KeyError, OSError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise PretrainSourceError(
@@ -132,7 +152,7 @@ def pretrained_checkpoint(
     """
     size = source_size(spec, size)
     key = pretrain_key(arch, spec, size)
-    path = cache_dir / f"pretrain-{arch}-{spec.dataset}-{size}px-{key}.pt"
+    path = checkpoint_path(arch, spec, size, cache_dir)
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
