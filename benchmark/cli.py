@@ -93,7 +93,9 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="tuning with --executor local/ray: workers sharing each study")
     p.add_argument("--sampler", help="tpe | gp | random (tuning)")
     p.add_argument("--pruner", help="median | hyperband | none (tuning)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress lines at all (bars, pre-training epochs); progress goes to "
+                   "stderr and results to stdout either way, so `> results.txt` stays clean")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the report notebook/HTML at the end")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -164,6 +166,8 @@ def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
 
 
 def cmd_run(argv: list[str]) -> int:
+    """A benchmark run. What it is about to do, progress, warnings and errors go to stderr;
+    the results (leaderboard, where the runs and the report are) to stdout."""
     args = _run_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -175,7 +179,7 @@ def cmd_run(argv: list[str]) -> int:
     print(f"run-benchmark: {len(cells)} runs ({n_data} dataset(s) x "
           f"{len(cells) // n_data // len(cfg.seeds)} strategy setting(s) x "
           f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
-          f"tracking {cfg.tracking_uri}", flush=True)
+          f"tracking {cfg.tracking_uri}", file=sys.stderr, flush=True)
     tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
                                  ("--pruner", args.pruner), ("--tune-storage", args.tune_storage),
                                  ("--workers-per-study", args.workers_per_study))
@@ -189,8 +193,9 @@ def cmd_run(argv: list[str]) -> int:
         print(f"tuning first: {cfg.tune.n_trials} trial(s) x {len(cfg.strategies)} strateg(ies) "
               f"x {len(cfg.dataset_specs())} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
               f"objective validation {cfg.tune.metric}, storage {storage_url(cfg)}. "
-              f"Browse with: optuna-dashboard {storage_url(cfg)}", flush=True)
-    outcome = run_benchmark(cfg, progress=not args.no_progress)
+              f"Browse with: optuna-dashboard {storage_url(cfg)}", file=sys.stderr, flush=True)
+    with quiet_progress(args.no_progress):
+        outcome = run_benchmark(cfg, progress=not args.no_progress)
     skipped = sum(r.skipped for r in outcome.results)
     if skipped:
         print(f"run-benchmark: {skipped} run(s) already FINISHED earlier were skipped "
@@ -238,13 +243,14 @@ def cmd_pretrain(argv: list[str]) -> int:
     # one checkpoint per target size, or the one of the source's own `size`
     sizes = [spec.size] if spec.size is not None else sorted({d.size for d in cfg.datasets})
     for size in sizes:
-        path = pretrained_checkpoint(
-            cfg.model.arch, spec, size,
-            cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
-            device=cfg.resolved_device(), amp=cfg.use_amp(),
-            channels_last=cfg.use_channels_last(), tracker=tracker,
-            progress=not args.no_progress,
-        )
+        with quiet_progress(args.no_progress):
+            path = pretrained_checkpoint(
+                cfg.model.arch, spec, size,
+                cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
+                device=cfg.resolved_device(), amp=cfg.use_amp(),
+                channels_last=cfg.use_channels_last(), tracker=tracker,
+                progress=not args.no_progress,
+            )
         print(path)
     return 0
 
@@ -294,6 +300,28 @@ def cmd_plan(argv: list[str]) -> int:
         print()
         print(format_check(cfg, check_rows(cfg, timings, MlflowClient(uri)), uri))
     return 0
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool) -> Iterator[None]:
+    """``--no-progress``: also silence the bars the stages cannot be told about (a dataset's
+    decode and download bars live below the benchmark) through tqdm's own ``TQDM_DISABLE``; set
+    in the environment, so spawned local workers inherit it. Restored afterwards (``main`` may
+    be called in-process, by tests or a notebook)."""
+    if not quiet:
+        yield
+        return
+    import os
+
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 @contextlib.contextmanager
