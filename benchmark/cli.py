@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import logging
 import sys
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +95,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress lines at all (bars, pre-training epochs); progress goes to "
                    "stderr and results to stdout either way, so `> results.txt` stays clean")
+    p.add_argument("--no-system-metrics", dest="system_metrics", action="store_false",
+                   default=None, help="do not log MLflow system metrics (CPU, memory, GPU) per "
+                   "run (config key `system_metrics`)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the report notebook/HTML at the end")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -107,7 +109,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {}
     for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
                 "compile", "augment", "precise_bn", "tracking_uri", "output_dir", "executor", "workers", "gpus_per_run",
-                "ray_address", "force", "deterministic", "report"):
+                "ray_address", "force", "deterministic", "report", "system_metrics"):
         if getattr(args, key, None) is not None:
             o[key] = getattr(args, key)
     if args.strategies:
@@ -324,37 +326,12 @@ def quiet_progress(quiet: bool) -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = before
 
 
-@contextlib.contextmanager
-def warnings_as_lines() -> Iterator[None]:
-    """Show the suite's own warnings as one line, ``run-benchmark: warning: <message>``.
+def warnings_as_lines() -> contextlib.AbstractContextManager[None]:
+    """The suite's warnings as one line each while the CLI runs (:mod:`..warning_lines`; local
+    workers and Ray tasks install the same, so theirs read the same)."""
+    from metalr_bench.benchmark.warning_lines import warnings_as_lines as lines
 
-    Python's format (``/path/to/download.py:55: UserWarning: ...`` and a source line) reads like
-    a crash. The suite's warnings (:class:`~metalr_bench.datasets.core.errors.DatasetWarning`)
-    name their input in the message, so the CLI shows only that, like its errors; every other
-    warning keeps Python's format. Installed while :func:`main` runs, so library users keep
-    Python's behaviour. Python's filters still decide what is shown (each once per place).
-    """
-    previous = warnings.showwarning
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
-        # looked up, not imported: the datasets (torch) load only when a command needs them,
-        # and a DatasetWarning cannot be raised before they did
-        errors = sys.modules.get("metalr_bench.datasets.core.errors")
-        if errors is None or not issubclass(category, errors.DatasetWarning):
-            previous(message, category, filename, lineno, file, line)
-            return
-        from tqdm import tqdm  # write above an active progress bar, not through it
-
-        text = " ".join(str(message).split())  # one line, whatever the message holds
-        tqdm.write(f"run-benchmark: warning: {text}", file=file or sys.stderr)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        if warnings.showwarning is show:
-            warnings.showwarning = previous
+    return lines()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 TESTS = Path(__file__).resolve().parent
@@ -77,3 +78,97 @@ def test_no_progress_silences_pretraining_and_stdout_holds_only_results(tiny_con
     for mark in PROGRESS_MARKS:
         assert mark not in loud.stdout, (mark, loud.stdout)
     assert loud.stdout.lstrip().startswith("Leaderboard"), loud.stdout
+
+
+# -- warnings from worker processes print as the driver's do ----------------------------------
+WARNING_TEXT = "/data/pneumoniamnist.npz: MD5 abc is not the official\n  def; accepted"
+
+
+def _warn_in_workers(executor: Any, tiny_config: dict[str, Any]) -> list[str]:
+    from fault_strategies import warn_and_capture
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.tracking.client import Tracker
+    from tqdm import tqdm
+
+    cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"]})
+    Tracker(cfg.tracking_uri, cfg.name)  # the experiment exists before the workers look it up
+    with tqdm(disable=True) as bar:
+        return executor.map_calls(warn_and_capture, cfg, cfg.tracking_uri,
+                                  [(WARNING_TEXT,), (WARNING_TEXT,)], labels=["a", "b"], bar=bar)
+
+
+def _one_line(shown: str) -> None:
+    assert shown == ("run-benchmark: warning: /data/pneumoniamnist.npz: MD5 abc is not the "
+                     "official def; accepted\n"), shown
+    assert "DatasetWarning" not in shown and ".py:" not in shown  # never Python's raw format
+
+
+def test_warnings_in_local_workers_are_one_line(tiny_config):
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.running.executors import LocalExecutor
+
+    executor = LocalExecutor(load_config(None, {**tiny_config, "executor": "local",
+                                                "workers": 2}))
+    for shown in _warn_in_workers(executor, tiny_config):
+        _one_line(shown)
+
+
+def test_warnings_in_ray_tasks_are_one_line(tiny_config):
+    ray = pytest.importorskip("ray")
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.running.executors import RayExecutor
+
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})  # workers import fault_strategies
+    try:
+        executor = RayExecutor(load_config(None, {**tiny_config, "executor": "ray"}))
+        for shown in _warn_in_workers(executor, tiny_config):
+            _one_line(shown)
+    finally:
+        ray.shutdown()
+
+
+# -- system metrics in MLflow ------------------------------------------------------------------
+@pytest.mark.parametrize("on", [True, False])
+def test_every_training_run_logs_system_metrics_unless_turned_off(tiny_config, on):
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.running.runner import run_benchmark
+    from mlflow import MlflowClient
+
+    cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"],
+                             "system_metrics": on, "system_metrics_interval_s": 0.2,
+                             "model": {"arch": "smallcnn", "weights": "pretrain", "pretrain": {
+                                 "epochs": 1, "batch_size": 32, "options": {"n_images": 64}}}})
+    outcome = run_benchmark(cfg, progress=False)
+    assert [r.status for r in outcome.results] == ["FINISHED"]
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    training = [r for kind in ("cell", "pretrain")
+                for r in client.search_runs([exp.experiment_id], f"tags.kind = '{kind}'")]
+    assert {r.data.tags["kind"] for r in training} == {"cell", "pretrain"}
+    for run in training:
+        system = {k for k in run.data.metrics if k.startswith("system/")}
+        if not on:
+            assert system == set(), system
+            continue
+        assert {"system/cpu_utilization_percentage",
+                "system/system_memory_usage_megabytes"} <= system, system
+        memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+        assert memory and all(0 < m.value < 1e8 for m in memory)  # MB of this host, sampled
+    parent = client.get_run(outcome.parent_run_id)
+    assert not [k for k in parent.data.metrics if k.startswith("system/")]  # not a training run
+    # the report's cost section: peak memory from the system metrics, else peak_memory_mb
+    from metalr_bench.reports.results import load_runs, results_table, with_peak_memory
+
+    (row,) = with_peak_memory(cfg.tracking_uri, results_table(
+        load_runs(cfg.tracking_uri, cfg.name))).to_dict("records")
+    (cell,) = [r for r in training if r.data.tags["kind"] == "cell"]
+    if on:
+        history = client.get_metric_history(cell.info.run_id,
+                                            "system/system_memory_usage_megabytes")
+        assert row["peak_memory_mb"] == max(m.value for m in history)
+        assert row["peak_memory_source"] == "system/system_memory_usage_megabytes"
+    else:
+        assert row["peak_memory_mb"] == cell.data.metrics["peak_memory_mb"]
+        assert row["peak_memory_source"] == "peak_memory_mb"

@@ -99,7 +99,8 @@ def run_cell(
         tags = cell_tags(cfg, cell)
         if plan.payload is not None:
             tags["resumed_from_epoch"] = plan.resume_epoch
-        with tracker.run(name, tags=tags, parent_id=parent_id, reopen=plan.run_id) as run_id:
+        with tracker.run(name, tags=tags, parent_id=parent_id, reopen=plan.run_id,
+                         system_metrics=cfg.system_metrics_every()) as run_id:
             result.run_id = run_id
             ckpt.meta = {"run_id": run_id}
             if plan.run_id is None:  # a new run (a reopened one has all this already)

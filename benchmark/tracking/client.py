@@ -141,9 +141,42 @@ class Tracker:
         self.client.set_tag(run_id, T.HEARTBEAT, heartbeat.now_tag())
 
     @contextmanager
+    def system_metrics(self, run_id: str, interval_s: float | None, *,
+                       resume: bool = False) -> Iterator[None]:
+        """MLflow's own system-metrics logging for ``run_id`` while the block runs: CPU,
+        memory, disk, network and (with ``nvidia-ml-py``, the ``gpu`` extra, on a CUDA host) GPU
+        utilisation and memory, as ``system/...`` metrics every ``interval_s`` seconds (None:
+        off). MLflow's ``SystemMetricsMonitor`` is driven for the run id directly, because the
+        suite starts runs with the client, not ``mlflow.start_run(log_system_metrics=True)``
+        (module docstring). ``resume``: a reopened run continues the steps it had.
+
+        A monitor that cannot start (psutil missing) is a warning, never a failed run.
+        """
+        if interval_s is None:
+            yield
+            return
+        monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s,
+                                           resume_logging=resume, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - observability must not fail a run
+            log.warning("system metrics of run %s are not logged (%s: %s); install psutil",
+                        run_id, type(exc).__name__, exc)
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    @contextmanager
     def run(self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None,
             *, reopen: str | None = None, beat: Callable[[str], None] | None = None,
-            finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
+            finished_on: tuple[type[BaseException], ...] = (),
+            system_metrics: float | None = None) -> Iterator[str]:
         """The one run lifecycle: every run of the suite (benchmark parent, cell, study, trial,
         pre-training) goes through here.
 
@@ -154,6 +187,8 @@ class Tracker:
         exception in ``finished_on`` (a pruned trial) ends it FINISHED and is re-raised. A run
         whose process dies without a word (``kill -9``) keeps its owner tags and a stopped
         heartbeat, so the next call marks it KILLED (:func:`liveness.mark_stale_runs`).
+        ``system_metrics``: the sampling interval (s) of MLflow's system metrics for this run
+        (:meth:`system_metrics`), None for none (a benchmark's parent run, a study).
         """
         all_tags = {**(tags or {}), **owner_tags()}
         if reopen:
@@ -162,7 +197,8 @@ class Tracker:
         else:
             run_id = self.start_run(name, all_tags, parent_id)
         try:
-            with heartbeat.beating(lambda: (beat or self.beat)(run_id), run_id[:8]):
+            with heartbeat.beating(lambda: (beat or self.beat)(run_id), run_id[:8]), \
+                    self.system_metrics(run_id, system_metrics, resume=reopen is not None):
                 yield run_id
         except KeyboardInterrupt:
             self._end_quietly(run_id, "KILLED")

@@ -140,6 +140,7 @@ def pretrained_checkpoint(
     tracker: Tracker | None = None,
     parent_id: str | None = None,
     progress: bool = False,
+    system_metrics: float | None = None,
 ) -> Path:
     """Path of the cached checkpoint for (arch, spec, size), training it first if needed.
 
@@ -149,6 +150,7 @@ def pretrained_checkpoint(
     KILLED instead of leaving it RUNNING forever. ``progress``: a line when the training starts,
     one per epoch and one at the end, on stderr (a cached checkpoint prints nothing).
     A source that cannot be loaded raises :class:`PretrainSourceError` (a ``ConfigError``).
+    ``system_metrics``: the run's MLflow system-metrics interval (s), None for none.
     """
     size = source_size(spec, size)
     key = pretrain_key(arch, spec, size)
@@ -191,7 +193,7 @@ def pretrained_checkpoint(
     tags = {T.KIND: T.KIND_PRETRAIN, "pretrain_key": key, T.MODEL: arch,
             T.DATASET: spec.dataset}
     with tracker.run(f"pretrain-{arch}-{spec.dataset}-{size}px", tags=tags,
-                     parent_id=parent_id) as run_id:
+                     parent_id=parent_id, system_metrics=system_metrics) as run_id:
         tracker.log_params(run_id, {"arch": arch, **spec.model_dump(mode="json"), "size": size})
         summary = train([MetricsLogger(tracker, run_id)])
         tracker.log_metrics(run_id, summary)
@@ -218,7 +220,7 @@ def starting_weights(
             cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
             device=cfg.resolved_device(), amp=cfg.use_amp(),
             channels_last=cfg.use_channels_last(), tracker=tracker, parent_id=parent_id,
-            progress=progress,
+            progress=progress, system_metrics=cfg.system_metrics_every(),
         )
         return read_checkpoint(path), f"pretrain:{path.name}"
     return read_checkpoint(w), w

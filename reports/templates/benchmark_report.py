@@ -294,10 +294,15 @@ for info in studies:
 # %% [markdown]
 # ## Cost
 #
-# Wall time per epoch and peak memory (GPU: `torch.cuda.max_memory_allocated`; CPU: the process's
-# peak resident memory, shared by all runs in one process), mean ± std over seeds.
+# Wall time per epoch and peak memory, mean ± std over seeds. Peak memory is the largest sample of
+# MLflow's system metric `system/system_memory_usage_megabytes` (the host's memory in use while
+# the run trained) where the run logged system metrics; else the run's `peak_memory_mb` (GPU:
+# `torch.cuda.max_memory_allocated`; CPU: the process's peak resident memory, shared by all runs
+# in one process).
 
 # %%
+if len(results):
+    results = res.with_peak_memory(tracking_uri, results)
 cost_cols = [c for c in ("mean_epoch_time_s", "peak_memory_mb", "total_time_s") if c in results]
 if cost_cols:
     show(figures.cost_bars(results), "cost per strategy")
