@@ -7,6 +7,7 @@ exercise the path (smallcnn, synthetic data, 1-3 epochs).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -172,3 +173,56 @@ def test_every_training_run_logs_system_metrics_unless_turned_off(tiny_config, o
     else:
         assert row["peak_memory_mb"] == cell.data.metrics["peak_memory_mb"]
         assert row["peak_memory_source"] == "peak_memory_mb"
+
+
+# -- datasets in MLflow's own terms ----------------------------------------------------------
+def test_runs_log_their_splits_as_mlflow_dataset_inputs(tiny_config, tmp_path):
+    import numpy as np
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.running.runner import run_benchmark
+    from mlflow import MlflowClient
+    from PIL import Image
+    from test_folder import PATTERN, make_folder
+
+    files = make_folder(tmp_path / "us", videos=4, frames=2, sizes=((16, 16),))
+    cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1,
+                             "system_metrics": False,
+                             "datasets": [{"name": "imagefolder", "root": str(tmp_path / "us"),
+                                           "size": 16,
+                                           "options": {"group_pattern": PATTERN}}]})
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+
+    def inputs_of(run_id: str) -> list[Any]:
+        return client.get_run(run_id).inputs.dataset_inputs
+
+    (first,) = run_benchmark(cfg, progress=False).results
+    inputs = inputs_of(first.run_id)
+    contexts = sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context")
+    assert contexts == ["test", "train", "val"]
+    (dataset,) = {(i.dataset.name, json.loads(i.dataset.profile)["content_digest"],
+                   i.dataset.source_type, i.dataset.source) for i in inputs}
+    name, digest, source_type, source = dataset
+    assert len({i.dataset.digest for i in inputs}) == 3  # one per split
+    assert name == cfg.cells()[0].dataset_label and source_type == "local"
+    assert (tmp_path / "us").resolve().as_uri() in source
+    profile = json.loads(inputs[0].dataset.profile)
+    assert profile["num_train"] + profile["num_val"] + profile["num_test"] == len(files)
+
+    # one image edited: the next run's digest differs, the first run keeps its own
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(files[0])
+    (second,) = run_benchmark(cfg.model_copy(update={"force": True}), progress=False).results
+    assert second.run_id != first.run_id
+    def digests(run_id: str) -> set[str]:
+        return {json.loads(i.dataset.profile)["content_digest"] for i in inputs_of(run_id)}
+
+    assert digests(second.run_id) != {digest}
+    assert digests(first.run_id) == {digest}
+    assert not {i.dataset.digest for i in inputs} & {i.dataset.digest
+                                                     for i in inputs_of(second.run_id)}
+
+    # data generated in code: the generator's settings are the digest
+    synth = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1,
+                               "system_metrics": False, "name": "synth"})
+    (run,) = run_benchmark(synth, progress=False).results
+    (ds,) = {(i.dataset.name, i.dataset.source_type) for i in inputs_of(run.run_id)}
+    assert ds == ("synthetic@16", "code")

@@ -24,6 +24,7 @@ from metalr_bench.benchmark.running.resume import plan_cell
 from metalr_bench.benchmark.running.signals import terminate_as_interrupt
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
+from metalr_bench.benchmark.tracking.datasets import dataset_inputs
 from metalr_bench.benchmark.tracking.liveness import mark_stale_runs
 from metalr_bench.benchmark.tracking.retry import RetryPolicy
 from metalr_bench.benchmark.training.cell import CellResult, DataCache, train_cell
@@ -105,6 +106,10 @@ def run_cell(
             ckpt.meta = {"run_id": run_id}
             if plan.run_id is None:  # a new run (a reopened one has all this already)
                 tracker.log_params(run_id, {**cfg.cell_params(cell), "weights_source": source})
+                tracker.log_inputs(run_id, dataset_inputs(
+                    cell.dataset_label, bundle.info, cell.dataset.model_dump(mode="json"),
+                    {"train": len(bundle.train), "val": len(bundle.val),
+                     "test": len(bundle.test)}))
                 tracker.log_dict(run_id, {
                     "benchmark": cfg.model_dump(mode="json", exclude={"datasets", "strategies",
                                                                       "seeds"}),

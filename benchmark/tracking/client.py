@@ -239,6 +239,11 @@ class Tracker:
         for i in range(0, len(items), _MAX_METRICS):
             self._call(self.client.log_batch, run_id, metrics=items[i : i + _MAX_METRICS])
 
+    def log_inputs(self, run_id: str, inputs: list[Any]) -> None:
+        """Datasets as run inputs (:mod:`.datasets`), shown in the MLflow UI's dataset column."""
+        if inputs:
+            self._call(self.client.log_inputs, run_id, datasets=inputs)
+
     def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
         self.client.log_dict(run_id, data, path)
 
