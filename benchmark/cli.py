@@ -350,6 +350,15 @@ def _main(argv: list[str]) -> int:
     except ConfigError as exc:  # also preflight.InputError: bad files, servers, parameters
         print(f"run-benchmark: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        tracking = sys.modules.get("metalr_bench.benchmark.tracking.retry")
+        if tracking is None or not isinstance(exc, tracking.TrackingError):
+            raise
+        print(f"run-benchmark: error: {' '.join(str(exc).split())}. The run stopped; finished "
+              "cells are in MLflow and the interrupted one keeps its last epoch's checkpoint: "
+              "once the tracking server answers again, run the same command to resume",
+              file=sys.stderr)
+        return 3
     except KeyboardInterrupt as exc:
         from metalr_bench.benchmark.running.signals import exit_code_for
 

@@ -226,3 +226,67 @@ def test_runs_log_their_splits_as_mlflow_dataset_inputs(tiny_config, tmp_path):
     (run,) = run_benchmark(synth, progress=False).results
     (ds,) = {(i.dataset.name, i.dataset.source_type) for i in inputs_of(run.run_id)}
     assert ds == ("synthetic@16", "code")
+
+
+# -- nothing lost: kill -9 in the middle of an epoch ---------------------------------------------
+FINAL = ("test_auc", "test_acc", "test_balanced_acc", "test_f1", "best_val_auc", "best_epoch")
+
+
+def _runs(uri: str, name: str) -> list[Any]:
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    return list(client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL))
+
+
+def _cells(uri: str, name: str) -> list[Any]:
+    return [r for r in _runs(uri, name) if r.data.tags.get("kind") == "cell"]
+
+
+def _straight(cfg_dict: dict[str, Any], root: Path, template: Path) -> dict[str, float]:
+    """The same cell trained in one go, in this process."""
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.running.runner import run_benchmark
+
+    cfg = load_config(None, {**cfg_dict, "tracking_uri": _store(root, template),
+                             "output_dir": str(root / "out")})
+    (result,) = run_benchmark(cfg, progress=False).results
+    return result.summary
+
+
+def test_kill_9_mid_epoch_resumes_the_cell_to_the_uninterrupted_result(tiny_config, tmp_path,
+                                                                       _mlflow_template):
+    from metalr_bench.benchmark.cli import main
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
+    from mlflow import MlflowClient
+
+    base = {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 2,
+            "deterministic": True, "system_metrics": False}
+    data = {**base, "tracking_uri": _store(tmp_path / "killed", _mlflow_template),
+            "output_dir": str(tmp_path / "killed" / "out")}
+    config = _config(tmp_path, data)
+    cfg = load_config(config)
+    ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", cfg.config_hash(cfg.cells()[0]))
+
+    # epoch 0 done and checkpointed, then kill -9 after the first batch of epoch 1
+    killed = _cli(config, "--no-progress", env={"METALR_BENCH_KILL_AT": "1:1"})
+    assert killed.returncode == -9, killed.stderr
+    assert ckpt.load()["trainer"]["epoch"] == 0
+    (child,) = _cells(cfg.tracking_uri, cfg.name)
+    assert child.info.status == "RUNNING"  # nothing could run after kill -9
+
+    assert main(["--config", str(config), "--no-progress"]) == 0  # the same command again
+    assert "RUNNING" not in {r.info.status for r in _runs(cfg.tracking_uri, cfg.name)}
+    (resumed,) = _cells(cfg.tracking_uri, cfg.name)  # the same run, not a duplicate
+    assert resumed.info.run_id == child.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from_epoch"] == "0"
+    history = MlflowClient(tracking_uri=cfg.tracking_uri).get_metric_history(
+        resumed.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [0, 1]  # each epoch once
+    assert not ckpt.exists()
+    straight = _straight(base, tmp_path / "straight", _mlflow_template)
+    for k in FINAL:
+        assert resumed.data.metrics[k] == pytest.approx(straight[k], abs=1e-6), k

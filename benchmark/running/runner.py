@@ -26,7 +26,7 @@ from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
 from metalr_bench.benchmark.tracking.datasets import dataset_inputs
 from metalr_bench.benchmark.tracking.liveness import mark_stale_runs
-from metalr_bench.benchmark.tracking.retry import RetryPolicy
+from metalr_bench.benchmark.tracking.retry import RetryPolicy, TrackingError
 from metalr_bench.benchmark.training.cell import CellResult, DataCache, train_cell
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.faults import explain_oom
@@ -119,9 +119,14 @@ def run_cell(
                     "study": cell.study,
                 }, "config.json")
             logger = MetricsLogger(tracker, run_id)
-            if plan.payload is not None and plan.run_id is None:  # resumed into a new run
+            if plan.payload is not None:  # resumed: the checkpoint's epochs the run lacks (all
+                # for a new run; for a reopened one those whose metrics never reached the
+                # server, e.g. buffered during an outage when the process died)
+                logged = (tracker.logged_steps(run_id, "train_loss")
+                          if plan.run_id is not None else set())
                 for epoch, record in enumerate(plan.payload["trainer"]["history"]):
-                    logger.on_epoch_end(epoch, record)
+                    if epoch not in logged:
+                        logger.on_epoch_end(epoch, record)
             with explain_oom(cfg.batch_size, cfg.resolved_device()):
                 train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
                                                     checkpoint=ckpt, resume=plan.payload)
@@ -145,6 +150,9 @@ def run_cell(
         ckpt.delete()
     except KeyboardInterrupt:  # the checkpoint stays: the next call resumes from it
         result.status = "KILLED"
+        raise
+    except TrackingError:  # the server stayed away: every next cell would fail the same way, so
+        result.status = "KILLED"  # the grid stops; the checkpoint stays for the next call
         raise
     except Exception as exc:  # one failing cell must not stop the grid
         log.exception("cell %s failed", name)

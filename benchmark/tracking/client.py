@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -72,6 +73,12 @@ class Tracker:
         retry: RetryPolicy | None = None,
         fallback_dir: str | Path | None = None,
     ) -> None:
+        if urlparse(tracking_uri).scheme in ("http", "https"):
+            # our RetryPolicy (``tracking_retry_s``) owns retrying an unreachable server; MLflow's
+            # own HTTP retries (7, backoff up to minutes per call) would hide it behind minutes of
+            # silence. A user's explicit setting wins.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.retry = retry or RetryPolicy()
@@ -135,6 +142,10 @@ class Tracker:
             token = page.token
             if not token or (max_results is not None and len(runs) >= max_results):
                 return runs[:max_results] if max_results is not None else runs
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps of ``key`` the run already holds (a resumed run re-logs the others)."""
+        return {m.step for m in self._call(self.client.get_metric_history, run_id, key)}
 
     def beat(self, run_id: str) -> None:
         """One heartbeat of ``run_id`` (see :mod:`.heartbeat`)."""
@@ -206,6 +217,8 @@ class Tracker:
         except finished_on:
             self.end_run(run_id, "FINISHED")
             raise
+        except TrackingError:  # the server is away: the run cannot be ended now; it keeps its
+            raise  # owner tags, so the next call marks it KILLED and resumes the cell
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"[:5000]
             try:
@@ -245,13 +258,13 @@ class Tracker:
             self._call(self.client.log_inputs, run_id, datasets=inputs)
 
     def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
-        self.client.log_dict(run_id, data, path)
+        self._call(self.client.log_dict, run_id, data, path)
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
+        self._call(self.client.log_text, run_id, text, path)
 
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None):
-        self.client.log_artifact(run_id, str(local_path), artifact_path)
+        self._call(self.client.log_artifact, run_id, str(local_path), artifact_path)
 
     def log_table(self, run_id: str, columns: dict[str, list[Any]], path: str) -> None:
         """A table as a CSV artifact (``columns``: name -> values, all the same length)."""
@@ -262,7 +275,7 @@ class Tracker:
         self.log_text(run_id, out.getvalue(), path)
 
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
-        self.client.log_figure(run_id, figure, path)
+        self._call(self.client.log_figure, run_id, figure, path)
 
 
 class MetricsLogger:
