@@ -290,3 +290,135 @@ def test_kill_9_mid_epoch_resumes_the_cell_to_the_uninterrupted_result(tiny_conf
     straight = _straight(base, tmp_path / "straight", _mlflow_template)
     for k in FINAL:
         assert resumed.data.metrics[k] == pytest.approx(straight[k], abs=1e-6), k
+
+
+# -- nothing lost: the tracking server goes away mid-run -----------------------------------------
+class _Proc:
+    """A run-benchmark process whose stderr lines are collected as they come."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        import threading
+
+        code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import fault_strategies as f; "
+                "f.register_all(); from metalr_bench.benchmark.cli import main; "
+                "sys.exit(main(sys.argv[1:]))")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(TESTS), "--config", str(config), "--no-progress"],
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 180) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None, "".join(self.lines)
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{''.join(self.lines)}"
+            time.sleep(0.1)
+
+    def wait(self, timeout: float = 300) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return rc
+
+
+def _wait_for_checkpoint(ckpt: Any, proc: _Proc, epoch: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 180
+    while (payload := ckpt.load()) is None or payload["trainer"]["epoch"] < epoch:
+        assert proc.proc.poll() is None, "".join(proc.lines)
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def fault_strategies():
+    from fault_strategies import registered
+
+    with registered():
+        yield
+
+
+@pytest.mark.slow
+def test_tracking_server_outage_retried_or_stopped_then_resumed(tiny_config, tmp_path,
+                                                               mlflow_uri, monkeypatch,
+                                                               fault_strategies):
+    """A real ``mlflow server`` stopped mid-run. Back within the retry budget: the run finishes
+    with every epoch's metrics. Away for longer: one error line, exit 3; the same command, once
+    the server is back, resumes the cell in its run and finishes it."""
+    from contextlib import ExitStack
+
+    from metalr_bench.benchmark.cli import main
+    from metalr_bench.benchmark.config import load_config
+    from metalr_bench.benchmark.tracking.server import free_port, local_server
+    from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
+    from mlflow import MlflowClient
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    base = {**tiny_config, "seeds": [0], "strategies": ["sleepy"], "epochs": 3,
+            "system_metrics": False, "tracking_uri": uri}
+    server = ExitStack()
+    server.enter_context(local_server(mlflow_uri, port=port))
+    try:
+        # 1. back within the retry budget
+        config = _config(tmp_path, {**base, "name": "back", "tracking_retry_s": 300,
+                                    "output_dir": str(tmp_path / "back")}, "back.yaml")
+        cfg = load_config(config)
+        ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints",
+                              cfg.config_hash(cfg.cells()[0]))
+        proc = _Proc(config, {"SLEEPY_S": "3"})
+        _wait_for_checkpoint(ckpt, proc, 0)
+        server.close()  # the server goes away while epoch 1 trains
+        proc.wait_for("retrying")  # epoch 1's metrics could not be sent
+        server.enter_context(local_server(mlflow_uri, port=port))  # back, same store
+        assert proc.wait() == 0, "".join(proc.lines)
+        client = MlflowClient(tracking_uri=uri)
+        (cell,) = _cells(uri, "back")
+        assert cell.info.status == "FINISHED"
+        for key in ("train_loss", "val_loss", "val_auc"):  # no metric lost, none twice
+            assert sorted(m.step for m in client.get_metric_history(cell.info.run_id, key)) \
+                == [0, 1, 2], key
+        assert "test_auc" in cell.data.metrics
+        assert "RUNNING" not in {r.info.status for r in _runs(uri, "back")}
+
+        # 2. away for longer than the retry budget
+        config = _config(tmp_path, {**base, "name": "away", "tracking_retry_s": 2,
+                                    "output_dir": str(tmp_path / "away")}, "away.yaml")
+        cfg = load_config(config)
+        ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints",
+                              cfg.config_hash(cfg.cells()[0]))
+        proc = _Proc(config, {"SLEEPY_S": "3"})
+        _wait_for_checkpoint(ckpt, proc, 0)
+        server.close()
+        assert proc.wait() == 3, "".join(proc.lines)
+        errors = [line for line in proc.lines if line.startswith("run-benchmark: error: ")]
+        assert len(errors) == 1, proc.lines
+        assert "tracking server unreachable" in errors[0]
+        assert "run the same command to resume" in errors[0]
+        assert not any("Traceback" in line for line in proc.lines), "".join(proc.lines)
+        assert ckpt.exists()  # kept for the resume
+
+        server.enter_context(local_server(mlflow_uri, port=port))
+        monkeypatch.setenv("SLEEPY_S", "0")
+        for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+            monkeypatch.setenv(var, os.environ.get(var, "1" if "RETRIES" in var else "30"))
+        assert main(["--config", str(config), "--no-progress"]) == 0  # the same command
+        runs = _runs(uri, "away")
+        assert "RUNNING" not in {r.info.status for r in runs}
+        (cell,) = _cells(uri, "away")  # resumed in its run, not duplicated
+        assert cell.info.status == "FINISHED" and "resumed_from_epoch" in cell.data.tags
+        for key in ("train_loss", "val_loss"):
+            assert sorted(m.step for m in client.get_metric_history(cell.info.run_id, key)) \
+                == [0, 1, 2], key
+    finally:
+        server.close()
