@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import logging
 import sys
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,7 +92,12 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="tuning with --executor local/ray: workers sharing each study")
     p.add_argument("--sampler", help="tpe | gp | random (tuning)")
     p.add_argument("--pruner", help="median | hyperband | none (tuning)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress lines at all (bars, pre-training epochs); progress goes to "
+                   "stderr and results to stdout either way, so `> results.txt` stays clean")
+    p.add_argument("--no-system-metrics", dest="system_metrics", action="store_false",
+                   default=None, help="do not log MLflow system metrics (CPU, memory, GPU) per "
+                   "run (config key `system_metrics`)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the report notebook/HTML at the end")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -105,7 +109,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {}
     for key in ("name", "seeds", "epochs", "batch_size", "lr", "optimizer", "device", "amp",
                 "compile", "augment", "precise_bn", "tracking_uri", "output_dir", "executor", "workers", "gpus_per_run",
-                "ray_address", "force", "deterministic", "report"):
+                "ray_address", "force", "deterministic", "report", "system_metrics"):
         if getattr(args, key, None) is not None:
             o[key] = getattr(args, key)
     if args.strategies:
@@ -164,6 +168,8 @@ def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
 
 
 def cmd_run(argv: list[str]) -> int:
+    """A benchmark run. What it is about to do, progress, warnings and errors go to stderr;
+    the results (leaderboard, where the runs and the report are) to stdout."""
     args = _run_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -175,7 +181,7 @@ def cmd_run(argv: list[str]) -> int:
     print(f"run-benchmark: {len(cells)} runs ({n_data} dataset(s) x "
           f"{len(cells) // n_data // len(cfg.seeds)} strategy setting(s) x "
           f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
-          f"tracking {cfg.tracking_uri}", flush=True)
+          f"tracking {cfg.tracking_uri}", file=sys.stderr, flush=True)
     tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
                                  ("--pruner", args.pruner), ("--tune-storage", args.tune_storage),
                                  ("--workers-per-study", args.workers_per_study))
@@ -189,8 +195,9 @@ def cmd_run(argv: list[str]) -> int:
         print(f"tuning first: {cfg.tune.n_trials} trial(s) x {len(cfg.strategies)} strateg(ies) "
               f"x {len(cfg.dataset_specs())} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
               f"objective validation {cfg.tune.metric}, storage {storage_url(cfg)}. "
-              f"Browse with: optuna-dashboard {storage_url(cfg)}", flush=True)
-    outcome = run_benchmark(cfg, progress=not args.no_progress)
+              f"Browse with: optuna-dashboard {storage_url(cfg)}", file=sys.stderr, flush=True)
+    with quiet_progress(args.no_progress):
+        outcome = run_benchmark(cfg, progress=not args.no_progress)
     skipped = sum(r.skipped for r in outcome.results)
     if skipped:
         print(f"run-benchmark: {skipped} run(s) already FINISHED earlier were skipped "
@@ -238,13 +245,14 @@ def cmd_pretrain(argv: list[str]) -> int:
     jobs = {(cfg.pretrain_for(d).model_dump_json(), cfg.pretrain_for(d).size or d.size):
             cfg.pretrain_for(d) for d in cfg.datasets}
     for (_, size), spec in sorted(jobs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        path = pretrained_checkpoint(
-            cfg.model.arch, spec, size,
-            cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
-            device=cfg.resolved_device(), amp=cfg.use_amp(),
-            channels_last=cfg.use_channels_last(), tracker=tracker,
-            progress=not args.no_progress,
-        )
+        with quiet_progress(args.no_progress):
+            path = pretrained_checkpoint(
+                cfg.model.arch, spec, size,
+                cache_dir=Path(cfg.output_dir) / "cache" / "pretrain",
+                device=cfg.resolved_device(), amp=cfg.use_amp(),
+                channels_last=cfg.use_channels_last(), tracker=tracker,
+                progress=not args.no_progress,
+            )
         print(path)
     return 0
 
@@ -297,36 +305,33 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def warnings_as_lines() -> Iterator[None]:
-    """Show the suite's own warnings as one line, ``run-benchmark: warning: <message>``.
+def quiet_progress(quiet: bool) -> Iterator[None]:
+    """``--no-progress``: also silence the bars the stages cannot be told about (a dataset's
+    decode and download bars live below the benchmark) through tqdm's own ``TQDM_DISABLE``; set
+    in the environment, so spawned local workers inherit it. Restored afterwards (``main`` may
+    be called in-process, by tests or a notebook)."""
+    if not quiet:
+        yield
+        return
+    import os
 
-    Python's format (``/path/to/download.py:55: UserWarning: ...`` and a source line) reads like
-    a crash. The suite's warnings (:class:`~metalr_bench.datasets.core.errors.DatasetWarning`)
-    name their input in the message, so the CLI shows only that, like its errors; every other
-    warning keeps Python's format. Installed while :func:`main` runs, so library users keep
-    Python's behaviour. Python's filters still decide what is shown (each once per place).
-    """
-    previous = warnings.showwarning
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
-        # looked up, not imported: the datasets (torch) load only when a command needs them,
-        # and a DatasetWarning cannot be raised before they did
-        errors = sys.modules.get("metalr_bench.datasets.core.errors")
-        if errors is None or not issubclass(category, errors.DatasetWarning):
-            previous(message, category, filename, lineno, file, line)
-            return
-        from tqdm import tqdm  # write above an active progress bar, not through it
-
-        text = " ".join(str(message).split())  # one line, whatever the message holds
-        tqdm.write(f"run-benchmark: warning: {text}", file=file or sys.stderr)
-
-    warnings.showwarning = show
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
-        if warnings.showwarning is show:
-            warnings.showwarning = previous
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
+def warnings_as_lines() -> contextlib.AbstractContextManager[None]:
+    """The suite's warnings as one line each while the CLI runs (:mod:`..warning_lines`; local
+    workers and Ray tasks install the same, so theirs read the same)."""
+    from metalr_bench.benchmark.warning_lines import warnings_as_lines as lines
+
+    return lines()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +350,15 @@ def _main(argv: list[str]) -> int:
     except ConfigError as exc:  # also preflight.InputError: bad files, servers, parameters
         print(f"run-benchmark: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        tracking = sys.modules.get("metalr_bench.benchmark.tracking.retry")
+        if tracking is None or not isinstance(exc, tracking.TrackingError):
+            raise
+        print(f"run-benchmark: error: {' '.join(str(exc).split())}. The run stopped; finished "
+              "cells are in MLflow and the interrupted one keeps its last epoch's checkpoint: "
+              "once the tracking server answers again, run the same command to resume",
+              file=sys.stderr)
+        return 3
     except KeyboardInterrupt as exc:
         from metalr_bench.benchmark.running.signals import exit_code_for
 

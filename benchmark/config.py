@@ -354,6 +354,12 @@ class BenchmarkConfig(_Strict):
     tracking_retry_s: float = Field(
         60.0, ge=0, le=3600, description="how long to retry an unreachable tracking server"
     )
+    system_metrics: bool = Field(
+        True, description="log MLflow system metrics (CPU, memory, GPU) for every training run"
+    )
+    system_metrics_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="seconds between two system-metrics samples"
+    )
     report: bool = Field(True, description="build the report notebook/HTML after the grid")
     tune: TuneSpec = Field(default_factory=TuneSpec)
     references: list[ReferenceSpec] = Field(
@@ -418,6 +424,10 @@ class BenchmarkConfig(_Strict):
                 f"device={self.device!r} but no CUDA GPU is visible; use `--device cpu`"
             )
         return self.device
+
+    def system_metrics_every(self) -> float | None:
+        """The system-metrics sampling interval of a training run, None when they are off."""
+        return self.system_metrics_interval_s if self.system_metrics else None
 
     def use_amp(self) -> bool:
         return self.amp == "bf16" or (self.amp == "auto" and self.resolved_device() != "cpu")

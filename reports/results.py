@@ -187,6 +187,32 @@ def test_predictions(tracking_uri: str | MlflowClient, results: pd.DataFrame) ->
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+SYSTEM_MEMORY = "system/system_memory_usage_megabytes"
+
+
+def with_peak_memory(tracking_uri: str | MlflowClient, results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with ``peak_memory_mb`` read from MLflow's system metrics where a run has
+    them: the largest sample of ``system/system_memory_usage_megabytes`` (the host's memory in
+    use while the run trained, as MLflow measures it with psutil), else the run's own
+    ``peak_memory_mb`` (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS). The
+    column ``peak_memory_source`` says which one each row holds."""
+    client = _client(tracking_uri)
+    out = results.copy()
+    sources = []
+    peaks = []
+    for i, run_id in enumerate(out["run_id"]):
+        history = client.get_metric_history(run_id, SYSTEM_MEMORY) if run_id else []
+        if history:
+            peaks.append(max(m.value for m in history))
+            sources.append(SYSTEM_MEMORY)
+        else:
+            peaks.append(out["peak_memory_mb"].iloc[i] if "peak_memory_mb" in out else float("nan"))
+            sources.append("peak_memory_mb")
+    out["peak_memory_mb"] = peaks
+    out["peak_memory_source"] = sources
+    return out
+
+
 def metric_histories(tracking_uri: str | MlflowClient, runs: BenchmarkRuns,
                      keys: Iterable[str] = CURVE_METRICS, *, lr: bool = True) -> pd.DataFrame:
     """Per-epoch values, long format: ``run_id, key, step, value`` (+ ``lr/<group>`` if ``lr``)."""

@@ -76,3 +76,20 @@ def registered() -> Iterator[None]:
     finally:
         for cls in ALL:
             STRATEGIES.pop(cls.name, None)
+
+
+def warn_and_capture(cfg, tracker, data, text: str) -> str:
+    """A worker's unit of work (``fn(cfg, tracker, data, *call)``) that raises a
+    :class:`DatasetWarning` as a dataset loader does, and returns what the worker printed for
+    it on stderr (so the test reads the worker's own output, not a log relayed by Ray)."""
+    import io
+    import warnings
+    from contextlib import redirect_stderr
+
+    from metalr_bench.datasets.core.errors import DatasetWarning
+
+    buf = io.StringIO()
+    with warnings.catch_warnings(), redirect_stderr(buf):
+        warnings.simplefilter("always")
+        warnings.warn(DatasetWarning(text), stacklevel=1)
+    return buf.getvalue()

@@ -38,6 +38,23 @@ def broken_dataset():
     DATASETS.pop("missing-file-test", None)
 
 
+def _file(tmp_path: Path, name: str, content: bytes | None = None, obj: Any = None) -> str:
+    path = tmp_path / name
+    if obj is not None:
+        torch.save(obj, path)
+    else:
+        path.write_bytes(content or b"")
+    return str(path)
+
+
+def _pretrain(source: dict[str, Any]) -> dict[str, Any]:
+    return {"model": {"arch": "smallcnn", "weights": "pretrain",
+                      "pretrain": {"epochs": 1, **source}}}
+
+
+NO_CUDA = not torch.cuda.is_available()
+
+
 def _smallcnn_checkpoint(tmp_path: Path) -> str:
     path = tmp_path / "small.pt"
     torch.save(SmallCNN(1, 2).state_dict(), path)
@@ -76,12 +93,51 @@ CASES = [
      ["`epochz`: unknown key", "Allowed top-level keys:"]),
     ("seed-not-int", lambda c, t: ["--config", c({"seeds": ["a"]})],
      ["`seeds[0]`", "valid integer"]),
+    # the pre-training source is loaded by the pre-flight too (it used to pass it and then fail
+    # every cell, one after the other, leaving a FAILED run per cell)
+    ("pretrain-source-file-missing", lambda c, t: ["--config", c(_pretrain(
+        {"dataset": "missing-file-test", "root": str(t)}))],
+     ["`model.pretrain`", "pretrain source 'missing-file-test'", "missing.npz not found",
+      "--data-root"]),
+    ("pretrain-imagefolder-missing", lambda c, t: ["--config", c(_pretrain(
+        {"dataset": "imagefolder", "root": str(t / "no-images")}))],
+     ["`model.pretrain`", "pretrain source 'imagefolder'", "no-images"]),
+    ("pretrain-unknown-dataset", lambda c, t: ["--config", c(_pretrain({"dataset": "nope"}))],
+     ["model.pretrain", "unknown dataset 'nope'"]),
+    ("checkpoint-corrupt", lambda c, t: ["--weights", _file(t, "junk.pt", b"not a torch file")],
+     ["`model.weights`", "junk.pt could not be read as a PyTorch file"]),
+    ("checkpoint-not-a-state-dict", lambda c, t: ["--weights", _file(t, "list.pt", obj=[1, 2])],
+     ["`model.weights`", "list.pt holds list, expected a state dict"]),
+    ("strategy-param-wrong-type", lambda c, t: ["--config", c({"strategies": [
+        {"name": "last_k", "params": {"k": "two"}}]})],
+     ["params of strategy 'last_k'", "`k`", "valid integer"]),
+    ("strategy-param-unknown", lambda c, t: ["--config", c({"strategies": [
+        {"name": "last_k", "params": {"kk": 2}}]})],
+     ["params of strategy 'last_k'", "`kk`"]),
+    ("tracking-not-sqlite", lambda c, t: ["--tracking-uri", "sqlite:///" + _file(
+        t, "notes.db", b"these are my notes, not a database")],
+     ["notes.db is not an SQLite database", "--tracking-uri"]),
+    ("epochs-zero", lambda c, t: ["--epochs", "0"],
+     ["`epochs`", "greater than or equal to 1", "(got 0)"]),
+    pytest.param("cuda-absent", lambda c, t: ["--device", "cuda"],
+                 ["device='cuda' but no CUDA GPU is visible", "--device cpu"],
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="a CUDA GPU is visible")),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_clear_message(case, tiny_config, tmp_path, capsys, broken_dataset):
-    _, make_argv, expected = case
+def _case_id(case: Any) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
+def test_at_least_15_bad_inputs():
+    assert len(CASES) >= 15
+
+
+@pytest.mark.parametrize("name, make_argv, expected",
+                         [c if hasattr(c, "values") else pytest.param(*c) for c in CASES],
+                         ids=[_case_id(c) for c in CASES])
+def test_bad_input_gives_one_clear_message(name, make_argv, expected, tiny_config, tmp_path,
+                                           capsys, broken_dataset):
     base = {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1}
 
     def config_file(extra: dict[str, Any] | str) -> str:
@@ -97,8 +153,11 @@ def test_bad_input_gives_one_clear_message(case, tiny_config, tmp_path, capsys, 
     assert "Traceback" not in err
     for text in expected:
         assert text in err, f"{text!r} not in {err!r}"
+    assert err.count("run-benchmark: error: ") == 1, err  # one message
     client = MlflowClient(tracking_uri=tiny_config["tracking_uri"])
-    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r for r in runs if r.info.status == "RUNNING"] == []  # none left RUNNING
+    assert runs == []  # nor any other: the pre-flight stops the run before the first one
 
 
 @pytest.mark.skipif("pneumoniamnist" not in available_datasets(),

@@ -31,6 +31,7 @@ from metalr_bench.benchmark.config import BenchmarkConfig, Cell, ConfigError
 from metalr_bench.benchmark.tracking.client import Tracker
 from metalr_bench.benchmark.tracking.server import tracking_for_workers
 from metalr_bench.benchmark.training.cell import CellResult, DataCache
+from metalr_bench.benchmark.warning_lines import warnings_as_lines
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,16 @@ def _worker_context(cfg: BenchmarkConfig, tracking_uri: str) -> tuple[Tracker, D
 
 
 def call_in_worker(fn: WorkerFn, cfg: BenchmarkConfig, tracking_uri: str, *call: Any) -> Any:
-    """One call in a worker process or Ray task: ``fn(cfg, tracker, data, *call)``."""
-    tracker, data = _worker_context(cfg, tracking_uri)
-    if _WORKER_STATE.get("gpu_pinned") and cfg.device.startswith("cuda:"):
-        cfg = cfg.model_copy(update={"device": "cuda"})  # the one GPU this worker sees
-    return fn(cfg, tracker, data, *call)
+    """One call in a worker process or Ray task: ``fn(cfg, tracker, data, *call)``.
+
+    The suite's warnings print as the driver's do (one line naming the input,
+    :mod:`warning_lines`), not in Python's raw ``file:line: Warning`` format.
+    """
+    with warnings_as_lines():
+        tracker, data = _worker_context(cfg, tracking_uri)
+        if _WORKER_STATE.get("gpu_pinned") and cfg.device.startswith("cuda:"):
+            cfg = cfg.model_copy(update={"device": "cuda"})  # the one GPU this worker sees
+        return fn(cfg, tracker, data, *call)
 
 
 def _init_local_worker(gpu_queue: Any, threads: int) -> None:

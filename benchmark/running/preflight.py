@@ -7,7 +7,10 @@ half-written runs in MLflow. Here, in order and cheaply:
 1. the tracking URI answers (HTTP: one request with a short timeout; SQLite: the folder exists
    and the file, if any, is an SQLite database);
 2. the device exists;
-3. every dataset loads (missing/corrupt files, bad keys, empty classes raise here);
+3. every dataset loads (missing/corrupt files, bad keys, empty classes raise here), and so does
+   the pre-training source (``model.weights: pretrain``) at every size the grid pre-trains at,
+   unless its checkpoint is already cached: a bad source used to pass here and then fail every
+   cell one after the other;
 4. the starting checkpoint (``model.weights: path.pt``) fits the model;
 5. every strategy setting can be built on the model (e.g. last_k's k <= number of layer groups).
 
@@ -89,6 +92,26 @@ def check_datasets(cfg: BenchmarkConfig, data: Any) -> None:
             raise InputError(f"{_dataset_label(cell.dataset)}: {msg}") from None
 
 
+def check_pretrain_source(cfg: BenchmarkConfig) -> None:
+    """Load each pre-training source (``model.pretrain``, or a dataset's own ``pretrain``) at every side the grid pre-trains at (one checkpoint per
+    target size, or the source's own ``size``), unless that checkpoint is cached already. The
+    loaded source is kept for the pre-training stage that follows (not read twice)."""
+    if cfg.model.weights != "pretrain":
+        return
+    from metalr_bench.benchmark.training.pretrain import checkpoint_path, load_source, source_size
+
+    cache = Path(cfg.output_dir) / "cache" / "pretrain"
+    jobs = {(cfg.pretrain_for(d).model_dump_json(), source_size(cfg.pretrain_for(d), d.size)):
+            (cfg.pretrain_for(d), d) for d in cfg.dataset_specs()}
+    for (_, size), (spec, d) in sorted(jobs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if not checkpoint_path(cfg.model.arch, spec, size, cache).is_file():
+            key = "model.pretrain" if d.pretrain is None else f"datasets[{d.display_name}].pretrain"
+            try:
+                load_source(spec, size, keep=True)
+            except ConfigError as exc:  # PretrainSourceError: names the source and the key
+                raise InputError(f"`{key}`: {exc}") from None
+
+
 def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
     """Build every (model shape, strategy, params) of the grid once, as a cell would be built
     (:func:`training.cell.build`, without data loaders), and its optimizer."""
@@ -129,4 +152,5 @@ def preflight(cfg: BenchmarkConfig, data: Any) -> None:
     check_tracking(cfg.tracking_uri)
     cfg.resolved_device()  # ConfigError when CUDA was asked for but is absent
     check_datasets(cfg, data)
+    check_pretrain_source(cfg)
     check_model_and_strategies(cfg, data)

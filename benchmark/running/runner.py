@@ -24,8 +24,9 @@ from metalr_bench.benchmark.running.resume import plan_cell
 from metalr_bench.benchmark.running.signals import terminate_as_interrupt
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
+from metalr_bench.benchmark.tracking.datasets import dataset_inputs
 from metalr_bench.benchmark.tracking.liveness import mark_stale_runs
-from metalr_bench.benchmark.tracking.retry import RetryPolicy
+from metalr_bench.benchmark.tracking.retry import RetryPolicy, TrackingError
 from metalr_bench.benchmark.training.cell import (
     CellResult,
     DataCache,
@@ -96,16 +97,22 @@ def run_cell(
                           plan.summary, skipped=True,
                           error=plan.note if busy else None)
     try:
-        weights, source = starting_weights(cfg, bundle, tracker, parent_id,
+        # pre-trained (with its progress lines) by the driver before the first cell: cached here
+        weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=False,
                                            dataset=cell.dataset)
         tags = cell_tags(cfg, cell)
         if plan.payload is not None:
             tags["resumed_from_epoch"] = plan.resume_epoch
-        with tracker.run(name, tags=tags, parent_id=parent_id, reopen=plan.run_id) as run_id:
+        with tracker.run(name, tags=tags, parent_id=parent_id, reopen=plan.run_id,
+                         system_metrics=cfg.system_metrics_every()) as run_id:
             result.run_id = run_id
             ckpt.meta = {"run_id": run_id}
             if plan.run_id is None:  # a new run (a reopened one has all this already)
                 tracker.log_params(run_id, {**cfg.cell_params(cell), "weights_source": source})
+                tracker.log_inputs(run_id, dataset_inputs(
+                    cell.dataset_label, bundle.info, cell.dataset.model_dump(mode="json"),
+                    {"train": len(bundle.train), "val": len(bundle.val),
+                     "test": len(bundle.test)}))
                 tracker.log_dict(run_id, {
                     "benchmark": cfg.model_dump(mode="json", exclude={"datasets", "strategies",
                                                                       "seeds"}),
@@ -115,9 +122,14 @@ def run_cell(
                     "study": cell.study,
                 }, "config.json")
             logger = MetricsLogger(tracker, run_id)
-            if plan.payload is not None and plan.run_id is None:  # resumed into a new run
+            if plan.payload is not None:  # resumed: the checkpoint's epochs the run lacks (all
+                # for a new run; for a reopened one those whose metrics never reached the
+                # server, e.g. buffered during an outage when the process died)
+                logged = (tracker.logged_steps(run_id, "train_loss")
+                          if plan.run_id is not None else set())
                 for epoch, record in enumerate(plan.payload["trainer"]["history"]):
-                    logger.on_epoch_end(epoch, record)
+                    if epoch not in logged:
+                        logger.on_epoch_end(epoch, record)
             with explain_oom(cfg.batch_size, cfg.resolved_device()):
                 train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
                                                     checkpoint=ckpt, resume=plan.payload)
@@ -143,6 +155,9 @@ def run_cell(
         ckpt.delete()
     except KeyboardInterrupt:  # the checkpoint stays: the next call resumes from it
         result.status = "KILLED"
+        raise
+    except TrackingError:  # the server stayed away: every next cell would fail the same way, so
+        result.status = "KILLED"  # the grid stops; the checkpoint stays for the next call
         raise
     except Exception as exc:  # one failing cell must not stop the grid
         log.exception("cell %s failed", name)
@@ -215,7 +230,9 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
             cells, results = tuning.cells, list(tuning.failed)
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
                                     "epochs": cfg.epochs, "seeds": cfg.seeds})
-        if executor.n_workers > 1:  # pre-train once here, not once per worker at the same time
+        # pre-train here, once, before the first cell (not once per worker at the same time), so
+        # its epoch lines follow `progress` like every other progress line
+        if executor.n_workers > 1 or cfg.model.weights == "pretrain":
             for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
                 starting_weights(cfg, data.get(cell), tracker, parent, progress=progress,
                                  dataset=cell.dataset)

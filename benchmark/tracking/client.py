@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -72,6 +73,12 @@ class Tracker:
         retry: RetryPolicy | None = None,
         fallback_dir: str | Path | None = None,
     ) -> None:
+        if urlparse(tracking_uri).scheme in ("http", "https"):
+            # our RetryPolicy (``tracking_retry_s``) owns retrying an unreachable server; MLflow's
+            # own HTTP retries (7, backoff up to minutes per call) would hide it behind minutes of
+            # silence. A user's explicit setting wins.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.retry = retry or RetryPolicy()
@@ -136,14 +143,51 @@ class Tracker:
             if not token or (max_results is not None and len(runs) >= max_results):
                 return runs[:max_results] if max_results is not None else runs
 
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps of ``key`` the run already holds (a resumed run re-logs the others)."""
+        return {m.step for m in self._call(self.client.get_metric_history, run_id, key)}
+
     def beat(self, run_id: str) -> None:
         """One heartbeat of ``run_id`` (see :mod:`.heartbeat`)."""
         self.client.set_tag(run_id, T.HEARTBEAT, heartbeat.now_tag())
 
     @contextmanager
+    def system_metrics(self, run_id: str, interval_s: float | None, *,
+                       resume: bool = False) -> Iterator[None]:
+        """MLflow's own system-metrics logging for ``run_id`` while the block runs: CPU,
+        memory, disk, network and (with ``nvidia-ml-py``, the ``gpu`` extra, on a CUDA host) GPU
+        utilisation and memory, as ``system/...`` metrics every ``interval_s`` seconds (None:
+        off). MLflow's ``SystemMetricsMonitor`` is driven for the run id directly, because the
+        suite starts runs with the client, not ``mlflow.start_run(log_system_metrics=True)``
+        (module docstring). ``resume``: a reopened run continues the steps it had.
+
+        A monitor that cannot start (psutil missing) is a warning, never a failed run.
+        """
+        if interval_s is None:
+            yield
+            return
+        monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s,
+                                           resume_logging=resume, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - observability must not fail a run
+            log.warning("system metrics of run %s are not logged (%s: %s); install psutil",
+                        run_id, type(exc).__name__, exc)
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    @contextmanager
     def run(self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None,
             *, reopen: str | None = None, beat: Callable[[str], None] | None = None,
-            finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
+            finished_on: tuple[type[BaseException], ...] = (),
+            system_metrics: float | None = None) -> Iterator[str]:
         """The one run lifecycle: every run of the suite (benchmark parent, cell, study, trial,
         pre-training) goes through here.
 
@@ -154,6 +198,8 @@ class Tracker:
         exception in ``finished_on`` (a pruned trial) ends it FINISHED and is re-raised. A run
         whose process dies without a word (``kill -9``) keeps its owner tags and a stopped
         heartbeat, so the next call marks it KILLED (:func:`liveness.mark_stale_runs`).
+        ``system_metrics``: the sampling interval (s) of MLflow's system metrics for this run
+        (:meth:`system_metrics`), None for none (a benchmark's parent run, a study).
         """
         all_tags = {**(tags or {}), **owner_tags()}
         if reopen:
@@ -162,7 +208,8 @@ class Tracker:
         else:
             run_id = self.start_run(name, all_tags, parent_id)
         try:
-            with heartbeat.beating(lambda: (beat or self.beat)(run_id), run_id[:8]):
+            with heartbeat.beating(lambda: (beat or self.beat)(run_id), run_id[:8]), \
+                    self.system_metrics(run_id, system_metrics, resume=reopen is not None):
                 yield run_id
         except KeyboardInterrupt:
             self._end_quietly(run_id, "KILLED")
@@ -170,6 +217,8 @@ class Tracker:
         except finished_on:
             self.end_run(run_id, "FINISHED")
             raise
+        except TrackingError:  # the server is away: the run cannot be ended now; it keeps its
+            raise  # owner tags, so the next call marks it KILLED and resumes the cell
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"[:5000]
             try:
@@ -203,14 +252,19 @@ class Tracker:
         for i in range(0, len(items), _MAX_METRICS):
             self._call(self.client.log_batch, run_id, metrics=items[i : i + _MAX_METRICS])
 
+    def log_inputs(self, run_id: str, inputs: list[Any]) -> None:
+        """Datasets as run inputs (:mod:`.datasets`), shown in the MLflow UI's dataset column."""
+        if inputs:
+            self._call(self.client.log_inputs, run_id, datasets=inputs)
+
     def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
-        self.client.log_dict(run_id, data, path)
+        self._call(self.client.log_dict, run_id, data, path)
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
+        self._call(self.client.log_text, run_id, text, path)
 
     def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None):
-        self.client.log_artifact(run_id, str(local_path), artifact_path)
+        self._call(self.client.log_artifact, run_id, str(local_path), artifact_path)
 
     def log_table(self, run_id: str, columns: dict[str, list[Any]], path: str) -> None:
         """A table as a CSV artifact (``columns``: name -> values, all the same length)."""
@@ -221,7 +275,7 @@ class Tracker:
         self.log_text(run_id, out.getvalue(), path)
 
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
-        self.client.log_figure(run_id, figure, path)
+        self._call(self.client.log_figure, run_id, figure, path)
 
 
 class MetricsLogger:

@@ -44,7 +44,8 @@ def _permanent(exc: BaseException) -> bool:
 
 def retry_call(fn: Callable[..., T], *args: Any, policy: RetryPolicy, what: str = "",
                **kwargs: Any) -> T:
-    """Call ``fn`` until it succeeds or ``policy.max_total_s`` is used up (then re-raise)."""
+    """Call ``fn`` until it succeeds or ``policy.max_total_s`` is used up; then raise
+    :class:`TrackingError` (a bad request, which no retry fixes, is re-raised at once)."""
     start = time.monotonic()
     delay = policy.base_s
     attempt = 0
@@ -54,8 +55,14 @@ def retry_call(fn: Callable[..., T], *args: Any, policy: RetryPolicy, what: str 
             return fn(*args, **kwargs)
         except Exception as exc:
             elapsed = time.monotonic() - start
-            if _permanent(exc) or elapsed + delay > policy.max_total_s:
+            if _permanent(exc) or isinstance(exc, TrackingError):
                 raise
+            if elapsed + delay > policy.max_total_s:
+                raise TrackingError(
+                    f"tracking server unreachable for {elapsed:.0f} s ({attempt} attempt(s) of "
+                    f"{what or getattr(fn, '__name__', '?')}; last error "
+                    f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+                ) from exc
             log.warning("tracking call %s failed (attempt %d: %s); retrying in %.1fs",
                         what or getattr(fn, "__name__", "?"), attempt, exc, delay)
             time.sleep(delay)

@@ -8,6 +8,11 @@
 
 A tracking server that goes away is the tracking layer's fault to handle
 (:mod:`metalr_bench.benchmark.tracking.retry`).
+
+Fault injection, for the reliability tests and for anyone who wants to see resume work:
+``METALR_BENCH_KILL_AT=<epoch>:<batch>`` makes the trainer ``kill -9`` its own process right
+after that batch of that epoch (0-based epoch, 1-based batch count), i.e. in the middle of an
+epoch at a known point, not after a sleep that races the machine's speed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -68,3 +75,21 @@ def explain_oom(batch_size: int, device: str) -> Iterator[None]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise OutOfMemory(oom_message(batch_size, device)) from exc
+
+
+KILL_AT_ENV = "METALR_BENCH_KILL_AT"
+
+
+def kill_point() -> tuple[int, int] | None:
+    """``(epoch, batch)`` of ``$METALR_BENCH_KILL_AT`` (``"1:2"``), None when unset."""
+    raw = os.environ.get(KILL_AT_ENV)
+    if not raw:
+        return None
+    epoch, _, batch = raw.partition(":")
+    return int(epoch), int(batch or 1)
+
+
+def kill_now() -> None:
+    """SIGKILL this process: nothing runs after it (no finally, no atexit), like a crash."""
+    log.warning("%s reached: kill -9 of pid %d", KILL_AT_ENV, os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)

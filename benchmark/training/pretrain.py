@@ -91,11 +91,26 @@ def _describe_source(spec: PretrainSpec, size: int) -> str:
     return f"pretrain source {spec.dataset!r} (size {size}{root})"
 
 
-def load_source(spec: PretrainSpec, size: int) -> DatasetBundle:
-    """The source dataset at ``size`` px; a failure names the source and its config key."""
+#: sources the pre-flight check loaded, handed to the pre-training stage that follows it (once:
+#: popped on use), so a large source is not read twice
+_PREFLIGHT_SOURCES: dict[tuple[str, int], DatasetBundle] = {}
+
+
+def load_source(spec: PretrainSpec, size: int, *, keep: bool = False) -> DatasetBundle:
+    """The source dataset at ``size`` px; a failure names the source and its config key.
+
+    ``keep`` (the pre-flight check): hold the loaded source for the pre-training stage, which
+    then takes it instead of loading it again.
+    """
+    key = (spec.model_dump_json(), size)
+    if key in _PREFLIGHT_SOURCES:
+        return _PREFLIGHT_SOURCES[key] if keep else _PREFLIGHT_SOURCES.pop(key)
     try:
-        return load_dataset(spec.dataset, root=spec.root, size=size, download=spec.download,
-                            allow_md5_mismatch=spec.allow_md5_mismatch, options=spec.options)
+        bundle = load_dataset(spec.dataset, root=spec.root, size=size, download=spec.download,
+                              allow_md5_mismatch=spec.allow_md5_mismatch, options=spec.options)
+        if keep:
+            _PREFLIGHT_SOURCES[key] = bundle
+        return bundle
     except (ValueError, KeyError, OSError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise PretrainSourceError(
@@ -153,6 +168,7 @@ def pretrained_checkpoint(
     tracker: Tracker | None = None,
     parent_id: str | None = None,
     progress: bool = False,
+    system_metrics: float | None = None,
 ) -> Path:
     """Path of the cached checkpoint for (arch, spec, size), training it first if needed.
 
@@ -162,6 +178,7 @@ def pretrained_checkpoint(
     KILLED instead of leaving it RUNNING forever. ``progress``: a line when the training starts,
     one per epoch and one at the end, on stderr (a cached checkpoint prints nothing).
     A source that cannot be loaded raises :class:`PretrainSourceError` (a ``ConfigError``).
+    ``system_metrics``: the run's MLflow system-metrics interval (s), None for none.
     """
     path = checkpoint_path(arch, spec, size, cache_dir)
     size = source_size(spec, size)
@@ -208,7 +225,7 @@ def pretrained_checkpoint(
     tags = {T.KIND: T.KIND_PRETRAIN, "pretrain_key": key, T.MODEL: arch,
             T.DATASET: spec.dataset}
     with tracker.run(f"pretrain-{arch}-{spec.dataset}-{size}px", tags=tags,
-                     parent_id=parent_id) as run_id:
+                     parent_id=parent_id, system_metrics=system_metrics) as run_id:
         tracker.log_params(run_id, {"arch": arch, **spec.model_dump(mode="json"), "size": size})
         summary = train([MetricsLogger(tracker, run_id)])
         tracker.log_metrics(run_id, summary)
@@ -239,7 +256,7 @@ def starting_weights(
             cache_dir=pretrain_cache_dir(cfg),
             device=cfg.resolved_device(), amp=cfg.use_amp(),
             channels_last=cfg.use_channels_last(), tracker=tracker, parent_id=parent_id,
-            progress=progress,
+            progress=progress, system_metrics=cfg.system_metrics_every(),
         )
         return read_checkpoint(path), f"pretrain:{path.name}"
     return read_checkpoint(w), w

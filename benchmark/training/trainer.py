@@ -26,7 +26,7 @@ from metalr_bench.benchmark.training.checkpoint import (
     CheckpointMismatch,
     restore_rng,
 )
-from metalr_bench.benchmark.training.faults import check_finite
+from metalr_bench.benchmark.training.faults import check_finite, kill_now, kill_point
 from metalr_bench.benchmark.training.metrics import compute_metrics, loss_fn_for, scores_from_logits
 from metalr_bench.datasets.core.base import DatasetBundle, Split
 from metalr_bench.datasets.core.splits import group_holdout
@@ -395,6 +395,7 @@ class Trainer:
             best_state, step = loop["best_state"], loop["step"]
             first_epoch, elapsed_before = loop["epoch"] + 1, loop["elapsed_s"]
         n = self.options.log_every_n_steps
+        kill_at = kill_point()  # fault injection (tests): kill -9 mid-epoch at a known batch
         for epoch in range(first_epoch, self.options.epochs):
             t0 = time.perf_counter()
             self.strategy.on_epoch_start(epoch)
@@ -406,6 +407,8 @@ class Trainer:
                 loss_sum += loss.float()
                 n_batches += 1
                 step += 1
+                if kill_at is not None and kill_at == (epoch, n_batches):
+                    kill_now()
                 if n and step % n == 0:
                     values = self.strategy.log_values()
                     for cb in self.callbacks:

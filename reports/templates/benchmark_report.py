@@ -394,12 +394,17 @@ for info in studies:
 # ## Cost
 #
 # Per strategy: trainable parameters (run param `n_trainable_params`), wall time per epoch and
-# peak memory (GPU: `torch.cuda.max_memory_allocated`; CPU: the process's peak resident memory,
-# shared by all runs in one process), mean over seeds (the bars: mean ± std).
+# peak memory, mean over seeds (the bars: mean ± std). Peak memory is the largest sample of
+# MLflow's system metric `system/system_memory_usage_megabytes` (the host's memory in use while
+# the run trained) where the run logged system metrics; else the run's `peak_memory_mb` (GPU:
+# `torch.cuda.max_memory_allocated`; CPU: the process's peak resident memory, shared by all runs
+# in one process).
 
 # %%
 from metalr_bench.reports import cost as cost_mod
 
+if len(results):
+    results = res.with_peak_memory(tracking_uri, results)
 cost_cols = [c for c in ("mean_epoch_time_s", "peak_memory_mb", "total_time_s") if c in results]
 if cost_cols:
     show(figures.cost_bars(results), "cost per strategy")
