@@ -49,7 +49,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", action="append", dest="strategies", metavar="NAME",
                    help="strategy (repeatable); default: every built-in strategy")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds, e.g. --seeds 0 1 2")
-    p.add_argument("--model", dest="arch", help="smallcnn | resnet18 | resnet50 | densenet121")
+    p.add_argument("--model", dest="arch", help="a zoo model (see `run-benchmark list`) or timm:<name>")
     p.add_argument("--weights", help="none | imagenet | pretrain | /path/to/checkpoint.pt")
     p.add_argument("--image-size", type=int, help="image side in pixels (MedMNIST: 28/64/128/224)")
     p.add_argument("--data-root", help="folder with the dataset files (e.g. MedMNIST npz)")

@@ -127,7 +127,8 @@ def run_cell(
             # per-layer transferability of the pre-trained start (Chen et al. 2022): θ_B is the
             # selected checkpoint, which the strategy's model holds after fit
             transfer = run_transferability(cfg, bundle.in_channels, bundle.num_outputs,
-                                           train_result.start_state, strategy.model)
+                                           train_result.start_state, strategy.model,
+                                           image_size=bundle.image_size)
             if transfer:
                 final |= transfer
                 tracker.log_params(run_id, {"transferability_seed": TRANSFERABILITY_SEED})

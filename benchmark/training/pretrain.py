@@ -132,7 +132,8 @@ def pretrained_checkpoint(
     """
     size = source_size(spec, size)
     key = pretrain_key(arch, spec, size)
-    path = cache_dir / f"pretrain-{arch}-{spec.dataset}-{size}px-{key}.pt"
+    # ``timm:<name>`` -> ``timm-<name>``: no colon in a file name (Windows, some file systems)
+    path = cache_dir / f"pretrain-{arch.replace(':', '-')}-{spec.dataset}-{size}px-{key}.pt"
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def starting_weights(
     if w == "none":
         return None, "none (random init)"
     if w == "imagenet":
-        return imagenet_state(cfg.model.arch), "imagenet"
+        return imagenet_state(cfg.model.arch, bundle.in_channels, bundle.image_size), "imagenet"
     if w == "pretrain":
         path = pretrained_checkpoint(
             cfg.model.arch, cfg.model.pretrain, bundle.image_size,

@@ -103,15 +103,17 @@ def transferability_metrics(
 
 
 def random_state(arch: str, in_channels: int, num_outputs: int,
-                 seed: int = TRANSFERABILITY_SEED) -> dict[str, torch.Tensor]:
+                 seed: int = TRANSFERABILITY_SEED,
+                 image_size: int | None = None) -> dict[str, torch.Tensor]:
     """θ_r: ``arch`` as the zoo initialises it under ``seed``; the caller's RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(arch, in_channels, num_outputs).state_dict()
+        return build_model(arch, in_channels, num_outputs, image_size).state_dict()
 
 
 def run_transferability(cfg: BenchmarkConfig, in_channels: int, num_outputs: int,
-                        start: State | None, model: nn.Module) -> dict[str, float]:
+                        start: State | None, model: nn.Module,
+                        image_size: int | None = None) -> dict[str, float]:
     """The metrics of one finished run: ``model`` holds θ_B (the selected checkpoint), ``start``
     θ_A, the state the trainer started from (``TrainResult.start_state``); nothing to measure
     from a random start (``weights: none``)."""
@@ -120,7 +122,7 @@ def run_transferability(cfg: BenchmarkConfig, in_channels: int, num_outputs: int
     finetuned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return transferability_metrics(
         model, layer_groups(model),
-        random_state(cfg.model.arch, in_channels, num_outputs),
+        random_state(cfg.model.arch, in_channels, num_outputs, image_size=image_size),
         {k: v.detach().cpu() for k, v in start.items()},
         finetuned,
     )
