@@ -220,6 +220,14 @@ def cmd_list(argv: list[str]) -> int:
         cls = get_strategy(name)
         fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
         print(f"  {name:12s} {fields:40s} {cls.describe()}")
+    from metalr_bench.benchmark.models.zoo import MODELS, TIMM_PREFIX
+
+    print("models (model.arch):")
+    for name, card in MODELS.items():
+        print(f"  {name:18s} {card.summary}")
+    print(f"  {TIMM_PREFIX + '<name>':18s} any timm model, e.g. timm:convnext_atto, "
+          "timm:vit_tiny_patch16_224 (built for the dataset's image size); layer groups from "
+          "its group_matcher()")
     return 0
 
 

@@ -188,3 +188,37 @@ def test_pretraining_stage_trains_a_timm_model_that_loads_into_a_grey_target(
     target = build_model("timm:test_vit", 1, 2, image_size=16)
     load_state(target, "timm:test_vit", state, str(path))
     assert torch.equal(target.blocks[0].mlp.fc1.weight, state["blocks.0.mlp.fc1.weight"])
+
+
+def test_list_names_the_zoo_and_the_timm_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from metalr_bench.benchmark.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "models (model.arch):" in out and "timm:<name>" in out
+    assert all(f"  {name}" in out for name in zoo.MODELS)
+
+
+def test_adding_a_model_is_one_card(tiny_config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card in the zoo is all a model needs: the config accepts it, layer_groups reads its
+    plan, load_state finds its head and stem."""
+    from metalr_bench.strategies.core.layers import LayerPlan, attach_plan
+
+    def build(in_channels: int, num_outputs: int, image_size: int | None) -> torch.nn.Module:
+        model = torch.nn.Sequential()
+        model.add_module("conv", torch.nn.Conv2d(in_channels, 4, 3))
+        model.add_module("pool", torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1),
+                                                     torch.nn.Flatten()))
+        model.add_module("out", torch.nn.Linear(4, num_outputs))
+        plan = LayerPlan((("stem", ("conv",)), ("head", ("out",))), head="out", stem_conv="conv")
+        return attach_plan(model, plan)
+
+    monkeypatch.setitem(zoo.MODELS, "tiny", zoo.ModelCard("tiny", "a test model", build))
+    tiny_config["model"]["arch"] = "tiny"
+    assert load_config(None, tiny_config).model.arch == "tiny"
+    model = build_model("tiny", 1, 2)
+    assert [(g.name, g.params) for g in layer_groups(model)] == [
+        ("stem", ("conv.weight", "conv.bias")), ("head", ("out.weight", "out.bias"))]
+    src = build_model("tiny", 3, 5)
+    load_state(model, "tiny", src.state_dict(), "src")
+    assert torch.allclose(model.conv.weight, src.conv.weight.sum(1, keepdim=True))
