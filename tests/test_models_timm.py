@@ -222,3 +222,25 @@ def test_adding_a_model_is_one_card(tiny_config: dict, monkeypatch: pytest.Monke
     src = build_model("tiny", 3, 5)
     load_state(model, "tiny", src.state_dict(), "src")
     assert torch.allclose(model.conv.weight, src.conv.weight.sum(1, keepdim=True))
+
+
+def test_a_vit_checkpoint_of_another_image_size_loads_with_resampled_position_embeddings() -> None:
+    """The pre-training stage's `size` may differ from the target's: the 4x4 patch grid's
+    embeddings (64 px, 16-px patches) are resampled to the 2x2 grid (32 px); the class token's
+    row is kept. On a ramp along the width: rows stay equal, the ramp keeps its direction and
+    (nearly) its mean."""
+    torch.manual_seed(0)
+    src = build_model("timm:test_vit", 1, 2, image_size=64)
+    state = src.state_dict()
+    dim = state["pos_embed"].shape[-1]
+    ramp = torch.arange(4.0).repeat(4, 1)  # varies along the width only
+    state["pos_embed"] = torch.cat([torch.full((1, 1, dim), 7.0),
+                                    ramp.reshape(1, 16, 1).expand(1, 16, dim)], 1)
+    dst = build_model("timm:test_vit", 1, 2, image_size=32)
+    load_state(dst, "timm:test_vit", state, "src")
+    pos = dst.pos_embed.detach()
+    assert pos.shape == (1, 5, dim) and torch.all(pos[0, 0] == 7.0)
+    grid = pos[0, 1:, 0].reshape(2, 2)
+    assert torch.allclose(grid[0], grid[1])  # rows equal: no change along the height
+    assert grid[0, 0] < grid[0, 1]  # and increasing along the width
+    assert float(grid.mean()) == pytest.approx(float(ramp.mean()), abs=0.1)

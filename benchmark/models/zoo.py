@@ -41,7 +41,9 @@ class ModelCard:
     ``build(in_channels, num_outputs, image_size)`` returns a randomly initialised model with its
     :class:`LayerPlan` attached; ``imagenet(in_channels, image_size)`` its ImageNet state
     (``None``: none published); ``normalize`` the input normalisation those weights expect
-    (``imagenet`` mean/std, or ``symmetric``: [-1, 1]).
+    (``imagenet`` mean/std, or ``symmetric``: [-1, 1]); ``adapt_state(state, model)`` its own
+    fix-ups of a checkpoint before :func:`load_state` compares shapes (a timm ViT resamples its
+    position embeddings to the model's patch grid).
     """
 
     name: str
@@ -49,6 +51,7 @@ class ModelCard:
     build: Callable[[int, int, int | None], nn.Module]
     imagenet: Callable[[int, int | None], State] | None = None
     normalize: str = "imagenet"
+    adapt_state: Callable[[State, nn.Module], State] | None = None
 
 
 class SmallCNN(nn.Sequential):
@@ -242,6 +245,25 @@ def timm_plan(model: nn.Module) -> LayerPlan:
     return LayerPlan(tuple(groups), head=classifier, stem_conv=stem_conv)
 
 
+def _resample_pos_embed(state: State, model: nn.Module) -> State:
+    """A checkpoint's absolute position embeddings resampled (bicubic, timm's
+    ``resample_abs_pos_embed``) to ``model``'s patch grid: a ViT pre-trained at another image
+    size (the pre-training stage's ``size``) starts a target of this size; the class/register
+    tokens' rows are kept as they are."""
+    own = model.state_dict()
+    pos = state.get("pos_embed")
+    if pos is None or "pos_embed" not in own or pos.shape == own["pos_embed"].shape \
+            or pos.ndim != 3 or not hasattr(model, "patch_embed"):
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens",
+                                                                         1)
+    grid = list(model.patch_embed.grid_size)
+    return {**state, "pos_embed": resample_abs_pos_embed(pos, new_size=grid,
+                                                         num_prefix_tokens=prefix)}
+
+
 def _timm_card(name: str) -> ModelCard:
     timm = import_timm()
     if not timm.is_model(name):
@@ -280,7 +302,7 @@ def _timm_card(name: str) -> ModelCard:
         return model.state_dict()
 
     return ModelCard(TIMM_PREFIX + name, f"timm {name}", build, imagenet,
-                     "symmetric" if symmetric else "imagenet")
+                     "symmetric" if symmetric else "imagenet", _resample_pos_embed)
 
 
 def known_archs() -> list[str]:
@@ -425,6 +447,9 @@ def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], s
     plan = _plan(model, arch)
     own = model.state_dict()
     state = dict(state)
+    adapt = get_card(arch).adapt_state
+    if adapt is not None:
+        state = adapt(state, model)
     stem_key = f"{plan.stem_conv}.weight"
     if plan.stem_conv and stem_key in state and state[stem_key].shape[1] != own[stem_key].shape[1]:
         state[stem_key] = adapt_input_conv(state[stem_key], own[stem_key].shape[1])
