@@ -7,6 +7,7 @@ real small models (ResNet-18, ConvNeXt-Atto, ViT-Tiny, EfficientNet-B0) at 28-32
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,27 @@ def test_a_vit_checkpoint_of_another_image_size_loads_with_resampled_position_em
     assert torch.allclose(grid[0], grid[1])  # rows equal: no change along the height
     assert grid[0, 0] < grid[0, 1]  # and increasing along the width
     assert float(grid.mean()) == pytest.approx(float(ramp.mean()), abs=0.1)
+
+
+@pytest.mark.slow
+def test_a_timm_vit_runs_through_the_runner_with_transferability_and_drift(
+        tiny_config: dict) -> None:
+    """The whole path: the pre-training stage, the cell, drift and transferability (whose random
+    θ_r must be a ViT of the dataset's image size) over the ViT's own groups."""
+    from metalr_bench.benchmark.config import validate_config
+    from metalr_bench.benchmark.running.runner import run_benchmark
+    from mlflow import MlflowClient
+
+    tiny_config["datasets"][0]["size"] = 32  # a 2x2 grid of 16-px patches
+    cfg = validate_config(tiny_config | {
+        "model": {"arch": "timm:test_vit", "weights": "pretrain",
+                  "pretrain": {"epochs": 1, "options": {"n_images": 64}}},
+        "strategies": ["layer_decay"], "seeds": [0], "epochs": 1})
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed, [r.error for r in outcome.failed]
+    metrics = MlflowClient(cfg.tracking_uri).get_run(outcome.results[0].run_id).data.metrics
+    backbone = ["stem", *[f"blocks.{i}" for i in range(6)]]
+    for g in backbone:
+        assert math.isfinite(metrics[f"transferability/{g}"])
+        assert math.isfinite(metrics[f"drift/{g}"]) and f"lr/{g}" in metrics
+    assert "transferability/head" not in metrics and "transferability/mean_backbone" in metrics
