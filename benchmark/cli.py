@@ -48,7 +48,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", action="append", dest="strategies", metavar="NAME",
                    help="strategy (repeatable); default: every built-in strategy")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds, e.g. --seeds 0 1 2")
-    p.add_argument("--model", dest="arch", help="smallcnn | resnet18 | resnet50 | densenet121")
+    p.add_argument("--model", dest="arch", help="a zoo model (see `run-benchmark list`) or timm:<name>")
     p.add_argument("--weights", help="none | imagenet | pretrain | /path/to/checkpoint.pt")
     p.add_argument("--image-size", type=int, help="image side in pixels (MedMNIST: 28/64/128/224)")
     p.add_argument("--data-root", help="folder with the dataset files (e.g. MedMNIST npz)")
@@ -227,6 +227,14 @@ def cmd_list(argv: list[str]) -> int:
         cls = get_strategy(name)
         fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
         print(f"  {name:12s} {fields:40s} {cls.describe()}")
+    from metalr_bench.benchmark.models.zoo import MODELS, TIMM_PREFIX
+
+    print("models (model.arch):")
+    for name, card in MODELS.items():
+        print(f"  {name:18s} {card.summary}")
+    print(f"  {TIMM_PREFIX + '<name>':18s} any timm model, e.g. timm:convnext_atto, "
+          "timm:vit_tiny_patch16_224 (built for the dataset's image size); layer groups from "
+          "its group_matcher()")
     return 0
 
 

@@ -168,7 +168,8 @@ class PretrainSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121"] = "resnet18"
+    arch: str = Field("resnet18", description="a zoo model (`run-benchmark list`) or "
+                      "timm:<name>, any timm model (e.g. timm:convnext_atto)")
     weights: str = Field(
         "pretrain", description="none | imagenet | pretrain | path to a .pt checkpoint"
     )
@@ -190,6 +191,15 @@ class ModelSpec(_Strict):
         description="weights_mapping positional: checkpoint keys starting with one of these "
         "(a projection head, a classifier) are dropped before pairing; default: USCL's",
     )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        # the zoo's registry owns the names (imported here, not at the top: it imports torch)
+        from metalr_bench.benchmark.models.zoo import get_card
+
+        get_card(v)
+        return v
 
     @field_validator("weights")
     @classmethod

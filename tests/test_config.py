@@ -29,7 +29,7 @@ def test_defaults_are_the_quick_benchmark() -> None:
          "params of strategy 'last_k': `k`: Input should be greater than or equal to 1"),
         ({"strategies": [{"name": "l2sp", "params": {"gamma": 1}}]},
          "params of strategy 'l2sp': `gamma`: unknown key"),
-        ({"model": {"arch": "vgg"}}, "`model.arch`: Input should be"),
+        ({"model": {"arch": "vgg"}}, "`model.arch`: unknown model 'vgg'; choose one of smallcnn"),
         ({"model": {"weights": "hub://x"}}, "expected none, imagenet, pretrain or a path"),
         ({"seeds": [1, 1]}, "seeds must be distinct"),
         ({"device": "gpu"}, "expected auto, cpu, cuda or cuda:N"),

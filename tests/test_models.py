@@ -73,3 +73,26 @@ def test_mismatching_checkpoint_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not be read"):
         read_checkpoint(tmp_path / "junk.pt")
+
+
+# sha256 (first 16 hex digits) of the JSON list [[name, modules, params], ...] of each zoo
+# model's layer groups, recorded on the code before the models owned their grouping (class-name
+# guessing in strategies/core/layers.py): moving the plans into the zoo must not change one
+# group, module path, parameter or their order
+_GROUPING_DIGESTS = {
+    "smallcnn": "59c87ff847d169fd",
+    "resnet18": "941adc861ae92f5f",
+    "resnet50": "f70cb414b690ec9b",
+    "densenet121": "818f41d69ec09198",
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_GROUPING_DIGESTS))
+def test_layer_grouping_is_pinned(arch: str) -> None:
+    import hashlib
+    import json
+
+    groups = layer_groups(build_model(arch, in_channels=1, num_outputs=3))
+    record = [[g.name, list(g.modules), list(g.params)] for g in groups]
+    digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+    assert digest == _GROUPING_DIGESTS[arch]

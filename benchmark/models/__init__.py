@@ -1,9 +1,12 @@
 """The model zoo: architectures and their starting weights.
 
-Holds: ``zoo`` (SmallCNN, ResNet-18/50, DenseNet-121 with adapted stem and a new head;
-checkpoint reading and loading; ImageNet weights) and ``tv_compat`` (torchvision's Python parts
-on a mismatched torch). Layer grouping lives with the strategies
-(:mod:`metalr_bench.strategies.core.layers`), which must not import the benchmark.
+Holds: ``zoo`` (one ``ModelCard`` per architecture in ``MODELS``: SmallCNN, ResNet-18/50,
+DenseNet-121 with adapted stem and a new head, and any timm model as ``timm:<name>``; each built
+model carries its ``LayerPlan``; checkpoint reading and loading; ImageNet weights) and
+``tv_compat`` (torchvision's Python parts on a mismatched torch). The models own their layer
+grouping; the strategies only read it (:mod:`metalr_bench.strategies.core.layers`, which defines
+the plan's type because strategies must not import the benchmark).
 
-May import: torch, torchvision; nothing else of the suite.
+May import: torch, torchvision, timm, and ``metalr_bench.strategies.core.layers``; nothing of the
+benchmark (the config imports the zoo to validate ``model.arch``).
 """

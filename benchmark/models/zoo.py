@@ -1,31 +1,57 @@
 """The model zoo and pre-trained starting points.
 
 Models: torchvision ResNet-18/50 and DenseNet-121 with the input channels and head adapted to
-the task, plus ``smallcnn`` (a 4-block CNN) that keeps CPU tests fast. Starting points
-(``weights``): ``none``, ``imagenet`` (torchvision's weights, downloaded to the torch hub cache),
-a local checkpoint path, or ``pretrain`` (the suite's own supervised pre-training stage, see
-:mod:`metalr_bench.benchmark.training.pretrain`), so the transfer setting works offline.
+the task, ``smallcnn`` (a 4-block CNN) that keeps CPU tests fast, and any timm model as
+``timm:<name>``. Each architecture is one :class:`ModelCard` in :data:`MODELS` (timm's are made
+on demand by :func:`get_card`): how to build it, its ImageNet weights and the input
+normalisation they expect. Every model the zoo builds carries its own
+:class:`~metalr_bench.strategies.core.layers.LayerPlan` (layer groups input -> head, the head's
+and the stem convolution's module paths), which the strategies' ``layer_groups`` reads: adding a
+model is one card here, nothing in the strategies or the config.
+
+Starting points (``weights``): ``none``, ``imagenet`` (torchvision's or timm's weights, downloaded
+to the torch hub / Hugging Face cache), a local checkpoint path, or ``pretrain`` (the suite's own
+supervised pre-training stage, see :mod:`metalr_bench.benchmark.training.pretrain`), so the
+transfer setting works offline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 from metalr_bench.benchmark.models.tv_compat import import_torchvision
+from metalr_bench.strategies.core.layers import LayerPlan, attach_plan, plan_of
 from torch import nn
 
-ARCHS = ("smallcnn", "resnet18", "resnet50", "densenet121")
+#: ``model.arch`` prefix that selects a timm model (``timm:convnext_atto``)
+TIMM_PREFIX = "timm:"
 
-# Attribute path of the classifier and of the first convolution, per family.
-_HEAD = {"resnet": "fc", "densenet": "classifier", "smallcnn": "head"}
-_STEM_CONV = {"resnet": "conv1", "densenet": "features.conv0", "smallcnn": "stem.0"}
-_IMAGENET = {
-    "resnet18": "ResNet18_Weights",
-    "resnet50": "ResNet50_Weights",
-    "densenet121": "DenseNet121_Weights",
-}
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One architecture: everything the suite knows about it, in one place.
+
+    ``build(in_channels, num_outputs, image_size)`` returns a randomly initialised model with its
+    :class:`LayerPlan` attached; ``imagenet(in_channels, image_size)`` its ImageNet state
+    (``None``: none published); ``normalize`` the input normalisation those weights expect
+    (``imagenet`` mean/std, or ``symmetric``: [-1, 1]); ``adapt_state(state, model)`` its own
+    fix-ups of a checkpoint before :func:`load_state` compares shapes (a timm ViT resamples its
+    position embeddings to the model's patch grid).
+    """
+
+    name: str
+    summary: str
+    build: Callable[[int, int, int | None], nn.Module]
+    imagenet: Callable[[int, int | None], State] | None = None
+    normalize: str = "imagenet"
+    adapt_state: Callable[[State, nn.Module], State] | None = None
 
 
 class SmallCNN(nn.Sequential):
@@ -53,18 +79,35 @@ class SmallCNN(nn.Sequential):
         self.add_module("head", nn.Linear(width * 8, num_outputs))
 
 
-def family(arch: str) -> str:
-    if arch.startswith("resnet"):
-        return "resnet"
-    if arch.startswith("densenet"):
-        return "densenet"
-    if arch == "smallcnn":
-        return "smallcnn"
-    raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(ARCHS)}")
+# -- layer plans (input -> head), one per family -------------------------------------------------
+def _smallcnn_plan(model: nn.Module) -> LayerPlan:
+    names = ("stem", "block1", "block2", "block3", "head")
+    return LayerPlan(tuple((n, (n,)) for n in names), head="head", stem_conv="stem.0")
 
 
-def _get(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
+def _resnet_plan(model: nn.Module) -> LayerPlan:
+    """stem (conv1, bn1), each residual block (layer1.0, layer1.1, ...), head (fc)."""
+    plan: list[tuple[str, tuple[str, ...]]] = [("stem", ("conv1", "bn1"))]
+    for i in range(1, 5):
+        layer = model.get_submodule(f"layer{i}")
+        plan += [(f"layer{i}.{j}", (f"layer{i}.{j}",)) for j in range(len(layer))]
+    return LayerPlan(tuple(plan + [("head", ("fc",))]), head="fc", stem_conv="conv1")
+
+
+def _densenet_plan(model: nn.Module) -> LayerPlan:
+    """stem (conv0, norm0, pool0), each dense block and each transition, head (classifier); the
+    final norm5 belongs to the last dense block."""
+    names = [n for n, _ in model.get_submodule("features").named_children()]
+    plan: list[tuple[str, list[str]]] = [
+        ("stem", [f"features.{n}" for n in names if n in ("conv0", "norm0", "relu0", "pool0")])
+    ]
+    for n in names:
+        if n.startswith(("denseblock", "transition")):
+            plan.append((n, [f"features.{n}"]))
+    plan[-1][1].append("features.norm5")
+    plan.append(("head", ["classifier"]))
+    return LayerPlan(tuple((n, tuple(m)) for n, m in plan), head="classifier",
+                     stem_conv="features.conv0")
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -72,22 +115,228 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def build_model(arch: str, in_channels: int, num_outputs: int) -> nn.Module:
-    """A randomly initialised ``arch`` taking ``in_channels`` and emitting ``num_outputs``."""
-    fam = family(arch)
-    if fam == "smallcnn":
-        return SmallCNN(in_channels, num_outputs)
-    tv = import_torchvision()
-    model = getattr(tv.models, arch)(weights=None)
-    conv: nn.Conv2d = _get(model, _STEM_CONV[fam])
-    if in_channels != conv.in_channels:
-        _set(model, _STEM_CONV[fam], nn.Conv2d(
-            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            bias=conv.bias is not None,
-        ))
-    head: nn.Linear = _get(model, _HEAD[fam])
-    _set(model, _HEAD[fam], nn.Linear(head.in_features, num_outputs))
-    return model
+def _torchvision(arch: str, plan_of_model: Callable[[nn.Module], LayerPlan], weights: str,
+                 summary: str) -> ModelCard:
+    """A torchvision classifier with its stem convolution taking ``in_channels`` and a new
+    linear head."""
+
+    def build(in_channels: int, num_outputs: int, image_size: int | None) -> nn.Module:
+        model = getattr(import_torchvision().models, arch)(weights=None)
+        plan = plan_of_model(model)
+        assert plan.stem_conv is not None
+        conv: nn.Conv2d = model.get_submodule(plan.stem_conv)
+        if in_channels != conv.in_channels:
+            _set(model, plan.stem_conv, nn.Conv2d(
+                in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                bias=conv.bias is not None,
+            ))
+        head: nn.Linear = model.get_submodule(plan.head)
+        _set(model, plan.head, nn.Linear(head.in_features, num_outputs))
+        return attach_plan(model, plan)
+
+    def imagenet(in_channels: int, image_size: int | None) -> State:
+        w = getattr(import_torchvision().models, weights).IMAGENET1K_V1
+        try:
+            return w.get_state_dict(progress=True)
+        except Exception as exc:  # offline: URLError, OSError, ...
+            raise RuntimeError(
+                f"could not download ImageNet weights for {arch} from {w.url} ({exc}). "
+                "Offline? Put the file in the torch hub cache (~/.cache/torch/hub/checkpoints), "
+                "pass a local checkpoint as `model.weights: /path/to.pt`, or use "
+                "`weights: pretrain`."
+            ) from exc
+
+    return ModelCard(arch, summary, build, imagenet)
+
+
+def _smallcnn(in_channels: int, num_outputs: int, image_size: int | None) -> nn.Module:
+    model = SmallCNN(in_channels, num_outputs)
+    return attach_plan(model, _smallcnn_plan(model))
+
+
+#: the zoo: adding a model is one entry here (timm models need none: ``timm:<name>``)
+MODELS: dict[str, ModelCard] = {c.name: c for c in (
+    ModelCard("smallcnn", "4-block CNN (stem, 3 blocks, head), for fast CPU tests", _smallcnn),
+    _torchvision("resnet18", _resnet_plan, "ResNet18_Weights", "torchvision ResNet-18"),
+    _torchvision("resnet50", _resnet_plan, "ResNet50_Weights", "torchvision ResNet-50"),
+    _torchvision("densenet121", _densenet_plan, "DenseNet121_Weights",
+                 "torchvision DenseNet-121"),
+)}
+
+
+# -- timm ----------------------------------------------------------------------------------------
+def import_timm() -> ModuleType:
+    """timm (it imports torchvision, which needs the op schemas of :mod:`.tv_compat` first)."""
+    import_torchvision()
+    import timm
+
+    return timm
+
+
+def timm_plan(model: nn.Module) -> LayerPlan:
+    """The plan of a timm model from its own ``group_matcher(coarse=False)`` (the grouping timm's
+    layer-wise LR decay uses, via ``timm.models.group_parameters``), input -> head.
+
+    A group's paths are the largest modules whose parameters all belong to it, or a parameter
+    itself (a ViT's ``cls_token``). Names: ``stem`` (the first group), ``head`` (the last: timm
+    maps every parameter its matcher leaves out, the classifier and any neck, to the last
+    group), and in between the path holding most of the group's weights (``layer1.0``,
+    ``blocks.3``; ``blocks.11`` for a ViT's last block with the final norm, as ``denseblock4``
+    holds DenseNet's ``norm5``; ``stages.1.blocks.0`` for a ConvNeXt block with its stage's
+    downsampling), ``group<i>`` if taken.
+    """
+    from timm.models import group_parameters
+
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        raise ValueError(f"timm model {type(model).__name__} has no group_matcher(), so it has "
+                         "no layer grouping to share; choose another timm model")
+    by_id = group_parameters(model, matcher(coarse=False))
+    ordered = [list(by_id[k]) for k in sorted(by_id)]
+    owner = {p: i for i, ps in enumerate(ordered) for p in ps}
+    under: dict[str, set[int]] = {}  # module path -> groups of the parameters below it
+    for p in owner:
+        parts = p.split(".")[:-1]
+        for k in range(1, len(parts) + 1):
+            under.setdefault(".".join(parts[:k]), set()).add(owner[p])
+
+    def cover(i: int, params: list[str]) -> tuple[str, ...]:
+        paths: list[str] = []
+        for p in params:
+            parts = p.split(".")[:-1]
+            best = next((".".join(parts[:k]) for k in range(1, len(parts) + 1)
+                         if under[".".join(parts[:k])] == {i}), p)
+            if best not in paths:
+                paths.append(best)
+        return tuple(paths)
+
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+
+    def main_path(paths: tuple[str, ...]) -> str:
+        def weight(path: str) -> int:
+            return sum(v for k, v in sizes.items() if k == path or k.startswith(path + "."))
+        return max(paths, key=weight)
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") or "head"
+    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    first_conv = cfg.get("first_conv")
+    first_conv = first_conv[0] if isinstance(first_conv, (tuple, list)) else first_conv
+    try:
+        stem_conv = first_conv if isinstance(model.get_submodule(first_conv), nn.Conv2d) else None
+    except (AttributeError, TypeError):
+        stem_conv = None
+
+    groups: list[tuple[str, tuple[str, ...]]] = []
+    for i, params in enumerate(ordered):
+        paths = cover(i, params)
+        name = "stem" if i == 0 else "head" if i == len(ordered) - 1 else main_path(paths)
+        if name in {n for n, _ in groups} or (name in ("stem", "head") and 0 < i < len(ordered)
+                                              - 1):
+            name = f"group{i}"
+        groups.append((name, paths))
+    head_params = [p for p in owner if p.startswith(classifier + ".")]
+    if not head_params or any(owner[p] != len(ordered) - 1 for p in head_params):
+        raise ValueError(
+            f"timm model {type(model).__name__}: its classifier {classifier!r} is not the last "
+            "group of its group_matcher(), which every layer-wise strategy treats as the head; "
+            "choose another timm model"
+        )
+    return LayerPlan(tuple(groups), head=classifier, stem_conv=stem_conv)
+
+
+def _resample_pos_embed(state: State, model: nn.Module) -> State:
+    """A checkpoint's absolute position embeddings resampled (bicubic, timm's
+    ``resample_abs_pos_embed``) to ``model``'s patch grid: a ViT pre-trained at another image
+    size (the pre-training stage's ``size``) starts a target of this size; the class/register
+    tokens' rows are kept as they are."""
+    own = model.state_dict()
+    pos = state.get("pos_embed")
+    if pos is None or "pos_embed" not in own or pos.shape == own["pos_embed"].shape \
+            or pos.ndim != 3 or not hasattr(model, "patch_embed"):
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens",
+                                                                         1)
+    grid = list(model.patch_embed.grid_size)
+    return {**state, "pos_embed": resample_abs_pos_embed(pos, new_size=grid,
+                                                         num_prefix_tokens=prefix)}
+
+
+def _timm_card(name: str) -> ModelCard:
+    timm = import_timm()
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name.split('.')[0][:8]}*")[:8]
+        raise ValueError(
+            f"unknown timm model {name!r}" + (f"; similar: {', '.join(near)}" if near else "")
+            + " (all names: `python -c 'import timm; print(timm.list_models())'`)"
+        )
+    cfg = timm.get_pretrained_cfg(name)
+    fixed = bool(cfg is not None and cfg.fixed_input_size)
+    symmetric = cfg is not None and tuple(cfg.mean) == (0.5, 0.5, 0.5) \
+        and tuple(cfg.std) == (0.5, 0.5, 0.5)
+
+    def kwargs(in_channels: int, num_outputs: int, image_size: int | None) -> dict[str, Any]:
+        # a model with a fixed input size (ViT: its position embeddings) is built for the
+        # dataset's; convolutional ones take any size and no img_size argument
+        size = {"img_size": image_size} if fixed and image_size else {}
+        return {"in_chans": in_channels, "num_classes": num_outputs, **size}
+
+    def build(in_channels: int, num_outputs: int, image_size: int | None) -> nn.Module:
+        model = timm.create_model(name, pretrained=False,
+                                  **kwargs(in_channels, num_outputs, image_size))
+        return attach_plan(model, timm_plan(model))
+
+    def imagenet(in_channels: int, image_size: int | None) -> State:
+        try:  # timm adapts the stem to in_chans and resamples position embeddings to img_size
+            model = timm.create_model(name, pretrained=True, **kwargs(in_channels, 1000,
+                                                                      image_size))
+        except Exception as exc:  # offline: OSError, LocalEntryNotFoundError, HTTP errors
+            raise RuntimeError(
+                f"could not download timm's pre-trained weights for {name} from the Hugging Face "
+                f"hub ({type(exc).__name__}: {exc}). Offline? Pass a local checkpoint as "
+                "`model.weights: /path/to.pt`, use `weights: pretrain`, or fill the Hugging "
+                "Face cache (HF_HOME) on a machine with internet first."
+            ) from exc
+        return model.state_dict()
+
+    return ModelCard(TIMM_PREFIX + name, f"timm {name}", build, imagenet,
+                     "symmetric" if symmetric else "imagenet", _resample_pos_embed)
+
+
+def known_archs() -> list[str]:
+    """The zoo's names and the timm option, for error messages and `run-benchmark list`."""
+    return [*MODELS, f"{TIMM_PREFIX}<name>"]
+
+
+def get_card(arch: str) -> ModelCard:
+    """The card of ``arch``; a ValueError names the known architectures."""
+    if arch in MODELS:
+        return MODELS[arch]
+    if arch.startswith(TIMM_PREFIX) and arch[len(TIMM_PREFIX):]:
+        return _timm_card(arch[len(TIMM_PREFIX):])
+    raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(known_archs())} "
+                     "(any timm model, e.g. timm:convnext_atto)")
+
+
+def build_model(arch: str, in_channels: int, num_outputs: int,
+                image_size: int | None = None) -> nn.Module:
+    """A randomly initialised ``arch`` taking ``in_channels`` and emitting ``num_outputs``, with
+    its layer plan attached; ``image_size`` matters for models with a fixed input size (ViT)."""
+    return get_card(arch).build(in_channels, num_outputs, image_size)
+
+
+def input_normalisation(arch: str) -> str:
+    """The normalisation ``arch``'s ImageNet weights expect (``imagenet`` or ``symmetric``)."""
+    return get_card(arch).normalize
+
+
+def _plan(model: nn.Module, arch: str) -> LayerPlan:
+    plan = plan_of(model)
+    if plan is None:
+        raise ValueError(f"model {arch!r} carries no layer plan: build it with build_model")
+    return plan
 
 
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -134,9 +383,9 @@ def map_by_position(model: nn.Module, arch: str, state: Mapping[str, torch.Tenso
     without BatchNorm's ``num_batches_tracked`` counters (older PyTorch) pairs without them
     (the model keeps its own).
     """
-    fam = family(arch)
-    head = _HEAD[fam] + "."
-    stem_key = f"{_STEM_CONV[fam]}.weight"
+    plan = _plan(model, arch)
+    head = plan.head + "."
+    stem_key = f"{plan.stem_conv}.weight"
     prefixes = tuple(drop_prefixes)
     theirs = [(k, v) for k, v in state.items() if not (prefixes and k.startswith(prefixes))]
     ours = [(k, v) for k, v in model.state_dict().items() if not k.startswith(head)]
@@ -195,13 +444,16 @@ def load_state(model: nn.Module, arch: str, state: Mapping[str, torch.Tensor], s
             model, arch, state, source,
             drop_prefixes=USCL_HEAD_PREFIXES if drop_prefixes is None else drop_prefixes,
         )
-    fam = family(arch)
+    plan = _plan(model, arch)
     own = model.state_dict()
     state = dict(state)
-    stem_key = f"{_STEM_CONV[fam]}.weight"
-    if stem_key in state and state[stem_key].shape[1] != own[stem_key].shape[1]:
+    adapt = get_card(arch).adapt_state
+    if adapt is not None:
+        state = adapt(state, model)
+    stem_key = f"{plan.stem_conv}.weight"
+    if plan.stem_conv and stem_key in state and state[stem_key].shape[1] != own[stem_key].shape[1]:
         state[stem_key] = adapt_input_conv(state[stem_key], own[stem_key].shape[1])
-    head = _HEAD[fam] + "."
+    head = plan.head + "."
     state = {
         k: v for k, v in state.items()
         if not (k.startswith(head) and k in own and (not keep_head or own[k].shape != v.shape))
@@ -246,17 +498,16 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def imagenet_state(arch: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights for ``arch`` (needs the internet or a warm hub cache)."""
-    if arch not in _IMAGENET:
-        raise ValueError(f"no ImageNet weights for {arch!r}; available for {', '.join(_IMAGENET)}")
-    tv = import_torchvision()
-    weights = getattr(tv.models, _IMAGENET[arch]).IMAGENET1K_V1
-    try:
-        return weights.get_state_dict(progress=True)
-    except Exception as exc:  # offline: URLError, OSError, ...
-        raise RuntimeError(
-            f"could not download ImageNet weights for {arch} from {weights.url} ({exc}). "
-            "Offline? Put the file in the torch hub cache (~/.cache/torch/hub/checkpoints), pass "
-            "a local checkpoint as `model.weights: /path/to.pt`, or use `weights: pretrain`."
-        ) from exc
+def imagenet_state(arch: str, in_channels: int = 3,
+                   image_size: int | None = None) -> dict[str, torch.Tensor]:
+    """``arch``'s ImageNet weights (torchvision's or timm's; needs the internet or a warm cache).
+
+    ``in_channels``/``image_size``: timm adapts its stem and position embeddings to them;
+    torchvision's state stays RGB (:func:`load_state` adapts the stem).
+    """
+    card = get_card(arch)
+    if card.imagenet is None:
+        have = [n for n, c in MODELS.items() if c.imagenet is not None]
+        raise ValueError(f"no ImageNet weights for {arch!r}; available for {', '.join(have)} "
+                         f"and {TIMM_PREFIX}<name>")
+    return card.imagenet(in_channels, image_size)

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import torch
-from metalr_bench.benchmark.models.zoo import ARCHS
+from metalr_bench.benchmark.models.zoo import get_card
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build
 from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions
@@ -173,12 +173,21 @@ def _probe(args: argparse.Namespace) -> None:
                       "peak_above_start_mb": peak - before}))
 
 
+def _arch(name: str) -> str:
+    try:
+        get_card(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m metalr_bench.benchmark.perf.bench_step",
         description="Time one MetaLR iteration against one full fine-tuning iteration.",
     )
-    p.add_argument("--arch", default="resnet18", choices=ARCHS)
+    p.add_argument("--arch", default="resnet18", type=_arch,
+                   help="a zoo model or timm:<name> (see `run-benchmark list`)")
     p.add_argument("--size", type=int, nargs="+", default=[28, 64], help="input sizes (px)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--in-channels", type=int, default=3)

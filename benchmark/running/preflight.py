@@ -137,7 +137,8 @@ def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
                           weights=state, weights_source=weights,
                           keep_head=cfg.model.keep_head,
                           weights_mapping=cfg.model.weights_mapping,
-                          drop_prefixes=cfg.model.drop_prefixes)
+                          drop_prefixes=cfg.model.drop_prefixes,
+                          image_size=bundle.image_size)
             built.strategy.build_optimizer()
         except WeightsMismatch as exc:
             raise InputError(f"`model.weights`: {exc}") from None

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from metalr_bench.benchmark.config import BenchmarkConfig, Cell
-from metalr_bench.benchmark.models.zoo import build_model, load_state
+from metalr_bench.benchmark.models.zoo import build_model, input_normalisation, load_state
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.trainer import (
@@ -94,6 +94,7 @@ def build(
     keep_head: bool = False,
     weights_mapping: str = "names",
     drop_prefixes: list[str] | tuple[str, ...] | None = None,
+    image_size: int | None = None,
     device: str = "cpu",
     channels_last: bool = False,
     bundle: DatasetBundle | None = None,
@@ -103,8 +104,11 @@ def build(
 ) -> BuiltCell:
     """Build a cell in the one order of the module docstring; with ``bundle`` and ``options``
     also its trainer (whose device and memory format then win over ``device``/``channels_last``).
+    ``image_size`` (default: the bundle's) sizes models with a fixed input size (a timm ViT).
     """
-    model = build_model(arch, in_channels, num_outputs)
+    if image_size is None and bundle is not None:
+        image_size = bundle.image_size
+    model = build_model(arch, in_channels, num_outputs, image_size)
     if weights is not None:
         load_state(model, arch, weights, weights_source, keep_head=keep_head,
                    mapping=weights_mapping, drop_prefixes=drop_prefixes)
@@ -130,10 +134,12 @@ def train_settings(cfg: BenchmarkConfig, *, epochs: int, n_train: int = 0) -> Tr
 
 def _pipeline(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Normalisation and crop of ``input_pipeline``: the suite's (normalised for the weights:
-    ImageNet mean/std for ImageNet weights, [-1, 1] otherwise), or the public MetaLR code's."""
+    for ImageNet weights what the model's card says, ImageNet mean/std or [-1, 1]; [-1, 1]
+    otherwise), or the public MetaLR code's."""
     if cfg.input_pipeline == "metalr_public":
         return {"normalize": "metalr_public", "resized_crop": (0.8, 1.0)}
-    return {"normalize": "imagenet" if cfg.model.weights == "imagenet" else "symmetric"}
+    return {"normalize": input_normalisation(cfg.model.arch) if cfg.model.weights == "imagenet"
+            else "symmetric"}
 
 
 def trainer_options(cfg: BenchmarkConfig, *, seed: int, epochs: int,

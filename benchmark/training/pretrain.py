@@ -141,7 +141,8 @@ def checkpoint_path(arch: str, spec: PretrainSpec, size: int, cache_dir: Path) -
     """Where the checkpoint for (arch, spec, target ``size``) is cached (it may not exist yet)."""
     size = source_size(spec, size)
     key = pretrain_key(arch, spec, size)
-    return cache_dir / f"pretrain-{arch}-{spec.dataset}-{size}px-{key}.pt"
+    # ``timm:<name>`` -> ``timm-<name>``: no colon in a file name (Windows, some file systems)
+    return cache_dir / f"pretrain-{arch.replace(':', '-')}-{spec.dataset}-{size}px-{key}.pt"
 
 
 def pretrain_cache_dir(cfg: BenchmarkConfig) -> Path:
@@ -247,7 +248,7 @@ def starting_weights(
     if w == "none":
         return None, "none (random init)"
     if w == "imagenet":
-        return imagenet_state(cfg.model.arch), "imagenet"
+        return imagenet_state(cfg.model.arch, bundle.in_channels, bundle.image_size), "imagenet"
     if w == "pretrain":
         path = pretrained_checkpoint(
             cfg.model.arch,

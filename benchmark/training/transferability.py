@@ -125,16 +125,18 @@ def transferability_metrics(
     return out
 
 
-def _random_model(arch: str, in_channels: int, num_outputs: int, seed: int) -> nn.Module:
+def _random_model(arch: str, in_channels: int, num_outputs: int, seed: int,
+                  image_size: int | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(arch, in_channels, num_outputs)
+        return build_model(arch, in_channels, num_outputs, image_size)
 
 
 def random_state(arch: str, in_channels: int, num_outputs: int,
-                 seed: int = TRANSFERABILITY_SEED) -> dict[str, torch.Tensor]:
+                 seed: int = TRANSFERABILITY_SEED,
+                 image_size: int | None = None) -> dict[str, torch.Tensor]:
     """``arch`` as the zoo initialises it under ``seed``; the caller's RNG is untouched."""
-    return _random_model(arch, in_channels, num_outputs, seed).state_dict()
+    return _random_model(arch, in_channels, num_outputs, seed, image_size).state_dict()
 
 
 def reference_state(cfg: BenchmarkConfig, bundle: DatasetBundle,
@@ -154,7 +156,7 @@ def reference_state(cfg: BenchmarkConfig, bundle: DatasetBundle,
         path = checkpoint_path(arch, source, bundle.image_size, pretrain_cache_dir(cfg))
         start = pretrain_start(path) if path.is_file() else None
         if start is not None:
-            model = _random_model(arch, c, k, TRANSFERABILITY_SEED)
+            model = _random_model(arch, c, k, TRANSFERABILITY_SEED, bundle.image_size)
             load_state(model, arch, start, f"{path} (its start)", keep_head=m.keep_head,
                        mapping=m.weights_mapping, drop_prefixes=m.drop_prefixes)
             return {n: v.detach().cpu() for n, v in model.state_dict().items()}, PRETRAIN_START
@@ -162,7 +164,7 @@ def reference_state(cfg: BenchmarkConfig, bundle: DatasetBundle,
                     "start (an earlier version wrote it); θ_r is an independent random draw "
                     "(transferability_reference: random_draw). Delete the file to re-train it "
                     "with its start.", path)
-    return random_state(arch, c, k), RANDOM_DRAW
+    return random_state(arch, c, k, image_size=bundle.image_size), RANDOM_DRAW
 
 
 def run_transferability(cfg: BenchmarkConfig, bundle: DatasetBundle, start: State | None,

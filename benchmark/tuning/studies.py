@@ -169,7 +169,7 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
     targets = []
     for d in cfg.dataset_specs():  # a cross-validation fold is tuned on its own validation data
         bundle = data.get(Cell(dataset=d, strategy=names[0], params={}, seed=cfg.tune.seed))
-        model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs)
+        model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs, d.size)
         n_groups = len(layer_groups(model))
         for s in cfg.strategies:
             space = search_space(s.name, n_groups, cfg.tune.params, {"lr": cfg.lr, **s.params})

@@ -1,7 +1,8 @@
 """What every strategy shares.
 
 Holds: ``base`` (the ``Strategy`` interface, ``StepContext``, ``TrainSettings``, ``register``),
-``layers`` (the one layer grouping of a model, input to output), ``space`` (``SearchDim``: a
+``layers`` (the one layer grouping of a model, input to output, read from the ``LayerPlan`` its
+builder attached), ``space`` (``SearchDim``: a
 strategy's search space), ``registry`` (discovery by package scan and entry points),
 ``hypergrad`` (MetaLR's exact first-order hyper-gradient) and ``lr_curves`` (its LR figure).
 
