@@ -176,28 +176,31 @@ def cmd_run(argv: list[str]) -> int:
     cfg = resolve_config(args)
     from metalr_bench.benchmark.running.runner import format_leaderboard, leaderboard, run_benchmark
 
-    cells = cfg.cells()
-    n_data = len(cfg.dataset_specs())  # cross-validation folds count as datasets
-    print(f"run-benchmark: {len(cells)} runs ({n_data} dataset(s) x "
-          f"{len(cells) // n_data // len(cfg.seeds)} strategy setting(s) x "
-          f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
-          f"tracking {cfg.tracking_uri}", file=sys.stderr, flush=True)
-    tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
-                                 ("--pruner", args.pruner), ("--tune-storage", args.tune_storage),
-                                 ("--workers-per-study", args.workers_per_study))
-                  if v is not None]
-    if tune_flags and not cfg.tune.enabled:
-        print(f"run-benchmark: {', '.join(tune_flags)} only matter with --tune (or `tune: "
-              "{enabled: true}` in the config); running without tuning", file=sys.stderr)
-    if cfg.tune.enabled:
-        from metalr_bench.benchmark.tuning.studies import storage_url
+    def announce() -> None:
+        """What it is about to do (stderr), once the pre-flight passed."""
+        cells = cfg.cells()
+        n_data = len(cfg.dataset_specs())  # cross-validation folds count as datasets
+        print(f"run-benchmark: {len(cells)} runs ({n_data} dataset(s) x "
+              f"{len(cells) // n_data // len(cfg.seeds)} strategy setting(s) x "
+              f"{len(cfg.seeds)} seed(s)), model {cfg.model.arch}, device {cfg.resolved_device()}, "
+              f"tracking {cfg.tracking_uri}", file=sys.stderr, flush=True)
+        tune_flags = [f for f, v in (("--n-trials", args.n_trials), ("--sampler", args.sampler),
+                                     ("--pruner", args.pruner), ("--tune-storage", args.tune_storage),
+                                     ("--workers-per-study", args.workers_per_study))
+                      if v is not None]
+        if tune_flags and not cfg.tune.enabled:
+            print(f"run-benchmark: {', '.join(tune_flags)} only matter with --tune (or `tune: "
+                  "{enabled: true}` in the config); running without tuning", file=sys.stderr)
+        if cfg.tune.enabled:
+            from metalr_bench.benchmark.tuning.studies import storage_url
 
-        print(f"tuning first: {cfg.tune.n_trials} trial(s) x {len(cfg.strategies)} strateg(ies) "
-              f"x {len(cfg.dataset_specs())} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
-              f"objective validation {cfg.tune.metric}, storage {storage_url(cfg)}. "
-              f"Browse with: optuna-dashboard {storage_url(cfg)}", file=sys.stderr, flush=True)
+            print(f"tuning first: {cfg.tune.n_trials} trial(s) x {len(cfg.strategies)} strateg(ies) "
+                  f"x {len(cfg.dataset_specs())} dataset(s), {cfg.tune.epochs or cfg.epochs} epoch(s) each, "
+                  f"objective validation {cfg.tune.metric}, storage {storage_url(cfg)}. "
+                  f"Browse with: optuna-dashboard {storage_url(cfg)}", file=sys.stderr, flush=True)
+
     with quiet_progress(args.no_progress):
-        outcome = run_benchmark(cfg, progress=not args.no_progress)
+        outcome = run_benchmark(cfg, progress=not args.no_progress, announce=announce)
     skipped = sum(r.skipped for r in outcome.results)
     if skipped:
         print(f"run-benchmark: {skipped} run(s) already FINISHED earlier were skipped "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,15 +195,20 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True) -> BenchmarkOutcome:
+def run_benchmark(cfg: BenchmarkConfig, *, progress: bool = True,
+                  announce: Callable[[], None] | None = None) -> BenchmarkOutcome:
     """Run every cell of ``cfg`` under one parent run; returns what happened to each.
 
-    Bad input fails in the pre-flight, before any MLflow run exists. ``cfg.executor`` decides
+    Bad input fails in the pre-flight, before any MLflow run exists; ``announce`` (the CLI's
+    "N runs ..." header) is called once the pre-flight passed, so a bad input prints its one
+    error message and nothing before it. ``cfg.executor`` decides
     where cells run; with several workers the driver and workers log through an ``mlflow
     server`` (started here for a sqlite store, stopped at the end).
     """
     data = DataCache()
     preflight(cfg, data)
+    if announce is not None:
+        announce()
     executor = get_executor(cfg)
     with executor.tracking(cfg.tracking_uri) as uri:
         return _run_grid(cfg, executor, uri, progress, data)
