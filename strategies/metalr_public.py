@@ -47,7 +47,8 @@ factor 1 − η·h; it raises a rate only where the two gradients disagree. The 
 
 Parameters beyond the code, for attributing the cost (defaults: the code's behaviour):
 ``ascent: false`` descends as in the paper, ``meta_source: train`` draws fresh training batches;
-with both, the strategy is ``metalr`` at its defaults.
+with both, the strategy is ``metalr`` with ``head_pin_epochs: 5`` (``metalr`` pins a share
+of the run).
 
 Deviation, and why: no ResNet is rebuilt and no state dict is reloaded per iteration (the code
 builds a new ``meta_model`` each step and differentiates through a second-order graph); the
