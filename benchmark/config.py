@@ -335,10 +335,12 @@ class BenchmarkConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     augment: bool = True
-    input_pipeline: Literal["suite", "metalr_public"] = Field(
+    input_pipeline: Literal["suite", "metalr_public", "metalr_public_crop"] = Field(
         "suite", description="suite: rotation/shift/scale + the dataset's flip policy, inputs "
         "normalised for the weights; metalr_public: the public MetaLR code's pipeline, "
-        "RandomResizedCrop(0.8-1) + the flip policy, mean 0.18 / std 0.24 (for every strategy)",
+        "RandomResizedCrop(scale 0.8-1, ratio 0.8-1.25) + the flip policy, mean 0.18 / std 0.24 "
+        "(its ultrasound weights' statistics); metalr_public_crop: that crop with the weights' "
+        "own normalisation (for every strategy)",
     )
     precise_bn: bool = Field(True, description="re-estimate BatchNorm statistics before evaluation")
     selection_metric: Literal["auc", "acc", "balanced_acc", "f1"] = "auc"

@@ -1,9 +1,9 @@
 """Fine-tuning strategies behind one small interface, one module each.
 
 Holds: one module per strategy (``run-benchmark list`` lists them: the quick benchmark's
-``full``, ``last_k``, ``l2sp``, ``layer_decay``, ``metalr``, and the literature's ``lp_ft``,
-``surgical``, ``auto_rgn``, ``bss``, ``delta``, ``hd``, ``metalr_public``; any module dropped in
-here is one more), and ``core/``: the interface (:mod:`.core.base`), the layer
+``full``, ``last_k``, ``l2sp``, ``layer_decay``, ``metalr``, ``discriminative`` (its control),
+and the literature's ``lp_ft``, ``surgical``, ``auto_rgn``, ``bss``, ``delta``, ``hd``,
+``metalr_public``; any module dropped in here is one more), and ``core/``: the interface (:mod:`.core.base`), the layer
 grouping every layer-wise method shares (:mod:`.core.layers`), search-space declarations
 (:mod:`.core.space`), discovery (:mod:`.core.registry`) and MetaLR's maths
 (:mod:`.core.hypergrad`, :mod:`.core.lr_curves`).

@@ -87,6 +87,7 @@ class AutoRGN(Strategy):
     test_params = [{"rgn_batches": 2}]
     search_space = {"lr": LR}
     meta_source = "train"
+    mechanism = "lr_spread"
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)

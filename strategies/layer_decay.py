@@ -27,6 +27,7 @@ class LayerDecay(Strategy):
     test_params = [{"decay": 0.5}]
     search_space = {"lr": LR, "decay": SearchDim("float", 0.3, 1.0)}
     default_rank = 3
+    mechanism = "lr_spread"
 
     def group_lrs(self) -> list[float]:
         n = len(self.groups)

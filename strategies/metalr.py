@@ -11,10 +11,11 @@ extra forward/backward on the meta batch per meta-step, no model copy.
 
 The method's defaults follow the public code (Schuture/MetaLR, ``MetaLR_POCUS/train.py``):
 groups = stem, each residual block, head; α⁰ = backbone_lr_scale·lr = 0.1·lr for the backbone
-and lr for the head; the multiplicative rule α ← clip(α·(1 − η·h), 1e-6, 1e-2) with η = 0.1 and
-the raw (un-normalised) hyper-gradient h; head LR pinned to lr for the first 5 epochs; the real
-step is the benchmark's optimizer (Adam, weight decay 1e-4, by default) with the learned α as
-each group's LR. Note the look-ahead is the SGD step of eq. 1 while the real step is Adam's; the
+and lr for the head (:func:`initial_rates`); the multiplicative rule α ← clip(α·(1 − η·h), 1e-6,
+1e-2) with η = 0.1 and the raw (un-normalised) hyper-gradient h; head LR pinned to lr for the
+first 1/6 of the run (the code's ``if epoch <= 5`` of its 30 epochs; :func:`pinned_epochs`); the
+real step is the benchmark's optimizer (Adam, weight decay 1e-4, by default) with the learned α
+as each group's LR. Note the look-ahead is the SGD step of eq. 1 while the real step is Adam's; the
 paper and its code do the same, and we keep it.
 
 The training settings are not the public code's. That code trains with lr 0.01, so the head
@@ -26,6 +27,21 @@ own LR or epochs, unless every strategy is tuned with the same budget (``--tune`
 code's settings are in ``configs/metalr-paper.yaml``. Tuned, MetaLR searches lr in 1e-5..1e-2
 (the others 1e-5..1e-1): its head starts at lr, and lr_max is 1e-2
 (:meth:`MetaLR.constrain_space` narrows it further for other fixed bounds or scales).
+
+**The head pin is a share of the run, not 5 epochs.** The code pins the head for its first 5
+epochs of 30. Pinned for 5 epochs, a 5-epoch run (the quick benchmark's) would never learn the
+head's rate. ``head_pin_fraction`` (default 1/6, the code's ratio) pins the first
+⌈fraction·epochs⌉ epochs (30 epochs: 5, as the code; 5 epochs: 1); ``head_pin_epochs`` sets an
+absolute count instead. Each epoch logs ``head_pinned`` (1: the head's rate was held at lr).
+``metalr_public`` keeps the code's absolute 5 epochs.
+
+**Which MetaLR runs: the meta batch.** The paper (Chen et al., MICCAI 2023, Algorithm 1)
+meta-learns the rates on a held-out *validation* batch; the public code (Schuture/MetaLR,
+``MetaLR_POCUS/train.py``, its ``meta_loader`` over the training folds) meta-learns on *training*
+images. ``meta_source: train`` (the default) is the public code's choice, ``holdout`` (a
+held-out 20 % of the training data, re-sampled), ``fixed`` (one held-out batch) and ``val`` (the
+validation split) are the paper's. Every run logs which as the MLflow param
+``metalr_meta_reference``: ``public_code`` or ``paper`` (:data:`META_REFERENCE`).
 
 Fixed relative to the public code: the look-ahead descends (θ − α·g; the code's
 ``parameter.sub(-lr * grad)`` ascends), the meta batch is a fresh, un-augmented batch of the
@@ -41,11 +57,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from metalr_bench.strategies.core.base import SpaceError, StepContext, Strategy, register
+from metalr_bench.strategies.core.base import (
+    SpaceError,
+    StepContext,
+    Strategy,
+    lr_spread,
+    register,
+)
 from metalr_bench.strategies.core.hypergrad import Lookahead, hypergradient, update_rates
 from metalr_bench.strategies.core.space import SearchDim
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -53,10 +75,37 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 #: keep at most this many LR snapshots for the figure (older ones are thinned 2:1)
 _MAX_HISTORY = 2048
 
+#: the public code pins the head's rate for its first 5 of 30 epochs (``train.py``: ``if epoch
+#: <= 5`` with 1-based epochs, ``--max-epoch 30``)
+PUBLIC_HEAD_PIN_FRACTION = 5 / 30
+
+#: which reference each meta source follows (logged as ``metalr_meta_reference``): the public
+#: code meta-learns on training images (``first``: the batch it really uses, ``metalr_public``),
+#: the paper on a held-out validation batch
+META_REFERENCE = {"train": "public_code", "first": "public_code", "holdout": "paper",
+                  "fixed": "paper", "val": "paper"}
+
+
+def initial_rates(lr: float, backbone_lr_scale: float, n_groups: int) -> list[float]:
+    """MetaLR's starting rates (the public code's ``now_lr``): backbone_lr_scale·lr for every
+    backbone group, lr for the head (the last group). ``discriminative`` starts (and stays) at
+    the same rates."""
+    return [backbone_lr_scale * lr] * (n_groups - 1) + [lr]
+
+
+def pinned_epochs(fraction: float | None, epochs: int | None, total: int) -> int:
+    """How many first epochs keep the head's rate at lr: ``epochs`` when given, else
+    ⌈fraction·total⌉ (a positive share pins at least one epoch; 1e-9 absorbs the rounding of
+    e.g. 30·(5/30))."""
+    if epochs is not None:
+        return epochs
+    return math.ceil((fraction or 0.0) * total - 1e-9)
+
 
 class MetaLRParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hyper_lr: float = Field(0.1, gt=0, description="η, the step size of the LR update")
+    hyper_lr: float = Field(0.1, ge=0, description="η, the step size of the LR update (0: the "
+                            "rates never move; the run is then `discriminative`'s, bit for bit)")
     update: Literal["multiplicative", "additive"] = Field(
         "multiplicative",
         description="multiplicative: α·(1−η·h) (public code); additive: α−η·h (needs a much "
@@ -79,13 +128,26 @@ class MetaLRParams(BaseModel):
         "Each meta-step's extra forward/backward runs on it, so half the batch costs about half "
         "the extra time, for a noisier hyper-gradient",
     )
-    head_pin_epochs: int = Field(5, ge=0, description="keep the head's LR at lr this many epochs")
+    head_pin_fraction: float = Field(
+        PUBLIC_HEAD_PIN_FRACTION, ge=0, le=1,
+        description="keep the head's LR at lr for the first ⌈fraction·epochs⌉ epochs; default "
+        "1/6, the public code's 5 of 30 epochs",
+    )
+    head_pin_epochs: int | None = Field(
+        None, ge=0, description="keep the head's LR at lr this many first epochs instead of "
+        "head_pin_fraction (set one of the two)",
+    )
     optimizer: Literal["adam", "adamw", "sgd"] | None = Field(
         None, description="real optimizer; default: the benchmark's optimizer setting"
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> MetaLRParams:
+        if self.head_pin_epochs is not None and "head_pin_fraction" in self.model_fields_set:
+            raise ValueError(
+                "set head_pin_fraction (a share of the run) or head_pin_epochs (a count), not "
+                "both"
+            )
         if self.lr_min >= self.lr_max:
             raise ValueError(
                 f"lr_min ({self.lr_min:g}) must be smaller than lr_max ({self.lr_max:g})"
@@ -110,6 +172,9 @@ class MetaLR(Strategy):
          "head_pin_epochs": 1},
     ]
     meta_source = "train"  # class default; each instance takes its own from params
+    mechanism = "lr_spread"
+    #: False: the rates stay at their starting values (``discriminative``): no meta-step
+    learns_rates: ClassVar[bool] = True
     #: lr tops out at the default lr_max (1e-2): the head starts at lr, and a higher lr is
     #: refused by __init__; constrain_space narrows it further for other fixed bounds/scales
     search_space = {"lr": SearchDim("float", 1e-5, 1e-2, log=True),
@@ -231,17 +296,23 @@ class MetaLR(Strategy):
         if p.optimizer is not None:
             self.settings = dataclasses.replace(settings, optimizer=p.optimizer)
         lr = self.settings.lr
-        init = [p.backbone_lr_scale * lr] * (len(groups) - 1) + [lr]
+        init = initial_rates(lr, p.backbone_lr_scale, len(groups))
         bad = [(g.name, a) for g, a in zip(groups, init, strict=True)
                if not p.lr_min <= a <= p.lr_max]
         if bad:
             raise ValueError(
-                f"metalr: initial learning rates {', '.join(f'{n}={a:g}' for n, a in bad)} lie "
+                f"{self.name}: initial learning rates {', '.join(f'{n}={a:g}' for n, a in bad)} lie "
                 f"outside [lr_min, lr_max] = [{p.lr_min:g}, {p.lr_max:g}]; change lr "
                 f"({lr:g}), backbone_lr_scale or the bounds"
             )
         self.group_names = [g.name for g in groups]
         self.head_index = len(groups) - 1
+        #: the first epochs whose head rate stays at lr (from head_pin_fraction/_epochs)
+        self.head_pin = pinned_epochs(p.head_pin_fraction, p.head_pin_epochs,
+                                      self.settings.epochs)
+        self.head_pinned = False  # whether the last step held the head at lr (logged)
+        #: which reference the meta batches follow (None: no meta-step)
+        self.meta_reference = META_REFERENCE.get(p.meta_source) if self.learns_rates else None
         self._init = init
         self.alpha = torch.tensor(init, dtype=torch.float32)
         self.hypergrad = torch.zeros(len(groups))
@@ -308,7 +379,8 @@ class MetaLR(Strategy):
         self.meta_loss.copy_(meta_loss.float())
 
     def pin_head(self, epoch: int) -> None:
-        if epoch < self.params.head_pin_epochs:
+        self.head_pinned = epoch < self.head_pin
+        if self.head_pinned:
             self.alpha[self.head_index] = self.settings.lr
 
     def train_step(
@@ -316,7 +388,7 @@ class MetaLR(Strategy):
     ) -> torch.Tensor:
         opt = ctx.optimizer
         loss = self.forward_backward(ctx, batch)  # g, reused by the look-ahead and the real step
-        if self.step % self.params.meta_interval == 0:
+        if self.learns_rates and self.step % self.params.meta_interval == 0:
             self.meta_update(ctx)
         self.pin_head(ctx.epoch)
         for g, i in zip(opt.param_groups, self._index, strict=True):
@@ -337,10 +409,14 @@ class MetaLR(Strategy):
 
     # -- reporting ----------------------------------------------------------------------------------
     def log_values(self) -> dict[str, float]:
-        """Every group's current LR and last hyper-gradient (one host sync)."""
+        """Every group's current LR, their spread, whether the head is pinned and the last
+        hyper-gradient (one host sync)."""
         a = self.alpha.detach().cpu().tolist()
-        h = self.hypergrad.detach().cpu().tolist()
         out = {f"lr/{n}": v for n, v in zip(self.group_names, a, strict=True)}
+        out |= lr_spread(a) | {"head_pinned": float(self.head_pinned)}
+        if not self.learns_rates:
+            return out
+        h = self.hypergrad.detach().cpu().tolist()
         out |= {f"hypergrad/{n}": v for n, v in zip(self.group_names, h, strict=True)}
         meta = float(self.meta_loss)
         if meta == meta:  # not NaN: at least one meta-step happened

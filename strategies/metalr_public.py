@@ -21,7 +21,10 @@ keeps them, so the benchmark can measure what they cost:
 Everything else is the public code's too, and fixed: the multiplicative update
 α ← clip(α·(1 − η·h), 1e-6, 1e-2) with the raw h and η = ``hyper_lr`` (0.1, the code's
 ``--hyper-lr``), initial rates 0.1·lr (backbone groups) and lr (head), the head's rate pinned to
-lr for the first 5 epochs (``if epoch <= 5`` with 1-based epochs), a meta-step every iteration,
+lr for the first 5 epochs whatever the run's length (``if epoch <= 5`` with 1-based epochs, in a
+run of 30: ``metalr`` pins the same share, 1/6, of any run; here, as in the code, a run of 5
+epochs or fewer never learns the head's rate: its ``head_pinned`` metric stays 1), a meta-step
+every iteration,
 the real step being the optimizer (Adam with weight decay in the code; the benchmark's optimizer
 here, Adam with weight decay 1e-4 by default) with the new α as each group's rate. The code runs
 a second forward/backward of the training batch for that step; here g is reused: the same
@@ -44,7 +47,8 @@ factor 1 − η·h; it raises a rate only where the two gradients disagree. The 
 
 Parameters beyond the code, for attributing the cost (defaults: the code's behaviour):
 ``ascent: false`` descends as in the paper, ``meta_source: train`` draws fresh training batches;
-with both, the strategy is ``metalr`` at its defaults.
+with both, the strategy is ``metalr`` with ``head_pin_epochs: 5`` (``metalr`` pins a share
+of the run).
 
 Deviation, and why: no ResNet is rebuilt and no state dict is reloaded per iteration (the code
 builds a new ``meta_model`` each step and differentiates through a second-order graph); the
@@ -86,7 +90,8 @@ class MetaLRPublicParams(BaseModel):
     backbone_lr_scale: ClassVar[float] = PUBLIC["backbone_lr_scale"]
     meta_interval: ClassVar[int] = 1
     meta_batch_size: ClassVar[int | None] = None  # the training batch size
-    head_pin_epochs: ClassVar[int] = 5
+    head_pin_epochs: ClassVar[int] = 5  # the code's absolute count, not a share of the run
+    head_pin_fraction: ClassVar[float | None] = None
     optimizer: ClassVar[str | None] = None  # the benchmark's (Adam by default, as the code)
 
 

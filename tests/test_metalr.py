@@ -302,7 +302,12 @@ def test_short_run_logs_lr_curves_to_mlflow(tiny_config: dict, tmp_path: Path) -
         assert client.get_metric_history(run_id, f"hypergrad/{g}")
         assert client.get_metric_history(run_id, f"step/lr/{g}")
     head = client.get_metric_history(run_id, "lr/head")
-    assert all(m.value == pytest.approx(cfg.lr) for m in head)  # pinned for 5 epochs
+    # pinned for the first ⌈2/6⌉ = 1 of the 2 epochs (the public code's 5 of 30), then learned
+    assert head[0].value == pytest.approx(cfg.lr) and head[1].value != pytest.approx(cfg.lr)
+    assert [m.value for m in client.get_metric_history(run_id, "head_pinned")] == [1.0, 0.0]
+    assert client.get_metric_history(run_id, "lr_spread")
+    assert run.data.params["strategy.head_pin_fraction"] == str(5 / 30)
+    assert run.data.params["metalr_meta_reference"] == "public_code"
     stem = client.get_metric_history(run_id, "lr/stem")
     assert stem[-1].value != pytest.approx(0.1 * cfg.lr, rel=1e-6)  # it learned
     assert run.data.params["strategy.meta_source"] == "train"

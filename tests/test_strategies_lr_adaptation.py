@@ -60,20 +60,23 @@ HD_CASES = [  # (optimizer, momentum, weight decay, β)
 
 
 def _hd(kind: str, momentum: float, wd: float, beta: float, lr: float = 1e-2,
-        dtype: torch.dtype = torch.float64) -> tuple[HD, SmallCNN, list]:
+        dtype: torch.dtype = torch.float64, scope: str = "group") -> tuple[HD, SmallCNN, list]:
     model, groups = tiny(dtype)
-    s = HD({"hyper_lr": beta}, model, groups,
+    s = HD({"hyper_lr": beta, "scope": scope}, model, groups,
            TrainSettings(lr=lr, optimizer=kind, weight_decay=wd, momentum=momentum))
     s.build_optimizer()
     return s, model, groups
 
 
+@pytest.mark.parametrize("scope", ["group", "global"])
 @pytest.mark.parametrize("kind, momentum, wd, beta", HD_CASES)
-def test_hd_lr_update_is_the_papers_formula_per_group(kind, momentum, wd, beta) -> None:
+def test_hd_lr_update_is_the_papers_formula_per_group(kind, momentum, wd, beta, scope) -> None:
     """Two steps with hand-set gradients G1, G2: step 1 has no previous direction (h = 0); at
-    step 2 every group's rate moves by β·Σ_{p∈j}⟨g2, d1⟩, with d1 the direction step 1
-    applied, written out here from the optimizer's definition (not read from its state)."""
-    s, model, groups = _hd(kind, momentum, wd, beta)
+    step 2 every group's rate moves by β·Σ_{p∈j}⟨g2, d1⟩ (scope group), or every rate by the
+    sum over all groups, β·⟨g2, d1⟩ (scope global, the paper's one α), with d1 the direction
+    step 1 applied, written out here from the optimizer's definition (not read from its
+    state)."""
+    s, model, groups = _hd(kind, momentum, wd, beta, scope=scope)
     named = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(3)
     g1 = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in named.items()}
@@ -108,11 +111,75 @@ def test_hd_lr_update_is_the_papers_formula_per_group(kind, momentum, wd, beta) 
             expected[j] += beta * (grad2 * d1).sum()
     assert (expected - alpha0).abs().min() > 0, "degenerate test: a group did not move"
     assert len(set((expected - alpha0).tolist())) == len(groups)  # distinct per group
-    torch.testing.assert_close(s.alpha, expected, rtol=1e-9, atol=1e-14)
+    # the hypergrad logged per group is always the group's share
     torch.testing.assert_close(s.hypergrad, -(expected - alpha0) / beta, rtol=1e-7, atol=1e-12)
+    if scope == "global":
+        expected = alpha0 + (expected - alpha0).sum()
+        assert len(set(s.alpha.tolist())) == 1
+    torch.testing.assert_close(s.alpha, expected, rtol=1e-9, atol=1e-14)
     # the optimizer steps with the new rates
     lrs = torch.stack([torch.as_tensor(g["lr"]) for g in s.optimizer.param_groups]).double()
     torch.testing.assert_close(lrs, s.alpha, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("scope", ["group", "global"])
+def test_hd_hypergradient_is_the_derivative_of_the_loss_wrt_the_rate(kind, scope) -> None:
+    """h_t = ∂f_t(θ_{t−1}(α))/∂α, θ_{t−1} = θ_{t−2} − α·d_{t−1}: the rate update after step 2
+    equals −β times a central finite difference of step 2's loss in the rate step 1 used, for
+    one group's rate (scope group) or the one rate of every parameter (scope global)."""
+    s, model, groups = _hd(kind, 0.0, 0.0, 1e-3, lr=1e-2, scope=scope)
+    (x1, y1), (x2, y2) = batch(seed=1), batch(seed=2)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s.train_step(ctx_for(s, model), (x1, y1))  # h_1 = 0: step 1 runs at α0 = lr
+    named = dict(model.named_parameters())
+    d1 = {n: (theta0[n] - named[n].detach()) / 1e-2 for n in named}  # what step 1 applied
+    alpha0 = s.alpha.clone()
+    s.optimizer.zero_grad()
+    ce(model(x2), y2).backward()
+    s.hyper_step(s.optimizer)
+
+    def loss2(rates: list[float]) -> float:
+        params = {n: theta0[n] - rates[j] * d1[n] for j, g in enumerate(groups)
+                  for n in g.params}
+        with torch.no_grad():
+            return float(ce(functional_call(model, params, (x2,)), y2))
+
+    eps = 1e-6
+    n = len(groups)
+    if scope == "group":
+        fd = []
+        for j in range(n):
+            up = [1e-2 + (eps if k == j else 0.0) for k in range(n)]
+            down = [1e-2 - (eps if k == j else 0.0) for k in range(n)]
+            fd.append((loss2(up) - loss2(down)) / (2 * eps))
+        dfda = torch.tensor(fd, dtype=torch.float64)
+    else:
+        fd_all = (loss2([1e-2 + eps] * n) - loss2([1e-2 - eps] * n)) / (2 * eps)
+        dfda = torch.full((n,), fd_all, dtype=torch.float64)
+    assert dfda.abs().min() > 1e-4, "degenerate test: a rate's derivative is ~0"
+    # α_t = α_{t−1} − β·∂f/∂α, compared on the derivative (the FD's error is ~1e-9 of it)
+    torch.testing.assert_close((alpha0 - s.alpha) / s.beta, dfda, rtol=1e-6, atol=1e-9)
+
+
+def test_hd_rates_move_at_the_defaults() -> None:
+    """At its default β a 5-epoch run on the synthetic data moves the rates: some group's rate
+    changes by ≥ 10 % and the spread (max/min of the final rates) reaches 1.1. At the
+    reference's β = 1e-8 (the old default) they changed by ~0.1 %: hd was full fine-tuning."""
+    from metalr_bench.benchmark.training.trainer import seed_everything
+    from metalr_bench.datasets import load_dataset
+
+    bundle = load_dataset("synthetic", size=16, options={"n_patients": 48})
+    seed_everything(0)
+    built = build("smallcnn", 1, 2, "hd", {}, TrainSettings(lr=1e-3, epochs=5), bundle=bundle,
+                  options=TrainerOptions(epochs=5, batch_size=16, seed=0))
+    assert built.trainer is not None
+    last = built.trainer.fit().history[-1]
+    rates = [v for k, v in last.items() if k.startswith("lr/")]
+    assert len(rates) == len(built.trainer.groups)
+    assert max(abs(r / 1e-3 - 1) for r in rates) >= 0.10
+    assert last["lr_spread"] >= 1.1 and last["lr_spread"] == max(rates) / min(rates)
+    assert last["hd/max_lr_change"] == pytest.approx(max(abs(r / 1e-3 - 1) for r in rates))
 
 
 def test_hd_steps_with_the_rate_it_just_updated() -> None:

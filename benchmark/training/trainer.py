@@ -54,6 +54,8 @@ class TrainerOptions:
     #: training augmentation as a random resized crop of this area range instead of
     #: rotation/shift/scale (``input_pipeline: metalr_public``: (0.8, 1.0))
     resized_crop: tuple[float, float] | None = None
+    #: that crop's aspect-ratio range (``metalr_public*`` pipelines: the code's (0.8, 1.25))
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     selection_metric: str = "auc"
     seed: int = 0
     log_every_n_steps: int = 0  # 0: strategy values once per epoch only
@@ -91,6 +93,9 @@ class TrainResult:
     meta_source: str = "none"
     #: parameters with ``requires_grad`` once the strategy was built (the report's cost table)
     n_trainable_params: int = 0
+    #: whose choice of meta batches that follows (MetaLR: ``public_code``, training images, or
+    #: ``paper``, a held-out validation batch; "none" for the others)
+    meta_reference: str = "none"
     #: the weights the run started from (the trainer's own copy, for per-layer transferability)
     start_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     #: the selected checkpoint's test-set predictions: ``label`` (or ``label.<class>`` columns
@@ -100,7 +105,8 @@ class TrainResult:
     def data_params(self) -> dict[str, int | str]:
         """The params every run logs so a leaderboard shows what each strategy trained on."""
         return {"n_train_images": self.n_train_images, "meta_source": self.meta_source,
-                "n_trainable_params": self.n_trainable_params}
+                "n_trainable_params": self.n_trainable_params,
+                "metalr_meta_reference": self.meta_reference}
 
     def summary(self) -> dict[str, float]:
         """Flat final numbers: test metrics, best validation metrics, cost."""
@@ -205,7 +211,8 @@ class Trainer:
         self.train_loader = make_loader(
             train, options.batch_size, shuffle=True, drop_last=True, seed=options.seed,
             augment=AugmentSpec(hflip=bundle.hflip_safe if options.hflip is None
-                                else options.hflip, resized_crop=options.resized_crop)
+                                else options.hflip, resized_crop=options.resized_crop,
+                                crop_ratio=options.crop_ratio)
             if options.augment else None, **common,
         )
         self._eval_loaders = {
@@ -457,6 +464,7 @@ class Trainer:
             start_state=self._start,
             test_predictions=self.test_predictions if self.options.evaluate_test else None,
             meta_source=self.strategy.meta_source or "none",
+            meta_reference=getattr(self.strategy, "meta_reference", None) or "none",
         )
 
     def _test(self) -> dict[str, float]:

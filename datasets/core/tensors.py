@@ -32,6 +32,9 @@ class AugmentSpec:
     #: area (aspect ratio 3/4..4/3, resized back to full size), as torchvision's
     #: RandomResizedCrop; the public MetaLR code's pipeline uses (0.8, 1.0)
     resized_crop: tuple[float, float] | None = None
+    #: the crop's aspect-ratio range (width/height, log-uniform): torchvision's default 3/4..4/3;
+    #: the public MetaLR code's ``ratio=(0.8, 1.25)``
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
 #: ``normalize`` values of the loaders: ``symmetric`` maps [0, 255] to [-1, 1] (every weight
@@ -80,7 +83,7 @@ def augment_batch(
         u = u.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else u.to(dev)
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if spec.hflip else torch.ones_like(u[:, 4])
     if spec.resized_crop is not None:
-        theta = _resized_crop_theta(u, spec.resized_crop, flip)
+        theta = _resized_crop_theta(u, spec.resized_crop, flip, spec.crop_ratio)
     else:
         theta = _affine_theta(u, spec, flip)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
@@ -90,13 +93,14 @@ def augment_batch(
     ) and x.shape[1] > 1 else out
 
 
-def _resized_crop_theta(u: torch.Tensor, area: tuple[float, float],
-                        flip: torch.Tensor) -> torch.Tensor:
-    """A crop of ``area`` of the image (aspect ratio 3/4..4/3, clipped to the image; torchvision
-    re-samples such crops up to 10 times before a centre crop instead), resized to full size."""
+def _resized_crop_theta(u: torch.Tensor, area: tuple[float, float], flip: torch.Tensor,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """A crop of ``area`` of the image (aspect ratio in ``ratio``, log-uniform, clipped to the
+    image; torchvision re-samples such crops up to 10 times before a centre crop instead),
+    resized to full size."""
     lo, hi = area
     a = lo + (hi - lo) * u[:, 0]
-    log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     r = torch.exp(log_r)
     cw, ch = torch.sqrt(a * r).clamp(max=1.0), torch.sqrt(a / r).clamp(max=1.0)
     cx, cy = (u[:, 2] * 2 - 1) * (1 - cw), (u[:, 3] * 2 - 1) * (1 - ch)

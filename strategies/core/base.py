@@ -226,11 +226,13 @@ class Strategy:
         """Called before each epoch (0-based)."""
 
     def log_values(self) -> dict[str, float]:
-        """Numbers to log each epoch; by default each group's learning rate."""
+        """Numbers to log each epoch; by default each group's learning rate (``lr/<group>``)
+        and their spread (``lr_spread``, :func:`lr_spread`)."""
         if self.optimizer is None:
             return {}
-        return {f"lr/{g.get('name', i)}": float(g["lr"])
-                for i, g in enumerate(self.optimizer.param_groups)}
+        rates = {f"lr/{g.get('name', i)}": float(g["lr"])
+                 for i, g in enumerate(self.optimizer.param_groups)}
+        return rates | lr_spread(rates.values())
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state beyond the optimizer's, for exact resume."""
@@ -238,6 +240,14 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def lr_spread(rates: Any) -> dict[str, float]:
+    """``{"lr_spread": max/min}`` over the positive per-group rates (a frozen group's 0 and a
+    rate a hyper-gradient drove to or below 0 would make the ratio meaningless); 1.0 means every
+    group trains at one rate, i.e. no layer-wise LR at all. Empty when no rate is positive."""
+    positive = [float(r) for r in rates if float(r) > 0]
+    return {"lr_spread": max(positive) / min(positive)} if positive else {}
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
