@@ -25,7 +25,7 @@ one file").
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -81,6 +81,25 @@ class StepContext:
     #: the trainer's forward: ``model``, or ``torch.compile(model)`` with its ``compile`` option
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     compile: bool = False
+
+
+@dataclass(frozen=True)
+class FitData:
+    """What the trainer hands a strategy once, before the first epoch (:meth:`Strategy.before_fit`).
+
+    ``train`` and ``val`` are loaders of ``(images, labels)`` batches on the training device,
+    normalised as the model sees them, un-augmented and in a fixed order: ``train`` the images
+    the run trains on, ``val`` the validation split (the split that also selects every
+    strategy's checkpoint; never the test split). Iterating a loader again yields the same
+    batches. ``loss_fn(logits, y)`` is the task loss, ``autocast`` the trainer's mixed-precision
+    context. Why a hook: a strategy that needs the data before training (LP-FT's probe, the
+    linear probe) gets it without knowing the datasets package.
+    """
+
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    autocast: Callable[[], AbstractContextManager[Any]]
 
 
 class Strategy:
@@ -222,8 +241,25 @@ class Strategy:
         for module in self._frozen_modules:
             module.eval()
 
+    def before_fit(self, data: FitData) -> None:  # noqa: B027
+        """Called once by the trainer before the first epoch of a fresh run (not on resume: what
+        it computes belongs in :meth:`state_dict`, or in the model's weights, which the
+        checkpoint restores), with the un-augmented training and validation loaders."""
+
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027
         """Called before each epoch (0-based)."""
+
+    def after_step(self, loss: torch.Tensor) -> None:  # noqa: B027
+        """Called by the trainer's loop after every training step with the step's detached task
+        loss (a device tensor: accumulate it, never read it here, so the hot loop never waits
+        for the GPU). The regularisers use it for their penalty's share of the loss."""
+
+    def step_values(self) -> dict[str, torch.Tensor]:
+        """Values of the training step just taken, logged at *every* step under their own key
+        (MLflow step = the training step; step 0 is the step before the first update): 0-d
+        detached device tensors. The trainer keeps them and reads them once per epoch, so the
+        hot loop never syncs. Default: none (DELTA logs its penalty and task loss)."""
+        return {}
 
     def log_values(self) -> dict[str, float]:
         """Numbers to log each epoch; by default each group's learning rate."""
