@@ -7,6 +7,9 @@ settings, and may
 2. add a term to the loss (L2-SP)                                        -> ``loss_term``
 3. replace the single training step (MetaLR: look-ahead, LR update, step) -> ``train_step``
 
+Small hooks besides: ``before_fit`` (the un-augmented training and validation loaders, once
+before the first epoch: the linear probe), ``after_step`` (each step's task loss: a penalty's
+share of the loss), ``step_values`` (numbers logged at every training step: DELTA's penalty).
 Everything else (epochs, evaluation, checkpoint selection, logging, timing) is the trainer's,
 so every strategy is measured by the same loop. A strategy reports what it wants logged as
 plain numbers (``log_values``); it never talks to MLflow.
@@ -274,6 +277,15 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def trainable_values(model: nn.Module) -> dict[str, float]:
+    """``trainable_params`` (parameter elements that get a gradient) and ``trainable_share``
+    (their share of all the model's parameter elements): what a selective strategy logs to show
+    how much of the network it trains."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": float(trained), "trainable_share": trained / max(total, 1)}
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
