@@ -410,8 +410,8 @@ class Trainer:
                 loss = self.train_step(x, y, epoch=epoch, step=step)
                 loss_sum += loss.float()
                 self.strategy.after_step(loss)
-                if values := self.strategy.step_values():
-                    step_values.append((step, values))
+                if per_step := self.strategy.step_values():
+                    step_values.append((step, per_step))
                 n_batches += 1
                 step += 1
                 if n and step % n == 0:
