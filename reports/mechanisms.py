@@ -92,7 +92,7 @@ def verdict(figure: str, start: float, end: float) -> str:
         if _same(start, end):
             return f"trains {_percent(end)} of the parameters"
         return f"trains {_percent(start)} of the parameters at the start, {_percent(end)} at the end"
-    if figure == "lp_ft/probe_train_loss":
+    if figure.endswith("/probe_train_loss"):  # lp_ft's first phase, linear_probe
         return f"probe converged to {end:.2g}"
     return f"{start:.3g} → {end:.3g}"
 

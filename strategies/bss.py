@@ -30,6 +30,10 @@ Deviations from the reference code, and why:
 * features with more than two dimensions (a head that takes a feature map) are flattened per
   image; the reference's heads take flat features only.
 
+Logged per epoch (epoch means, :mod:`metalr_bench.strategies.core.penalty`): ``bss/penalty``,
+η · Σ σ²_{-i} as it enters the loss, and ``bss/penalty_share`` = penalty / (task loss + penalty),
+the strategy's ``mechanism``.
+
 On CUDA the SVD synchronises the host once per step (cuSOLVER's error check), the only step-level
 sync in the default loop.
 """
@@ -41,6 +45,7 @@ from typing import Any
 
 import torch
 from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.penalty import PenaltyMeter
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -77,6 +82,7 @@ class BSS(Strategy):
     Params = BSSParams
     test_params = [{"k": 1, "eta": 0.001}, {"k": 2, "eta": 0.01}]
     search_space = {"lr": LR, "eta": SearchDim("float", 1e-4, 1e-1, log=True)}
+    mechanism = "bss/penalty_share"
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)
@@ -88,17 +94,22 @@ class BSS(Strategy):
         handle = model.get_submodule(head[0]).register_forward_hook(_keep_input(self._store))
         weakref.finalize(self, handle.remove)
         device = next(model.parameters()).device
-        #: the last step's Σ σ²_{-i} (before η), for the epoch log
-        self.last_penalty = torch.zeros((), device=device)
+        self.meter = PenaltyMeter(self.name, device)
 
     def loss_term(self, model: nn.Module) -> torch.Tensor:
         features = self._store.pop("features", None)
         if features is None:
             raise RuntimeError("bss: no features from the head's forward hook; loss_term must "
                                "follow a forward of the model with gradients enabled")
-        penalty = spectral_penalty(features, self.params.k)
-        self.last_penalty = penalty.detach()
-        return self.params.eta * penalty
+        penalty = self.params.eta * spectral_penalty(features, self.params.k)
+        self.meter.add_penalty(penalty)
+        return penalty
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.meter.reset()
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.meter.add_task_loss(loss)
 
     def log_values(self) -> dict[str, float]:
-        return super().log_values() | {"bss/penalty": float(self.last_penalty)}
+        return super().log_values() | self.meter.values()

@@ -6,8 +6,8 @@ network's on the same images, weighting each channel by how much the task needs 
                + β · ½ · ‖w_head‖²
 
 FM_lj is channel j of feature map l (c_l channels of h_l × w_l), w⁰ the pre-trained weights, run
-by a frozen copy of the model (``copy.deepcopy`` at construction, eval mode, no gradients), b the
-images of the batch. α = β = 0.01, as the reference code (lixingjian/DELTA, ``train.py``,
+by a frozen copy of the model (``copy.deepcopy`` at construction, no gradients; its BatchNorm
+layers normalise as the fine-tuned model's do, see the deviations), b the images of the batch. α = β = 0.01, as the reference code (lixingjian/DELTA, ``train.py``,
 ``run.sh``). The regularisers replace weight decay, as in the reference (its optimizer has no
 weight decay for DELTA): every layer trains at the base LR with weight decay 0.
 
@@ -54,9 +54,22 @@ Deviations from the reference code, and why:
   strategy sees no data before its first step). The fitted head (``probe``) serves the attention
   only; training starts from the cell's new head, as for every strategy;
 * the attention batches are un-augmented (the reference evaluates augmented training batches);
-* the frozen copy runs in eval mode (as the reference's source model) while the fine-tuned model
-  trains in train mode: with BatchNorm, the penalty is not zero before the first update (batch
-  statistics against running statistics), as in the reference; it is zero with both in eval mode.
+* the frozen copy normalises with the statistics the fine-tuned model normalises with: where a
+  BatchNorm layer of the fine-tuned model is in train mode (batch statistics), its twin in the
+  copy computes the same batch's statistics too (train-mode maths with no running buffers, so
+  the copy's running statistics never change); in eval mode both use their running statistics.
+  So the penalty is exactly 0 at w = w⁰ and measures drift of the weights. The reference runs
+  its source model in eval mode against a model in train mode: on a network pre-trained by the
+  suite's own stage that made the feature penalty ≈ 335 against a task loss of ≈ 2.5 before the
+  first update, a penalty of the BatchNorm mismatch, not of drift. Dropout in the copy stays off.
+
+Logged: ``delta/penalty`` (α · the feature term, as it enters the loss; the new head's plain
+β-L2 is ``delta/head``, before β) and ``delta/task_loss`` at every training step (MLflow step =
+training step, step 0 before the first update, where the penalty is 0), and per epoch
+``delta/penalty_share`` = mean penalty / (mean task loss + mean penalty) over the epoch, the
+strategy's ``mechanism`` (:mod:`metalr_bench.strategies.core.penalty`). Unlike ``l2sp`` and
+``bss``, the epoch mean of the penalty is not logged as ``delta/penalty``: that key holds the
+per-step values, and one key with two step axes would mix them.
 
 Cost: one extra forward of the frozen copy per step (no backward). The attention costs one
 forward of the frozen copy per channel of every feature map per attention batch (960 channels for
@@ -65,15 +78,17 @@ ResNet-18: ≈ 123k image-forwards at the defaults), batched a few hundred image
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from metalr_bench.strategies.core.base import StepContext, Strategy, register
 from metalr_bench.strategies.core.layers import LayerGroup
+from metalr_bench.strategies.core.penalty import PenaltyMeter
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -168,6 +183,7 @@ class Delta(Strategy):
     test_params = [{"attention": True, "attention_batches": 1}, {"attention": False}]
     search_space = {"lr": LR, "alpha": SearchDim("float", 1e-4, 1.0, log=True)}
     meta_source = "train"  # class default; each instance takes its own from `attention`
+    mechanism = "delta/penalty_share"
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)
@@ -185,6 +201,11 @@ class Delta(Strategy):
         self.head_params = [named[n] for n in groups[-1].params]
         #: the pre-trained network w⁰: never trained, eval mode, no gradients
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        #: (fine-tuned BatchNorm, its twin in the frozen copy): the twin normalises with batch
+        #: statistics whenever the fine-tuned one does (``_matched_norms``)
+        frozen_modules = dict(self.frozen.named_modules())
+        self._norm_pairs = [(m, frozen_modules[name]) for name, m in model.named_modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._live: dict[Any, Any] = {}
         self._ref: dict[Any, Any] = {}
         handles = []
@@ -202,6 +223,10 @@ class Delta(Strategy):
         self.probe: nn.Module | None = None
         #: the last step's feature and head penalties (before α, β), for the epoch log
         self.last_penalties = torch.zeros(2, device=self.device)
+        #: epoch means of α · feature penalty and of the task loss
+        self.meter = PenaltyMeter(self.name, self.device)
+        #: the last step's α · feature penalty and task loss (``step_values``); None before
+        self._step_values: dict[str, torch.Tensor] = {}
 
     def param_groups(self) -> list[dict[str, Any]]:
         # the penalties replace weight decay, as in the reference
@@ -219,12 +244,29 @@ class Delta(Strategy):
         if any(t is None for t in live):
             raise RuntimeError("delta: the feature-map hooks did not fire; run the model with "
                                "gradients enabled")
-        with torch.no_grad():
+        with torch.no_grad(), self._matched_norms():
             self._ref.clear()
             self.frozen(x)
             ref = [self._ref[i] for i in range(len(self.stages))]
             self._ref.clear()
         return logits, feature_distance(live, ref, self.attention)
+
+    @contextlib.contextmanager
+    def _matched_norms(self) -> Iterator[None]:
+        """While open, each BatchNorm of the frozen copy whose twin in the fine-tuned model is in
+        train mode normalises with the batch's statistics and updates nothing: its running
+        buffers are set aside (a BatchNorm without running buffers uses batch statistics, in
+        any mode) and put back on exit, bit for bit."""
+        kept = []
+        try:
+            for live, twin in self._norm_pairs:
+                if live.training:
+                    kept.append((twin, twin.running_mean, twin.running_var))
+                    twin.running_mean, twin.running_var = None, None
+            yield
+        finally:
+            for twin, mean, var in kept:
+                twin.running_mean, twin.running_var = mean, var
 
     def head_penalty(self) -> torch.Tensor:
         """½ · ‖w_head‖² (weights and biases of the head, as the reference), before β."""
@@ -248,7 +290,18 @@ class Delta(Strategy):
         total.backward()
         ctx.optimizer.step()
         self.last_penalties = torch.stack([feature.detach(), head.detach()])
+        weighted = p.alpha * feature.detach()
+        self.meter.add_penalty(weighted)
+        self.meter.add_task_loss(loss)
+        self._step_values = {"delta/penalty": weighted, "delta/task_loss": loss.detach()}
         return loss.detach()
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.meter.reset()
+
+    def step_values(self) -> dict[str, torch.Tensor]:
+        values, self._step_values = self._step_values, {}
+        return values
 
     # -- the attention -----------------------------------------------------------------------------
     def _frozen_features(self, x: torch.Tensor,
@@ -328,7 +381,8 @@ class Delta(Strategy):
     # -- reporting and resume ----------------------------------------------------------------------
     def log_values(self) -> dict[str, float]:
         feature, head = self.last_penalties.tolist()
-        return super().log_values() | {"delta/feature": feature, "delta/head": head}
+        share = {k: v for k, v in self.meter.values().items() if k.endswith("_share")}
+        return super().log_values() | {"delta/feature": feature, "delta/head": head} | share
 
     def state_dict(self) -> dict[str, Any]:
         return {"attention": None if self.attention is None

@@ -1,14 +1,16 @@
 """Freeze all but the last k layer groups (k=1: linear probing of the head).
 
 Frozen groups get ``requires_grad=False`` and their BatchNorm layers stay in eval mode, so
-their running statistics, like their weights, remain the pre-trained ones.
+their running statistics, like their weights, remain the pre-trained ones. Logged every epoch:
+``trainable_params`` (parameter elements trained) and ``trainable_share`` (their share of all
+parameters), the strategy's ``mechanism``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.base import Strategy, register, trainable_values
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +29,7 @@ class LastK(Strategy):
     test_params = [{"k": 1}, {"k": 2}]
     search_space = {"lr": LR, "k": SearchDim("int", 1, "groups")}
     default_rank = 1
+    mechanism = "trainable_share"
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)
@@ -43,3 +46,6 @@ class LastK(Strategy):
         start = len(self.groups) - self.params.k
         return [self._group(i, lr=self.settings.lr) for i in range(start, len(self.groups))]
 
+    def log_values(self) -> dict[str, float]:
+        """The group LRs, ``trainable_params`` and ``trainable_share`` (the ``mechanism``)."""
+        return super().log_values() | trainable_values(self.model)

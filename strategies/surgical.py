@@ -22,6 +22,8 @@ residual block, head). It is a position, a name, or a list of them:
 Frozen groups get ``requires_grad=False`` and their modules stay in eval mode, as in last-k:
 their BatchNorm running statistics, like their weights, stay the pre-trained ones, and the
 trainer's PreciseBN leaves them alone. The chosen groups and the head train at the base LR.
+Logged every epoch: ``trainable_params`` (parameter elements trained) and ``trainable_share``
+(their share of all parameters), the strategy's ``mechanism``.
 
 Deviations from the paper and its code (``yoonholee/Surgical-finetuning``), and why:
 
@@ -40,6 +42,11 @@ Deviations from the paper and its code (``yoonholee/Surgical-finetuning``), and 
   mode, so the running statistics of the frozen layers adapt to the target data while their
   weights stay fixed. Here "frozen" means the whole layer, weights and statistics, as in
   last_k, so the two strategies' "frozen" mean the same.
+* The untuned default, ``blocks: 2`` (the first block after the stem, ResNet ``layer1.0``), is
+  the paper's choice for input-level shifts (its "first block"), the kind a change of scanner
+  or dataset is closest to; it was not chosen on our data. The paper picks the block on
+  validation data, so ``--tune`` searches it over every layer group (1 .. groups, the same
+  trial budget as every strategy), and a tuned leaderboard is the one to read.
 * Optimizer and LR are the suite's shared settings (``--tune`` searches ``lr`` and ``blocks``).
   The reference runs Adam on a small (lr, weight decay) grid per block.
 """
@@ -48,7 +55,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.base import Strategy, register, trainable_values
 from metalr_bench.strategies.core.layers import LayerGroup
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -107,10 +114,15 @@ class Surgical(Strategy):
     test_params = [{"blocks": 2}, {"blocks": ["stem", 4]}]
     #: which group (with the head); high="groups" resolves to the number of groups, the head
     search_space = {"lr": LR, "blocks": SearchDim("int", 1, "groups")}
+    mechanism = "trainable_share"
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)
         self.trained = sorted(set(chosen_groups(self.params.blocks, groups)) | {len(groups) - 1})
+        # frozen groups keep the source's weights *and* BatchNorm statistics: `freeze` turns off
+        # their gradients and `set_train_mode` keeps their modules in eval mode every epoch, so
+        # neither the training forwards nor the trainer's PreciseBN (which re-estimates only
+        # BatchNorm layers in train mode) touch their running statistics (tested)
         self.freeze([g for i, g in enumerate(groups) if i not in self.trained])
         #: the parameters this strategy fine-tunes (chosen groups and head)
         self.trained_params = [p for p in model.parameters() if p.requires_grad]
@@ -118,3 +130,6 @@ class Surgical(Strategy):
     def param_groups(self) -> list[dict[str, Any]]:
         return [self._group(i, lr=self.settings.lr) for i in self.trained]
 
+    def log_values(self) -> dict[str, float]:
+        """The group LRs, ``trainable_params`` and ``trainable_share`` (the ``mechanism``)."""
+        return super().log_values() | trainable_values(self.model)

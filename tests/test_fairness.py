@@ -14,7 +14,8 @@ from metalr_bench.strategies import TrainSettings, available_strategies, get_str
 
 
 def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    """Every tensor a strategy keeps (attributes, and lists/tuples/dicts of them)."""
+    """Every tensor a strategy keeps (attributes, lists/tuples/dicts of them, and the attributes
+    of the small helper objects it holds, e.g. a regulariser's ``PenaltyMeter``)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if depth > 3 or isinstance(obj, torch.nn.Module | torch.optim.Optimizer):
@@ -23,6 +24,8 @@ def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
         return [t for v in obj.values() for t in _tensors(v, depth + 1)]
     if isinstance(obj, list | tuple):
         return [t for v in obj for t in _tensors(v, depth + 1)]
+    if type(obj).__module__.startswith("metalr_bench.strategies") and hasattr(obj, "__dict__"):
+        return [t for v in vars(obj).values() for t in _tensors(v, depth + 1)]
     return []
 
 
@@ -47,7 +50,7 @@ def test_every_strategy_derives_its_tensors_where_the_model_trains(name, params)
         if "cannot be called on meta tensors" not in str(exc):
             raise
     held = _tensors(vars(built.strategy))
-    assert held or name in ("full", "last_k", "layer_decay")
+    assert held or name in ("full", "last_k", "layer_decay", "lp_ft", "linear_probe")
     wrong = [t.device for t in held if t.device.type != "meta"]
     assert not wrong, f"{name} keeps tensors on {wrong}, away from its model"
 

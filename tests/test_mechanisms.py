@@ -43,6 +43,7 @@ from scipy import stats as sps
     ("trainable_share", 0.1, 1.0,
      "trains 10 % of the parameters at the start, 100 % at the end"),
     ("lp_ft/probe_train_loss", 0.69, 0.05, "probe converged to 0.05"),
+    ("linear_probe/probe_train_loss", 0.31, 0.31, "probe converged to 0.31"),
     ("something/else", 1.0, 2.0, "1 → 2"),
     ("lr_spread", math.nan, math.nan, "`lr_spread` was not logged"),
 ])

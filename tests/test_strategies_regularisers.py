@@ -122,6 +122,58 @@ def test_bss_penalty_on_resnet18() -> None:
                                (s[-2:] ** 2).sum(), rtol=1e-4, atol=1e-8)
 
 
+# -- the penalty's share of the loss (l2sp, bss; delta below) --------------------------------------
+def _penalty_by_hand(name: str, model: nn.Module, start: nn.Module, x: torch.Tensor,
+                     params: dict[str, float]) -> float:
+    """The weighted penalty at the current weights, before the step: L2-SP's α/2·Σ‖w − w⁰‖² over
+    conv/linear weights but the head's, BSS's η·σ²_min of the head's input."""
+    if name == "l2sp":
+        start_params = dict(start.named_parameters())
+        return 0.5 * params["alpha"] * sum(
+            float(((p.detach() - start_params[n].detach()) ** 2).sum()) for n, p in model.named_parameters()
+            if p.ndim > 1 and not n.startswith("head."))
+    with torch.no_grad():
+        s = torch.linalg.svdvals(_penultimate(model, x).double())
+    return params["eta"] * float(s.min() ** 2)
+
+
+@pytest.mark.parametrize("name, params", [("l2sp", {"alpha": 1.0, "beta": 0.1}),
+                                          ("bss", {"k": 1, "eta": 0.1})])
+def test_regulariser_logs_penalty_and_its_share_of_the_loss(name: str,
+                                                           params: dict[str, float]) -> None:
+    """``<name>/penalty`` is the epoch mean of the weighted penalty at each step's weights, and
+    ``<name>/penalty_share`` = mean penalty / (mean task loss + mean penalty), both by hand."""
+    built = _cell("smallcnn", name, params)
+    model, strategy, trainer = built.model, built.strategy, built.trainer
+    assert trainer is not None and strategy.mechanism == f"{name}/penalty_share"
+    start = copy.deepcopy(model)
+    strategy.on_epoch_start(0)
+    penalties, losses = [], []
+    for step, (x, y) in enumerate(_batches(built, 3)):
+        strategy.set_train_mode(model)
+        penalties.append(_penalty_by_hand(name, model, start, x, params))
+        loss = trainer.train_step(x, y, epoch=0, step=step)
+        strategy.after_step(loss)  # what the trainer's loop does after every step
+        losses.append(float(loss))
+    logged = strategy.log_values()
+    mean_pen, mean_loss = sum(penalties) / 3, sum(losses) / 3
+    assert penalties[0] == 0.0 if name == "l2sp" else penalties[0] > 0  # L2-SP: 0 at w⁰
+    assert logged[f"{name}/penalty"] == pytest.approx(mean_pen, rel=1e-4)
+    assert mean_pen > 0
+    assert logged[f"{name}/penalty_share"] == pytest.approx(
+        mean_pen / (mean_loss + mean_pen), rel=1e-4)
+    strategy.on_epoch_start(1)  # a new epoch starts new means
+    assert f"{name}/penalty" not in strategy.log_values()
+
+
+def test_regularisers_log_their_share_every_epoch_of_a_fit() -> None:
+    for name in ("l2sp", "bss", "delta"):
+        built = _cell("smallcnn", name, {"attention": False} if name == "delta" else {})
+        assert built.trainer is not None
+        history = built.trainer.fit().history
+        assert all(0 < h[f"{name}/penalty_share"] < 1 for h in history), name
+
+
 # -- DELTA -----------------------------------------------------------------------------------------
 def _maps(model: nn.Module, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of ``names`` on ``x``, by hooks of our own."""
@@ -167,12 +219,66 @@ def test_delta_plain_penalty_is_the_feature_map_distance_by_hand() -> None:
     _, penalty = delta.forward_with_penalty(model, x)
     assert float(penalty.detach()) == 0.0
     _step(built, train)
-    for mode in ("eval", "train"):
+    for mode in ("eval", "train"):  # w⁰ normalises as the fine-tuned model does
         getattr(model, mode)()
-        expected = _by_hand(_maps(model, names, x), _maps(start, names, x), None)
+        expected = _by_hand(_maps(model, names, x), _maps(getattr(start, mode)(), names, x),
+                            None)
         _, penalty = delta.forward_with_penalty(model, x)
         assert float(expected) > 0
         torch.testing.assert_close(penalty.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["smallcnn", "resnet18"])
+def test_delta_penalty_is_zero_before_the_first_update_in_train_mode(arch: str) -> None:
+    """w = w⁰ and the model in train mode (batch statistics), as at the first training step: the
+    frozen copy must normalise with the same batch statistics, so the penalty is 0, and its
+    running statistics must not move. (The old copy used its running statistics: penalty ≫ 0.)"""
+    built = _cell(arch, "delta", {"attention": False}, size=16 if arch == "smallcnn" else 32)
+    model, delta = built.model, built.strategy
+    with torch.no_grad():  # running statistics unlike any batch's, as after pre-training
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    delta = type(delta)(delta.params, model, built.groups, delta.settings)  # w⁰ = these
+    frozen_before = {k: v.clone() for k, v in delta.frozen.state_dict().items()}
+    (x, _), = _batches(built, 1)
+    delta.set_train_mode(model)
+    _, penalty = delta.forward_with_penalty(model, x)
+    assert abs(float(penalty.detach())) <= 1e-6
+    for k, v in delta.frozen.state_dict().items():  # running statistics unchanged
+        assert torch.equal(v, frozen_before[k]), k
+    assert not delta.frozen.training
+
+
+def test_delta_logs_its_penalty_at_every_step_from_step_0(tiny_config) -> None:
+    """Through the runner and the real MLflow store: ``delta/penalty`` and ``delta/task_loss``
+    at every training step (MLflow step = training step), 0 at step 0 (w = w⁰, train mode),
+    > 0 afterwards; the epoch means and the penalty's share at MLflow step = epoch."""
+    import mlflow
+    from metalr_bench.benchmark.config import validate_config
+    from metalr_bench.benchmark.running.runner import run_benchmark
+
+    tiny_config |= {"strategies": [{"name": "delta", "params": {"attention": False,
+                                                                "alpha": 1.0}}],
+                    "seeds": [0]}
+    cfg = validate_config(tiny_config)
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    run_id = outcome.results[0].run_id
+    penalty = client.get_metric_history(run_id, "delta/penalty")
+    task = client.get_metric_history(run_id, "delta/task_loss")
+    steps = [m.step for m in penalty]
+    assert sorted(steps) == list(range(len(steps))) and len(steps) > 2  # every step, from 0
+    assert sorted(m.step for m in task) == sorted(steps)
+    by_step = {m.step: m.value for m in penalty}
+    assert abs(by_step[0]) < 1e-6  # before the first update: zero
+    assert all(by_step[s] > 0 for s in steps if s > 0)
+    assert all(m.value > 0 for m in task)
+    share = client.get_metric_history(run_id, "delta/penalty_share")
+    assert [m.step for m in share] == [0, 1]  # per epoch
+    assert all(0 < m.value < 1 for m in share)
 
 
 def _attention_by_hand(start: nn.Module, names: list[str], probe: nn.Module, x: torch.Tensor,

@@ -1,4 +1,4 @@
-"""LP-FT, surgical fine-tuning and Auto-RGN do what their papers' rules say, checked through the
+"""Surgical fine-tuning, last-k and Auto-RGN do what their papers' rules say, checked through the
 trainer's own loop where the rule is about what the trainer trains."""
 
 from __future__ import annotations
@@ -53,69 +53,7 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
     return [k for k in keys if not torch.equal(before[k], after[k])]
 
 
-# -- LP-FT ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("optimizer, weight_decay", [
-    ("adam", 0.0), ("adamw", 0.1), ("sgd", 0.1), ("adam", 0.1),
-])
-def test_lp_ft_probes_the_head_then_fine_tunes_everything(optimizer, weight_decay) -> None:
-    """Through the trainer's loop (PreciseBN on): during the probe epochs only the head changes,
-    every backbone weight *and* BatchNorm buffer stays the pre-trained one, even with weight
-    decay; from the switch on every layer group trains and BatchNorm statistics move."""
-    built = _trainer("lp_ft", {"probe_epochs": 2}, epochs=3, optimizer=optimizer,
-                     weight_decay=weight_decay)
-    trainer, groups = built.trainer, built.groups
-    start = {k: v.detach().clone() for k, v in built.model.state_dict().items()}
-    # the optimizer is built once: it holds every parameter from the start
-    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(
-        list(built.model.parameters()))
-    snaps = Snapshots(built.model)
-    trainer.callbacks.append(snaps)
-    result = trainer.fit()
-
-    head, backbone = groups[-1], groups[:-1]
-    for probe_end in snaps.states[:2]:
-        for g in backbone:
-            keys = _keys(start, g.modules)
-            assert keys
-            assert not _changed(start, probe_end, keys), g.name
-        assert _changed(start, probe_end, list(head.params)) == list(head.params)
-    assert _changed(snaps.states[0], snaps.states[1], list(head.params))  # still probing
-
-    tuned = snaps.states[2]
-    for g in backbone:  # every group's weights moved after the switch
-        assert _changed(snaps.states[1], tuned, list(g.params)), g.name
-    bn_stats = [k for k in start if k.endswith("running_mean")]
-    assert bn_stats and all(_changed(snaps.states[1], tuned, [k]) for k in bn_stats)
-
-    lrs = [{k: v for k, v in h.items() if k.startswith("lr/")} for h in result.history]
-    assert lrs[0]["lr/head"] == lrs[2]["lr/head"] == 1e-2
-    assert all(lrs[e][f"lr/{g.name}"] == 0.0 for e in (0, 1) for g in backbone)
-    assert all(lrs[2][f"lr/{g.name}"] == 1e-2 for g in backbone)
-
-
-def test_lp_ft_switch_is_resume_safe() -> None:
-    """The phase follows the epoch number: the optimizer state is cleared at the switch epoch
-    only (a run resumed later keeps its fine-tuning state), and every layer trains after it."""
-    built = _trainer("lp_ft", {"probe_epochs": 1}, epochs=3)
-    s, opt = built.strategy, built.trainer.optimizer
-    assert s.probing and not any(p.requires_grad for p in s.backbone)
-    x, y = next(iter(built.trainer.train_loader))
-    built.trainer.train_step(x, y, epoch=0, step=0)
-    assert opt.state  # the head's Adam moments
-    s.on_epoch_start(1)
-    assert not opt.state and all(p.requires_grad for p in s.backbone)
-    built.trainer.train_step(x, y, epoch=1, step=1)
-    n = len(opt.state)
-    assert n == len(list(built.model.parameters()))
-    s.on_epoch_start(2)  # later epochs (or a resume there) keep the state
-    assert len(opt.state) == n
-
-
-def test_lp_ft_needs_a_fine_tuning_epoch() -> None:
-    with pytest.raises(ValueError, match=r"probe_epochs=3 leaves no fine-tuning epoch"):
-        _trainer("lp_ft", {"probe_epochs": 3}, epochs=3)
-    with pytest.raises(ValueError):
-        get_strategy("lp_ft").Params(probe_epochs=0)
+# -- LP-FT: its probe is tested with the shared probe in tests/test_probe.py -----------------------
 
 
 # -- surgical ---------------------------------------------------------------------------------------
@@ -144,6 +82,64 @@ def test_surgical_trains_only_the_chosen_groups_and_the_head(blocks, tuned) -> N
     named = dict(built.model.named_parameters())
     assert opt_params == {id(named[p]) for g in built.groups if g.name in tuned
                           for p in g.params}
+
+
+@pytest.mark.parametrize("precise_bn", [True, False])
+def test_surgical_frozen_groups_keep_the_source_batchnorm_statistics(precise_bn: bool) -> None:
+    """After a training epoch (PreciseBN on or off): running_mean/var of every BatchNorm in a
+    frozen group are the source's, bit for bit; those of the trained group have moved."""
+    built = _trainer("surgical", {"blocks": "block2"}, epochs=1, precise_bn=precise_bn)
+    start = {k: v.detach().clone() for k, v in built.model.state_dict().items()}
+    built.trainer.fit()
+    end = built.model.state_dict()
+    for g in built.groups:
+        stats = [k for k in _keys(start, g.modules) if k.endswith(("running_mean", "running_var"))]
+        if g.name == "head":
+            continue
+        assert stats, g.name
+        moved = _changed(start, end, stats)
+        assert moved == (stats if g.name == "block2" else []), g.name
+
+
+@pytest.mark.parametrize("strategy, params", [("surgical", {"blocks": 2}),
+                                              ("surgical", {"blocks": ["stem", 4]}),
+                                              ("last_k", {"k": 2}), ("last_k", {"k": 1})])
+def test_selective_strategies_log_the_trained_parameter_count(strategy, params) -> None:
+    """``trainable_params`` = elements of the trained groups' parameters (counted by hand from
+    the groups), ``trainable_share`` = that / all parameters; logged every epoch."""
+    built = _trainer(strategy, params, epochs=1)
+    s = built.strategy
+    assert s.mechanism == "trainable_share"
+    named = dict(built.model.named_parameters())
+    trained = ({built.groups[i].name for i in s.trained} if strategy == "surgical"
+               else {g.name for g in built.groups[len(built.groups) - params["k"]:]})
+    count = sum(named[p].numel() for g in built.groups if g.name in trained for p in g.params)
+    total = sum(p.numel() for p in built.model.parameters())
+    history = built.trainer.fit().history
+    assert 0 < count < total
+    for record in history:
+        assert record["trainable_params"] == count
+        assert record["trainable_share"] == pytest.approx(count / total)
+
+
+def test_surgical_block_is_tuned_over_every_layer_group() -> None:
+    """The search space covers every layer group (1 = stem .. groups = head only), each point a
+    different trained set; the untuned default is 2 (the first block after the stem)."""
+    from metalr_bench.benchmark.tuning.space import search_space
+
+    model = build_model("resnet18", 1, 2)
+    groups = layer_groups(model)
+    space = search_space("surgical", len(groups))
+    dim = space["blocks"]
+    assert dim.type == "int" and (dim.low, dim.high) == (1, len(groups))
+    cls = get_strategy("surgical")
+    seen = set()
+    for position in range(1, len(groups) + 1):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        seen.add(tuple(cls({"blocks": position}, model, groups, TrainSettings()).trained))
+    assert len(seen) == len(groups)
+    assert cls.Params().blocks == 2
 
 
 def test_surgical_names_positions_and_errors() -> None:

@@ -291,6 +291,12 @@ class MetricsLogger:
         ts = int(time.time() * 1000)
         self._buffer += [Metric(f"step/{k}", float(v), ts, step) for k, v in values.items()]
 
+    def on_step_values(self, step: int, values: dict[str, float]) -> None:
+        """A strategy's per-training-step values, each under its own key (no ``step/`` prefix:
+        they are not the epoch values sampled every n steps), MLflow step = training step."""
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), ts, step) for k, v in values.items()]
+
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]

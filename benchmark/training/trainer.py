@@ -31,7 +31,7 @@ from metalr_bench.benchmark.training.metrics import compute_metrics, loss_fn_for
 from metalr_bench.datasets.core.base import DatasetBundle, Split
 from metalr_bench.datasets.core.splits import group_holdout
 from metalr_bench.datasets.core.tensors import AugmentSpec, make_loader
-from metalr_bench.strategies.core.base import StepContext, Strategy
+from metalr_bench.strategies.core.base import FitData, StepContext, Strategy
 from metalr_bench.strategies.core.layers import LayerGroup
 from torch import nn
 
@@ -75,6 +75,11 @@ class EpochCallback:
 
     def on_step(self, step: int, values: dict[str, float]) -> None:  # noqa: B027
         """Every ``log_every_n_steps`` steps: the strategy's values."""
+
+    def on_step_values(self, step: int, values: dict[str, float]) -> None:  # noqa: B027
+        """The strategy's per-training-step values (``Strategy.step_values``) of ``step``, each
+        under its own key; called for every step of an epoch at its end, before
+        ``on_epoch_end``."""
 
 
 @dataclass
@@ -401,6 +406,10 @@ class Trainer:
             history, best_val, best_epoch = loop["history"], loop["best_val"], loop["best_epoch"]
             best_state, step = loop["best_state"], loop["step"]
             first_epoch, elapsed_before = loop["epoch"] + 1, loop["elapsed_s"]
+        else:  # a fresh run: the strategy may look at the (un-augmented) data first
+            self.strategy.before_fit(FitData(train=self._bn_loader,
+                                             val=self._eval_loaders["val"],
+                                             loss_fn=self.loss_fn, autocast=self.autocast))
         n = self.options.log_every_n_steps
         kill_at = kill_point()  # fault injection (tests): kill -9 mid-epoch at a known batch
         for epoch in range(first_epoch, self.options.epochs):
@@ -409,9 +418,13 @@ class Trainer:
             self.strategy.set_train_mode(self.model)
             loss_sum = torch.zeros((), device=self.device)
             n_batches = 0
+            step_values: list[tuple[int, dict[str, torch.Tensor]]] = []
             for x, y in self.train_loader:
                 loss = self.train_step(x, y, epoch=epoch, step=step)
                 loss_sum += loss.float()
+                self.strategy.after_step(loss)
+                if per_step := self.strategy.step_values():
+                    step_values.append((step, per_step))
                 n_batches += 1
                 step += 1
                 if kill_at is not None and kill_at == (epoch, n_batches):
@@ -422,6 +435,7 @@ class Trainer:
                         cb.on_step(step, values)
             train_loss = float(loss_sum) / max(n_batches, 1)  # the epoch's one sync
             check_finite(epoch, {"train_loss": train_loss})
+            self._send_step_values(step_values)
             self._epoch = epoch
             if self.options.precise_bn:
                 self.recalibrate_bn()
@@ -466,6 +480,20 @@ class Trainer:
             meta_source=self.strategy.meta_source or "none",
             meta_reference=getattr(self.strategy, "meta_reference", None) or "none",
         )
+
+    def _send_step_values(self, logged: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
+        """The epoch's per-step strategy values, read from the device in one go, to the
+        callbacks."""
+        if not logged:
+            return
+        flat = torch.stack([t.detach().float().reshape(())
+                            for _, values in logged for t in values.values()]).tolist()
+        i = 0
+        for step, values in logged:
+            row = dict(zip(values, flat[i:i + len(values)], strict=True))
+            i += len(values)
+            for cb in self.callbacks:
+                cb.on_step_values(step, row)
 
     def _test(self) -> dict[str, float]:
         """The only read of the test split: once, on the selected checkpoint."""

@@ -7,6 +7,9 @@ settings, and may
 2. add a term to the loss (L2-SP)                                        -> ``loss_term``
 3. replace the single training step (MetaLR: look-ahead, LR update, step) -> ``train_step``
 
+Small hooks besides: ``before_fit`` (the un-augmented training and validation loaders, once
+before the first epoch: the linear probe), ``after_step`` (each step's task loss: a penalty's
+share of the loss), ``step_values`` (numbers logged at every training step: DELTA's penalty).
 Everything else (epochs, evaluation, checkpoint selection, logging, timing) is the trainer's,
 so every strategy is measured by the same loop. A strategy reports what it wants logged as
 plain numbers (``log_values``); it never talks to MLflow.
@@ -25,7 +28,7 @@ one file").
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -81,6 +84,25 @@ class StepContext:
     #: the trainer's forward: ``model``, or ``torch.compile(model)`` with its ``compile`` option
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     compile: bool = False
+
+
+@dataclass(frozen=True)
+class FitData:
+    """What the trainer hands a strategy once, before the first epoch (:meth:`Strategy.before_fit`).
+
+    ``train`` and ``val`` are loaders of ``(images, labels)`` batches on the training device,
+    normalised as the model sees them, un-augmented and in a fixed order: ``train`` the images
+    the run trains on, ``val`` the validation split (the split that also selects every
+    strategy's checkpoint; never the test split). Iterating a loader again yields the same
+    batches. ``loss_fn(logits, y)`` is the task loss, ``autocast`` the trainer's mixed-precision
+    context. Why a hook: a strategy that needs the data before training (LP-FT's probe, the
+    linear probe) gets it without knowing the datasets package.
+    """
+
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    autocast: Callable[[], AbstractContextManager[Any]]
 
 
 class Strategy:
@@ -222,8 +244,25 @@ class Strategy:
         for module in self._frozen_modules:
             module.eval()
 
+    def before_fit(self, data: FitData) -> None:  # noqa: B027
+        """Called once by the trainer before the first epoch of a fresh run (not on resume: what
+        it computes belongs in :meth:`state_dict`, or in the model's weights, which the
+        checkpoint restores), with the un-augmented training and validation loaders."""
+
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027
         """Called before each epoch (0-based)."""
+
+    def after_step(self, loss: torch.Tensor) -> None:  # noqa: B027
+        """Called by the trainer's loop after every training step with the step's detached task
+        loss (a device tensor: accumulate it, never read it here, so the hot loop never waits
+        for the GPU). The regularisers use it for their penalty's share of the loss."""
+
+    def step_values(self) -> dict[str, torch.Tensor]:
+        """Values of the training step just taken, logged at *every* step under their own key
+        (MLflow step = the training step; step 0 is the step before the first update): 0-d
+        detached device tensors. The trainer keeps them and reads them once per epoch, so the
+        hot loop never syncs. Default: none (DELTA logs its penalty and task loss)."""
+        return {}
 
     def log_values(self) -> dict[str, float]:
         """Numbers to log each epoch; by default each group's learning rate (``lr/<group>``)
@@ -248,6 +287,15 @@ def lr_spread(rates: Any) -> dict[str, float]:
     group trains at one rate, i.e. no layer-wise LR at all. Empty when no rate is positive."""
     positive = [float(r) for r in rates if float(r) > 0]
     return {"lr_spread": max(positive) / min(positive)} if positive else {}
+
+
+def trainable_values(model: nn.Module) -> dict[str, float]:
+    """``trainable_params`` (parameter elements that get a gradient) and ``trainable_share``
+    (their share of all the model's parameter elements): what a selective strategy logs to show
+    how much of the network it trains."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": float(trained), "trainable_share": trained / max(total, 1)}
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
