@@ -61,6 +61,7 @@ def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
 
 
 def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
+    params = cfg.cell_params(cell)
     return {
         T.KIND: T.KIND_CELL,
         **dataset_tags(cell.dataset),
@@ -69,6 +70,7 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
         T.SEED: cell.seed,
         T.MODEL: cfg.model.arch,
         T.CONFIG_HASH: cfg.config_hash(cell),
+        **{t: params[t] for t in (T.CODE_FINGERPRINT, T.CODE_FINGERPRINT_SHARED)},
         **({T.TUNED: "true", T.STUDY_NAME: cell.study} if cell.study else {}),
     }
 
