@@ -293,7 +293,8 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(64, ge=2)
     eval_batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0, le=10)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: str = Field("adam", description="a name of the optimizer registry "
+                           "(strategies.core.optim): adam, adamw, sgd")
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     augment: bool = True
@@ -345,6 +346,14 @@ class BenchmarkConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        # the registry's names; imported here (the strategies package imports torch)
+        from metalr_bench.strategies.core.optim import check_optimizer
+
+        return check_optimizer(v)
 
     @field_validator("gpus_per_run")
     @classmethod

@@ -118,8 +118,8 @@ def run_cell(
                 for epoch, record in enumerate(plan.payload["trainer"]["history"]):
                     logger.on_epoch_end(epoch, record)
             with explain_oom(cfg.batch_size, cfg.resolved_device()):
-                train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
-                                                    checkpoint=ckpt, resume=plan.payload)
+                train_result = train_cell(cfg, cell, bundle, weights, [logger],
+                                          checkpoint=ckpt, resume=plan.payload)
             logger.flush(final=True)
             tracker.log_params(run_id, train_result.data_params())
             if train_result.test_predictions is not None:
@@ -127,15 +127,15 @@ def run_cell(
             final = train_result.summary()
             final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
             # per-layer transferability of the pre-trained start (Chen et al. 2022): θ_B is the
-            # selected checkpoint, which the strategy's model holds after fit
+            # selected checkpoint, the result's final state
             transfer = run_transferability(cfg, bundle.in_channels, bundle.num_outputs,
-                                           train_result.start_state, strategy.model)
+                                           train_result.start_state, train_result.final_state)
             if transfer:
                 final |= transfer
                 tracker.log_params(run_id, {"transferability_seed": TRANSFERABILITY_SEED})
             tracker.log_metrics(run_id, final, step=cfg.epochs)
-            for artifact in getattr(strategy, "artifacts", lambda: {})().items():
-                tracker.log_figure(run_id, artifact[1], artifact[0])
+            for path, figure in train_result.artifacts.items():
+                tracker.log_figure(run_id, figure, path)
         result.status, result.summary = "FINISHED", train_result.summary()
         ckpt.delete()
     except KeyboardInterrupt:  # the checkpoint stays: the next call resumes from it

@@ -111,16 +111,20 @@ def random_state(arch: str, in_channels: int, num_outputs: int,
 
 
 def run_transferability(cfg: BenchmarkConfig, in_channels: int, num_outputs: int,
-                        start: State | None, model: nn.Module) -> dict[str, float]:
-    """The metrics of one finished run: ``model`` holds θ_B (the selected checkpoint), ``start``
-    θ_A, the state the trainer started from (``TrainResult.start_state``); nothing to measure
-    from a random start (``weights: none``)."""
-    if start is None or cfg.model.weights == "none":
+                        start: State | None, final: State | None) -> dict[str, float]:
+    """The metrics of one finished run: ``final`` is θ_B (the selected checkpoint,
+    ``TrainResult.final_state``), ``start`` θ_A, the state the trainer started from
+    (``TrainResult.start_state``); nothing to measure from a random start (``weights: none``).
+    The model's structure (which parameters are weight layers of which group) comes from a
+    fresh ``arch``, the one that also gives θ_r."""
+    if start is None or final is None or cfg.model.weights == "none":
         return {}
-    finetuned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TRANSFERABILITY_SEED)
+        model = build_model(cfg.model.arch, in_channels, num_outputs)
     return transferability_metrics(
         model, layer_groups(model),
-        random_state(cfg.model.arch, in_channels, num_outputs),
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
         {k: v.detach().cpu() for k, v in start.items()},
-        finetuned,
+        {k: v.detach().cpu() for k, v in final.items()},
     )

@@ -290,8 +290,8 @@ class StudyRunner:
             logger = MetricsLogger(self.tracker, run_id)
             reporter = PruningReporter(trial, metric_key(cfg.tune.metric))
             try:
-                result, _ = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
-                                       epochs=self.epochs, evaluate_test=False)
+                result = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
+                                    epochs=self.epochs, evaluate_test=False, artifacts=False)
                 value = best_of(reporter.values, cfg.tune.metric)
             except optuna.TrialPruned:
                 logger.flush()

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 from metalr_bench.strategies.core.layers import LayerGroup, modules_of
+from metalr_bench.strategies.core.optim import create_optimizer
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -55,7 +56,7 @@ class TrainSettings:
     """The base settings every strategy shares (from the config)."""
 
     lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: str = "adam"  # a name of the optimizer registry (:mod:`.optim`)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     epochs: int = 5
@@ -163,18 +164,7 @@ class Strategy:
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise ValueError(f"strategy {self.name!r} left no trainable parameter")
-        s = self.settings
-        opt = s.optimizer.lower()
-        if opt == "adam":
-            self.optimizer = torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay)
-        elif opt == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
-        elif opt == "sgd":
-            self.optimizer = torch.optim.SGD(
-                groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
-            )
-        else:
-            raise ValueError(f"unknown optimizer {s.optimizer!r}; choose adam, adamw or sgd")
+        self.optimizer = create_optimizer(groups, self.settings, self.settings.optimizer)
         return self.optimizer
 
     # -- 2. loss term ---------------------------------------------------------------------------
@@ -231,6 +221,11 @@ class Strategy:
             return {}
         return {f"lr/{g.get('name', i)}": float(g["lr"])
                 for i, g in enumerate(self.optimizer.param_groups)}
+
+    def artifacts(self) -> dict[str, Any]:
+        """Files to log with the run after training, ``{path: matplotlib figure}`` (MetaLR: its
+        LR curves); drawn once per final run by ``train_cell``. Default: none."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state beyond the optimizer's, for exact resume."""
