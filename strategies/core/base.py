@@ -69,7 +69,9 @@ class StepContext:
 
     ``meta_batch`` returns the next batch of the strategy's meta/validation source (MetaLR);
     ``autocast`` is the trainer's mixed-precision context; ``loss_fn(logits, y)`` the task loss;
-    ``forward`` the model as the trainer calls it (compiled when ``compile`` is set).
+    ``forward`` the model as the trainer calls it (compiled when ``compile`` is set);
+    ``optimizer`` is the strategy's own (``Strategy.optimizer``, which it built and owns), handed
+    back for convenience, never a second one.
     """
 
     model: nn.Module
