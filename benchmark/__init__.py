@@ -17,7 +17,7 @@ Holds the doors and stages, one sub-package per concern (a newcomer finds a conc
 
 May import (one way, top to bottom; import-linter checks it, see ``pyproject.toml``):
 perf -> cli -> running | planning -> tuning -> training | reports -> tracking | models -> config
--> strategies | datasets.
+-> fingerprint (the code fingerprint in a cell's identity) -> strategies | datasets.
 """
 
 __version__ = "0.1.0"

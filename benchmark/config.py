@@ -6,7 +6,8 @@ Unknown keys and bad values are rejected with a :class:`ConfigError` that names 
 allowed values and what to do.
 
 ``cell_identity`` is everything that changes one cell's result (dataset, size, split options,
-model, weights, strategy + params, seed, ``RESULT_FIELDS``, code version); ``config_hash``,
+model, weights, strategy + params, seed, ``RESULT_FIELDS``, code version and the fingerprint of
+the code the cell depends on, :mod:`.fingerprint`); ``config_hash``,
 the Optuna study names and the logged params are all derived from it, so they cannot disagree.
 
 The validators look strategies and datasets up in their registries inside the functions, on
@@ -25,9 +26,11 @@ from typing import Any, Literal
 
 import yaml
 from metalr_bench.benchmark import __version__
+from metalr_bench.benchmark.fingerprint import code_fingerprint, shared_fingerprint
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: bump when a change alters results of existing cells (invalidates resume)
+#: the package version, logged with every run; what invalidates resume when the code changes is
+#: the cell's ``code_fingerprint`` (:mod:`.fingerprint`), which needs no one to remember a bump
 CODE_VERSION = __version__
 
 
@@ -331,7 +334,8 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(64, ge=2)
     eval_batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0, le=10)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: str = Field("adam", description="a name of the optimizer registry "
+                           "(strategies.core.optim): adam, adamw, sgd")
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     augment: bool = True
@@ -396,6 +400,14 @@ class BenchmarkConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        # the registry's names; imported here (the strategies package imports torch)
+        from metalr_bench.strategies.core.optim import check_optimizer
+
+        return check_optimizer(v)
 
     @field_validator("gpus_per_run")
     @classmethod
@@ -485,7 +497,8 @@ class BenchmarkConfig(_Strict):
 
         eff = self.effective(cell)
         tuned = set(tuned)
-        params = get_strategy(cell.strategy).Params(**cell.params).model_dump(mode="json")
+        strategy = get_strategy(cell.strategy)
+        params = strategy.Params(**cell.params).model_dump(mode="json")
         return {
             "dataset": {**cell.dataset.model_dump(
                 mode="json", exclude={"download", "root", "label"}
@@ -500,6 +513,7 @@ class BenchmarkConfig(_Strict):
             "seed": cell.seed,
             **eff.model_dump(mode="json", include=set(RESULT_FIELDS) - tuned),
             "code_version": CODE_VERSION,
+            "code_fingerprint": code_fingerprint(strategy),
         }
 
     def config_hash(self, cell: Cell) -> str:
@@ -524,6 +538,8 @@ class BenchmarkConfig(_Strict):
             **{k: ident[k] for k in RESULT_FIELDS},
             **{f"strategy.{k}": v for k, v in ident["params"].items()},
             "code_version": ident["code_version"],
+            "code_fingerprint": ident["code_fingerprint"],
+            "code_fingerprint.shared": shared_fingerprint(),
         }
 
 

@@ -80,6 +80,39 @@ def leaderboard(results: pd.DataFrame, metrics: list[str], primary: str,
     return board.sort_values(["dataset", "rank", "strategy"], ignore_index=True)
 
 
+def mixed_code_warning(results: pd.DataFrame) -> str | None:
+    """A warning when one leaderboard mixes runs of different code, else None.
+
+    Each run logs ``code_fingerprint`` (its strategy's code plus the shared code) and
+    ``code_fingerprint.shared`` (the loop, data, models and strategy core alone). A strategy
+    with several fingerprints, or several shared fingerprints across the table, means cells
+    were computed by different code: their numbers are not comparable. Runs of versions
+    that logged no fingerprint count as one unknown version."""
+    if results.empty:
+        return None
+    col = "code_fingerprint"
+
+    def versions(g: pd.DataFrame, column: str) -> list[str]:
+        if column not in g:
+            return ["unknown"]
+        return sorted({"unknown" if v is None or v != v else str(v) for v in g[column]})
+
+    notes = []
+    shared = versions(results, f"{col}.shared")
+    if len(shared) > 1:
+        notes.append(f"the shared code (training loop, data, models, strategy core) comes in "
+                     f"{len(shared)} code versions ({', '.join(shared)})")
+    for label, g in results.groupby("strategy_label", sort=True):
+        own = versions(g, col)
+        if len(own) > 1:
+            notes.append(f"{label}: {len(own)} code versions ({', '.join(own)})")
+    if not notes:
+        return None
+    return ("This leaderboard mixes runs computed by different code, so their numbers may not "
+            "be comparable: " + "; ".join(notes) + ". Re-run the older cells (`run-benchmark` "
+            "re-runs every cell whose code changed) and report on that parent run.")
+
+
 def leaderboard_html(board: pd.DataFrame, metrics: list[str], primary: str,
                      table_id: str = "leaderboard") -> str:
     """The leaderboard as ``<table id="leaderboard">``, best mean per dataset+metric in bold."""

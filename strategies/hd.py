@@ -87,6 +87,7 @@ from typing import Any, Literal
 import torch
 from metalr_bench.strategies.core.base import StepContext, Strategy, lr_spread, register
 from metalr_bench.strategies.core.hypergrad import _dot
+from metalr_bench.strategies.core.optim import OptimizerName, create_optimizer
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -108,7 +109,7 @@ class HDParams(BaseModel):
         "group", description="group: one rate per layer group (layer-wise, as MetaLR); global: "
         "the paper's one rate for every parameter",
     )
-    optimizer: Literal["adam", "adamw", "sgd"] | None = Field(
+    optimizer: OptimizerName | None = Field(
         None, description="real optimizer (Adam-HD / SGD-HD); default: the benchmark's setting"
     )
 
@@ -163,15 +164,7 @@ class HD(Strategy):
         # fused kernels take a device-tensor LR without a host sync; on CPU the plain loop reads
         # it as a number (no device to sync with)
         extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": False}
-        if self.kind == "adam":
-            self.optimizer = torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay,
-                                              **extra)
-        elif self.kind == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay,
-                                               **extra)
-        else:
-            self.optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum,
-                                             weight_decay=s.weight_decay, **extra)
+        self.optimizer = create_optimizer(groups, s, self.kind, **extra)
         self._index = [self.group_names.index(g["name"]) for g in self.optimizer.param_groups]
         return self.optimizer
 

@@ -69,6 +69,7 @@ from metalr_bench.strategies.core.base import (
     register,
 )
 from metalr_bench.strategies.core.hypergrad import Lookahead, hypergradient, update_rates
+from metalr_bench.strategies.core.optim import OptimizerName, create_optimizer
 from metalr_bench.strategies.core.space import SearchDim
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -137,7 +138,7 @@ class MetaLRParams(BaseModel):
         None, ge=0, description="keep the head's LR at lr this many first epochs instead of "
         "head_pin_fraction (set one of the two)",
     )
-    optimizer: Literal["adam", "adamw", "sgd"] | None = Field(
+    optimizer: OptimizerName | None = Field(
         None, description="real optimizer; default: the benchmark's optimizer setting"
     )
 
@@ -338,18 +339,7 @@ class MetaLR(Strategy):
         # fused kernels take a device-tensor LR without a host sync; on CPU the plain loop reads
         # it as a number (no device to sync with)
         extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": False}
-        opt = s.optimizer.lower()
-        if opt == "adam":
-            self.optimizer = torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay,
-                                              **extra)
-        elif opt == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay,
-                                               **extra)
-        elif opt == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum,
-                                             weight_decay=s.weight_decay, **extra)
-        else:
-            raise ValueError(f"unknown optimizer {s.optimizer!r}; choose adam, adamw or sgd")
+        self.optimizer = create_optimizer(groups, s, s.optimizer, **extra)
         self._index = [self.group_names.index(g["name"]) for g in self.optimizer.param_groups]
         return self.optimizer
 

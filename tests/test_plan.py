@@ -68,7 +68,10 @@ def test_metalr_counts_its_held_out_split(cfg) -> None:
     cell = Cell(dataset=cfg.datasets[0], strategy="metalr", params={"meta_source": "holdout"},
                 seed=0)
     bundle = cell_mod.DataCache().get(cell)
-    _, strategy = cell_mod.train_cell(cfg, cell, bundle, None)
+    built = cell_mod.build_cell(cfg, cell, bundle, None)
+    assert built.trainer is not None
+    built.trainer.fit()
+    strategy = built.strategy
     planned = count_run(cfg, cell, split_sizes(cell.dataset), epochs=cfg.epochs,
                         evaluate_test=True)
     full = count_run(cfg, Cell(dataset=cell.dataset, strategy="full", params={}, seed=0),

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from metalr_bench.benchmark.models.zoo import build_model
-from metalr_bench.strategies import TrainSettings, get_strategy
-from metalr_bench.strategies.core.base import STRATEGIES
+from metalr_bench.strategies import TrainSettings, available_strategies, get_strategy
 from metalr_bench.strategies.core.layers import layer_groups
 
 
@@ -117,10 +116,11 @@ def test_layer_decay_lr_is_what_the_optimizer_applies() -> None:
     assert torch.allclose(stem.detach(), before - 0.1 * 0.5 ** 4 * stem.grad, atol=1e-7)
 
 
-def test_every_strategy_accepts_its_test_params() -> None:
-    for name, cls in STRATEGIES.items():
-        for params in cls.test_params:
-            _setup(name, params)
+@pytest.mark.parametrize(("name", "params"), [
+    pytest.param(n, p, id=f"{n}-{i}") for n in available_strategies()
+    for i, p in enumerate(get_strategy(n).test_params)])
+def test_every_strategy_accepts_its_test_params(name: str, params: dict) -> None:
+    _setup(name, params)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])

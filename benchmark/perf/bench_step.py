@@ -41,6 +41,7 @@ from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build
 from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions
 from metalr_bench.strategies.core.base import TrainSettings
+from metalr_bench.strategies.core.optim import optimizer_names
 
 MODES = ("full", "metalr")
 
@@ -194,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
+    p.add_argument("--optimizer", default="adam", choices=optimizer_names())
     p.add_argument("--meta-interval", type=int, default=1,
                    help="MetaLR's meta_interval: one meta-step every k iterations; with k > 1 "
                         "the figure is the mean (the amortised cost), not the median")

@@ -65,6 +65,7 @@ def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
 
 
 def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
+    params = cfg.cell_params(cell)
     return {
         T.KIND: T.KIND_CELL,
         **dataset_tags(cell.dataset),
@@ -73,6 +74,7 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
         T.SEED: cell.seed,
         T.MODEL: cfg.model.arch,
         T.CONFIG_HASH: cfg.config_hash(cell),
+        **{t: params[t] for t in (T.CODE_FINGERPRINT, T.CODE_FINGERPRINT_SHARED)},
         **({T.TUNED: "true", T.STUDY_NAME: cell.study} if cell.study else {}),
     }
 
@@ -132,26 +134,26 @@ def run_cell(
                     if epoch not in logged:
                         logger.on_epoch_end(epoch, record)
             with explain_oom(cfg.batch_size, cfg.resolved_device()):
-                train_result, strategy = train_cell(cfg, cell, bundle, weights, [logger],
-                                                    checkpoint=ckpt, resume=plan.payload)
+                train_result = train_cell(cfg, cell, bundle, weights, [logger],
+                                          checkpoint=ckpt, resume=plan.payload)
             logger.flush(final=True)
             tracker.log_params(run_id, train_result.data_params())
-            tracker.set_tags(run_id, strategy_tags(strategy))
+            tracker.set_tags(run_id, strategy_tags(cell.strategy))
             if train_result.test_predictions is not None:
                 tracker.log_table(run_id, train_result.test_predictions, T.PREDICTIONS_ARTIFACT)
             final = train_result.summary()
             final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
             # per-layer transferability of the pre-trained start (Chen et al. 2022): θ_B is the
-            # selected checkpoint, which the strategy's model holds after fit; θ_r the
-            # pre-training's own start where known (param transferability_reference)
+            # selected checkpoint, the result's final state; θ_r the pre-training's own start
+            # where known (param transferability_reference)
             transfer, reference = run_transferability(cfg, bundle, train_result.start_state,
-                                                      strategy.model, cell.dataset)
+                                                      train_result.final_state, cell.dataset)
             if transfer:
                 final |= transfer
                 tracker.log_params(run_id, reference)
             tracker.log_metrics(run_id, final, step=cfg.epochs)
-            for artifact in getattr(strategy, "artifacts", lambda: {})().items():
-                tracker.log_figure(run_id, artifact[1], artifact[0])
+            for path, figure in train_result.artifacts.items():
+                tracker.log_figure(run_id, figure, path)
         result.status, result.summary = "FINISHED", train_result.summary()
         ckpt.delete()
     except KeyboardInterrupt:  # the checkpoint stays: the next call resumes from it

@@ -29,6 +29,11 @@ STRATEGY_LABEL = "strategy_label"
 SEED = "seed"
 MODEL = "model"
 CONFIG_HASH = "config_hash"
+#: the fingerprint of the code a cell's result depends on (``benchmark.fingerprint``), also a
+#: param; the report warns when one leaderboard mixes several
+CODE_FINGERPRINT = "code_fingerprint"
+#: the fingerprint of the code every strategy shares (loop, data, models, strategy core)
+CODE_FINGERPRINT_SHARED = "code_fingerprint.shared"
 TUNED = "tuned"
 #: the strategy's ``Strategy.mechanism``: the logged metric that shows its mechanism acted
 #: (absent for a strategy without one, ``full``); the report's "Did each strategy act?" reads it

@@ -192,10 +192,11 @@ def build_cell(
     )
 
 
-def strategy_tags(strategy: Strategy) -> dict[str, str]:
-    """The run tags a built strategy adds: ``mechanism`` (its ``Strategy.mechanism``, the
-    metric that shows it acted), absent when it has none."""
-    return {T.MECHANISM: strategy.mechanism} if strategy.mechanism else {}
+def strategy_tags(strategy: str) -> dict[str, str]:
+    """The run tags the strategy named ``strategy`` adds: ``mechanism`` (its
+    ``Strategy.mechanism``, the metric that shows it acted), absent when it has none."""
+    mechanism = get_strategy(strategy).mechanism
+    return {T.MECHANISM: mechanism} if mechanism else {}
 
 
 def train_cell(
@@ -206,11 +207,17 @@ def train_cell(
     callbacks: list[EpochCallback] | None = None,
     *,
     resume: dict[str, Any] | None = None,
+    artifacts: bool = True,
     **build_options: Any,
-) -> tuple[TrainResult, Strategy]:
+) -> TrainResult:
     """Build ``cell`` (``build_options``: :func:`build_cell`'s ``epochs``, ``checkpoint``,
     ``evaluate_test``) and train it, from ``resume`` (a checkpoint payload) when given; no
-    tracking in here."""
+    tracking in here. The one result carries the selected checkpoint's weights
+    (``final_state``) and, with ``artifacts``, the strategy's files (``artifacts``: drawn
+    once here; tuning trials, which log none, pass False)."""
     built = build_cell(cfg, cell, bundle, weights, callbacks, **build_options)
     assert built.trainer is not None
-    return built.trainer.fit(resume), built.strategy
+    result = built.trainer.fit(resume)
+    if artifacts:
+        result.artifacts = built.strategy.artifacts()
+    return result

@@ -15,9 +15,8 @@ import contextlib
 import math
 import resource
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from metalr_bench.benchmark.training.checkpoint import (
 from metalr_bench.benchmark.training.faults import check_finite, kill_now, kill_point
 from metalr_bench.benchmark.training.metrics import compute_metrics, loss_fn_for, scores_from_logits
 from metalr_bench.datasets.core.base import DatasetBundle, Split
-from metalr_bench.datasets.core.splits import group_holdout
+from metalr_bench.datasets.core.meta import open_meta_source
 from metalr_bench.datasets.core.tensors import AugmentSpec, make_loader
 from metalr_bench.strategies.core.base import FitData, StepContext, Strategy
 from metalr_bench.strategies.core.layers import LayerGroup
@@ -67,13 +66,16 @@ class TrainerOptions:
     evaluate_test: bool = True
 
 
-class EpochCallback:
-    """Receives per-epoch (and optional per-step) numbers; tracking and tuning implement it."""
+class EpochCallback(Protocol):
+    """Receives per-epoch (and optional per-step) numbers; tracking and tuning implement it.
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:  # noqa: B027
+    A protocol: any object with these two methods is one (tracking's ``MetricsLogger`` does not
+    import the trainer); subclassing it inherits no-op defaults."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         """``metrics``: train/val losses and metrics, epoch time and the strategy's values."""
 
-    def on_step(self, step: int, values: dict[str, float]) -> None:  # noqa: B027
+    def on_step(self, step: int, values: dict[str, float]) -> None:
         """Every ``log_every_n_steps`` steps: the strategy's values."""
 
     def on_step_values(self, step: int, values: dict[str, float]) -> None:  # noqa: B027
@@ -106,6 +108,11 @@ class TrainResult:
     #: the selected checkpoint's test-set predictions: ``label`` (or ``label.<class>`` columns
     #: for multi-label) and ``prob.<class>`` per class; None when the test split was not read
     test_predictions: dict[str, list[float]] | None = None
+    #: the selected checkpoint's weights (θ_B), which the model holds after ``fit``
+    final_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: files the strategy wants logged with the run (``Strategy.artifacts()``: name -> figure),
+    #: filled by ``train_cell``
+    artifacts: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def data_params(self) -> dict[str, int | str]:
         """The params every run logs so a leaderboard shows what each strategy trained on."""
@@ -147,11 +154,20 @@ def predictions_table(labels: np.ndarray, scores: np.ndarray,
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    """``model`` on ``device`` in its training memory format. The cell builder places the model
-    before the strategy is built (a strategy may keep tensors derived from the weights); here
-    again for callers that hand the trainer a model directly (a no-op when already placed)."""
+    """``model`` on ``device`` in its training memory format: once, by the cell builder, before
+    the strategy is built (a strategy may keep tensors derived from the weights). The trainer
+    only checks it (:func:`_check_placed`)."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _check_placed(model: nn.Module, device: torch.device) -> None:
+    wrong = next((n for n, p in model.named_parameters() if p.device.type != device.type), None)
+    if wrong is not None:
+        raise ValueError(
+            f"the model's parameter {wrong!r} is not on the trainer's device {device}; build the "
+            "cell with training.cell.build (or call place_model before the strategy is built)"
+        )
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -175,44 +191,34 @@ class Trainer:
         self.checkpoint = checkpoint  # saved after every epoch when given (resume)
         self.options = options
         self.device = torch.device(options.device)
-        self.model = place_model(model, self.device, options.channels_last)
+        _check_placed(model, self.device)
+        self.model = model
         self.groups = groups
         self.strategy = strategy
         self.callbacks = callbacks or []
         self.loss_fn = loss_fn_for(bundle.task)
         self.forward = torch.compile(self.model) if options.compile else self.model
-        self.optimizer = strategy.build_optimizer()
+        strategy.build_optimizer()  # the strategy owns it: ``self.optimizer`` reads it
         self._start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.n_trainable_params = sum(p.numel() for p in self.model.parameters()
                                       if p.requires_grad)
 
-        train = bundle.train
-        self.meta_split: Split | None = None
-        if strategy.meta_source in ("holdout", "fixed"):
-            train, self.meta_split = group_holdout(
-                train, options.meta_fraction, seed=options.seed, stratify=True
-            )
-        elif strategy.meta_source == "train":  # the training images themselves, un-augmented
-            self.meta_split = train
-        elif strategy.meta_source == "val":
-            self.meta_split = bundle.val
-        # -- meta source "first" (metalr_public): the public MetaLR code re-creates its meta
-        # iterator on every call, so it always validates on the first batch of the un-shuffled,
-        # un-augmented training set; nothing is held out
-        elif strategy.meta_source == "first":
-            self.meta_split = train
-        # -- end of meta source "first"
-        elif strategy.meta_source is not None:
-            raise ValueError(
-                f"strategy {strategy.name!r} asks for meta_source={strategy.meta_source!r}; "
-                "expected train, holdout, fixed, val or first"
-            )
-        #: what this run trains on, logged with every run (a fair comparison shows it)
-        self.n_train_images = len(train)
-        self.test_predictions: dict[str, list[float]] | None = None
         common = dict(device=self.device, channels_last=options.channels_last,
                       image_size=bundle.image_size, in_channels=bundle.in_channels,
                       normalize=options.normalize)
+        # the strategy's meta source (``datasets.core.meta``): what the model trains on, and
+        # the meta batches with their own resume position
+        self.meta = open_meta_source(
+            strategy.meta_source, bundle, fraction=options.meta_fraction, seed=options.seed,
+            batch_size=strategy.meta_batch_size or options.batch_size,
+            loader=lambda split, batch_size, **kw: make_loader(split, batch_size, **kw,
+                                                               **common),
+            owner=strategy.name,
+        )
+        train = self.meta.train
+        self.meta_split: Split | None = self.meta.split
+        #: what this run trains on, logged with every run (a fair comparison shows it)
+        self.n_train_images = len(train)
         self.train_loader = make_loader(
             train, options.batch_size, shuffle=True, drop_last=True, seed=options.seed,
             augment=AugmentSpec(hflip=bundle.hflip_safe if options.hflip is None
@@ -225,57 +231,21 @@ class Trainer:
             for name, split in (("val", bundle.val), ("test", bundle.test))
             if name == "val" or options.evaluate_test
         }
-        self._common = common
         self._epoch = -1  # for divergence messages from evaluate()
-        self._meta_pos: tuple[Any, int] | None = None  # (loader state at pass start, batches drawn)
-        self._meta_iter = self._meta_batches(common) if self.meta_split is not None else None
+        self._meta_iter = self.meta.batches
         self._bn_loader = make_loader(train, options.batch_size, shuffle=False, **common)
 
     # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The strategy's optimizer (the strategy builds and owns it)."""
+        assert self.strategy.optimizer is not None
+        return self.strategy.optimizer
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.options.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def _meta_batches(
-        self, common: dict[str, Any], resume: tuple[Any, int] | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless meta batches: re-sampled each call, or one fixed batch (``fixed``).
-
-        The position (loader RNG state at the start of the current pass + batches drawn) is kept
-        in ``_meta_pos`` so a resumed run draws exactly the batches an uninterrupted one would.
-        """
-        assert self.meta_split is not None
-        # -- meta source "first": the same first un-shuffled batch every time (no RNG, no
-        # position to resume: a resumed run rebuilds the same batch)
-        if self.strategy.meta_source == "first":
-            first = next(iter(make_loader(
-                self.meta_split, self.strategy.meta_batch_size or self.options.batch_size,
-                shuffle=False, **common,
-            )))
-            while True:
-                yield first
-        # -- end of meta source "first"
-        loader = make_loader(
-            self.meta_split, self.strategy.meta_batch_size or self.options.batch_size,
-            shuffle=True, seed=self.options.seed + 1, drop_last=True, **common,
-        )
-        if self.strategy.meta_source == "fixed":
-            batch = next(iter(loader))
-            while True:
-                yield batch
-        skip = 0
-        if resume is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(resume[0])
-            skip = resume[1]
-        while True:
-            start = loader.state_dict() if hasattr(loader, "state_dict") else None
-            for i, batch in enumerate(loader):
-                self._meta_pos = (start, i + 1)
-                if i < skip:
-                    continue
-                yield batch
-            skip = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int, step: int
                    ) -> torch.Tensor:
@@ -333,8 +303,9 @@ class Trainer:
             m.momentum = momentum
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Loss and metrics on ``split`` ("val" or "test") with the current weights."""
+    def predict(self, split: str) -> tuple[float, np.ndarray, np.ndarray]:
+        """(loss, labels, scores) on ``split`` ("val" or "test") with the current weights; no
+        state is kept (the test split's predictions go into the result, not the trainer)."""
         self.model.eval()
         logits, labels = [], []
         for x, y in self._eval_loaders[split]:
@@ -346,10 +317,12 @@ class Trainer:
         loss = float(self.loss_fn(out, y))
         check_finite(self._epoch, {f"{split}_loss": loss})  # NaN outputs: diverged weights
         scores = scores_from_logits(self.bundle.task, out).cpu().numpy()
-        y_np = y.cpu().numpy()
-        if split == "test":  # kept for the run's predictions artifact (pooled CV reports)
-            self.test_predictions = predictions_table(y_np, scores, self.bundle.class_names)
-        return {"loss": loss, **compute_metrics(self.bundle.task, y_np, scores)}
+        return loss, y.cpu().numpy(), scores
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss and metrics on ``split`` ("val" or "test") with the current weights."""
+        loss, y, scores = self.predict(split)
+        return {"loss": loss, **compute_metrics(self.bundle.task, y, scores)}
 
     def _better(self, val: dict[str, float], best: dict[str, float] | None) -> bool:
         if best is None:
@@ -369,7 +342,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
             "train_loader": getattr(self.train_loader, "state_dict", dict)(),
-            "meta_pos": self._meta_pos,
+            "meta_pos": self.meta.batches.state_dict() if self.meta.batches else None,
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -383,9 +356,8 @@ class Trainer:
         self.strategy.load_state_dict(state["strategy"])
         if state.get("train_loader") and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["train_loader"])
-        if self.meta_split is not None and state.get("meta_pos") is not None:
-            self._meta_pos = state["meta_pos"]
-            self._meta_iter = self._meta_batches(self._common, resume=self._meta_pos)
+        if self.meta.batches is not None:
+            self.meta.batches.load_state_dict(state.get("meta_pos"))
         restore_rng(payload["rng"])
         keys = ("epoch", "history", "best_val", "best_epoch", "best_state", "step", "elapsed_s")
         return {k: state[k] for k in keys}
@@ -462,7 +434,7 @@ class Trainer:
                 }))
         assert best_state is not None and best_val is not None, "epochs must be >= 1"
         self.model.load_state_dict(best_state)
-        test = self._test() if self.options.evaluate_test else {}
+        test, predictions = self._test() if self.options.evaluate_test else ({}, None)
         times = [h["epoch_time_s"] for h in history]
         return TrainResult(
             best_epoch=best_epoch,
@@ -476,9 +448,10 @@ class Trainer:
             n_train_images=self.n_train_images,
             n_trainable_params=self.n_trainable_params,
             start_state=self._start,
-            test_predictions=self.test_predictions if self.options.evaluate_test else None,
+            test_predictions=predictions,
             meta_source=self.strategy.meta_source or "none",
             meta_reference=getattr(self.strategy, "meta_reference", None) or "none",
+            final_state=self.model.state_dict(),
         )
 
     def _send_step_values(self, logged: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
@@ -495,9 +468,12 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_values(step, row)
 
-    def _test(self) -> dict[str, float]:
-        """The only read of the test split: once, on the selected checkpoint."""
-        return self.evaluate("test")
+    def _test(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """The only read of the test split: once, on the selected checkpoint. Returns its
+        metrics and its predictions table (for the run's artifact: pooled CV reports)."""
+        loss, y, scores = self.predict("test")
+        metrics = {"loss": loss, **compute_metrics(self.bundle.task, y, scores)}
+        return metrics, predictions_table(y, scores, self.bundle.class_names)
 
     def drift(self) -> dict[str, float]:
         """Per layer group: ||θ − θ_pretrained|| / ||θ_pretrained|| over its parameters."""

@@ -168,22 +168,26 @@ def reference_state(cfg: BenchmarkConfig, bundle: DatasetBundle,
 
 
 def run_transferability(cfg: BenchmarkConfig, bundle: DatasetBundle, start: State | None,
-                        model: nn.Module, dataset: DatasetSpec | None = None
+                        final: State | None, dataset: DatasetSpec | None = None
                         ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The metrics of one finished run and the params saying what θ_r was: ``model`` holds θ_B
-    (the selected checkpoint), ``start`` θ_A, the state the trainer started from
-    (``TrainResult.start_state``); nothing to measure from a random start (``weights: none``).
+    """The metrics of one finished run and the params saying what θ_r was: ``final`` is θ_B
+    (the selected checkpoint, ``TrainResult.final_state``), ``start`` θ_A, the state the
+    trainer started from (``TrainResult.start_state``); nothing to measure from a random start
+    (``weights: none``). The model's structure (which parameters are weight layers of which
+    group) comes from a fresh ``arch``.
 
     Params: ``transferability_reference`` (``pretrain_start`` / ``random_draw``) and, for a
     random draw, its ``transferability_seed``; none when no T was measured.
     """
-    if start is None or cfg.model.weights == "none":
+    if start is None or final is None or cfg.model.weights == "none":
         return {}, {}
     random, kind = reference_state(cfg, bundle, dataset)
-    finetuned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model = _random_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs,
+                          TRANSFERABILITY_SEED, bundle.image_size)
     metrics = transferability_metrics(
         model, layer_groups(model), random,
-        {k: v.detach().cpu() for k, v in start.items()}, finetuned,
+        {k: v.detach().cpu() for k, v in start.items()},
+        {k: v.detach().cpu() for k, v in final.items()},
     )
     if not metrics:
         return {}, {}

@@ -290,8 +290,8 @@ class StudyRunner:
             logger = MetricsLogger(self.tracker, run_id)
             reporter = PruningReporter(trial, metric_key(cfg.tune.metric))
             try:
-                result, strategy = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
-                                       epochs=self.epochs, evaluate_test=False)
+                result = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
+                                    epochs=self.epochs, evaluate_test=False, artifacts=False)
                 value = best_of(reporter.values, cfg.tune.metric)
             except optuna.TrialPruned:
                 logger.flush()
@@ -301,7 +301,7 @@ class StudyRunner:
                 self.tracker.set_tags(run_id, {"optuna.state": "FAIL"})
                 raise
             self.tracker.log_params(run_id, result.data_params())
-            self.tracker.set_tags(run_id, strategy_tags(strategy))
+            self.tracker.set_tags(run_id, strategy_tags(cell.strategy))
             summary = {k: v for k, v in result.summary().items() if not k.startswith("test_")}
             self.tracker.log_metrics(run_id, {**summary, "objective": value}, step=self.epochs)
             self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})

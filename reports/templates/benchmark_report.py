@@ -106,6 +106,8 @@ if not the_answer.gains.empty:
 
 # %%
 board = tables.leaderboard(results, metrics, primary_metric, ci_level)
+if (mixed := tables.mixed_code_warning(results)) is not None:
+    display(Markdown(f"**Warning:** {mixed}"))
 display(HTML(tables.leaderboard_html(board, metrics, primary_metric)))
 
 # %% [markdown]

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 from metalr_bench.strategies.core.layers import LayerGroup, modules_of
+from metalr_bench.strategies.core.optim import create_optimizer
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -58,7 +59,7 @@ class TrainSettings:
     """The base settings every strategy shares (from the config)."""
 
     lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: str = "adam"  # a name of the optimizer registry (:mod:`.optim`)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     epochs: int = 5
@@ -71,7 +72,9 @@ class StepContext:
 
     ``meta_batch`` returns the next batch of the strategy's meta/validation source (MetaLR);
     ``autocast`` is the trainer's mixed-precision context; ``loss_fn(logits, y)`` the task loss;
-    ``forward`` the model as the trainer calls it (compiled when ``compile`` is set).
+    ``forward`` the model as the trainer calls it (compiled when ``compile`` is set);
+    ``optimizer`` is the strategy's own (``Strategy.optimizer``, which it built and owns), handed
+    back for convenience, never a second one.
     """
 
     model: nn.Module
@@ -185,18 +188,7 @@ class Strategy:
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise ValueError(f"strategy {self.name!r} left no trainable parameter")
-        s = self.settings
-        opt = s.optimizer.lower()
-        if opt == "adam":
-            self.optimizer = torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay)
-        elif opt == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
-        elif opt == "sgd":
-            self.optimizer = torch.optim.SGD(
-                groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
-            )
-        else:
-            raise ValueError(f"unknown optimizer {s.optimizer!r}; choose adam, adamw or sgd")
+        self.optimizer = create_optimizer(groups, self.settings, self.settings.optimizer)
         return self.optimizer
 
     # -- 2. loss term ---------------------------------------------------------------------------
@@ -272,6 +264,11 @@ class Strategy:
         rates = {f"lr/{g.get('name', i)}": float(g["lr"])
                  for i, g in enumerate(self.optimizer.param_groups)}
         return rates | lr_spread(rates.values())
+
+    def artifacts(self) -> dict[str, Any]:
+        """Files to log with the run after training, ``{path: matplotlib figure}`` (MetaLR: its
+        LR curves); drawn once per final run by ``train_cell``. Default: none."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state beyond the optimizer's, for exact resume."""
