@@ -123,11 +123,17 @@ def run_cell(
             if train_result.test_predictions is not None:
                 tracker.log_table(run_id, train_result.test_predictions, T.PREDICTIONS_ARTIFACT)
             final = train_result.summary()
-            final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
+            # drift and transferability measure the distance from pre-trained weights: none
+            # for a strategy that starts from a random initialisation (`scratch`)
+            pretrained = strategy.pretrained_start
+            if pretrained:
+                final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
             # per-layer transferability of the pre-trained start (Chen et al. 2022): θ_B is the
             # selected checkpoint, which the strategy's model holds after fit
             transfer = run_transferability(cfg, bundle.in_channels, bundle.num_outputs,
-                                           train_result.start_state, strategy.model)
+                                           train_result.start_state if pretrained else None,
+                                           strategy.model)
+            final |= strategy.final_values()
             if transfer:
                 final |= transfer
                 tracker.log_params(run_id, {"transferability_seed": TRANSFERABILITY_SEED})

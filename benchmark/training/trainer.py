@@ -31,7 +31,7 @@ from metalr_bench.benchmark.training.metrics import compute_metrics, loss_fn_for
 from metalr_bench.datasets.core.base import DatasetBundle, Split
 from metalr_bench.datasets.core.splits import group_holdout
 from metalr_bench.datasets.core.tensors import AugmentSpec, make_loader
-from metalr_bench.strategies.core.base import StepContext, Strategy
+from metalr_bench.strategies.core.base import EndContext, StepContext, Strategy
 from metalr_bench.strategies.core.layers import LayerGroup
 from torch import nn
 
@@ -168,7 +168,7 @@ class Trainer:
         self.loss_fn = loss_fn_for(bundle.task)
         self.forward = torch.compile(self.model) if options.compile else self.model
         self.optimizer = strategy.build_optimizer()
-        self._start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._start = strategy.start_state()  # the model's state, in the final model's names
 
         train = bundle.train
         self.meta_split: Split | None = None
@@ -408,9 +408,7 @@ class Trainer:
             train_loss = float(loss_sum) / max(n_batches, 1)  # the epoch's one sync
             check_finite(epoch, {"train_loss": train_loss})
             self._epoch = epoch
-            if self.options.precise_bn:
-                self.recalibrate_bn()
-            val = self.evaluate("val")
+            val = self._evaluate_val()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             record = {
@@ -433,6 +431,13 @@ class Trainer:
                 }))
         assert best_state is not None and best_val is not None, "epochs must be >= 1"
         self.model.load_state_dict(best_state)
+        # the strategy's last word on the selected weights (LoRA merges, WiSE-FT interpolates);
+        # new validation numbers replace the checkpoint's: best_val is the tested model's
+        end_val = self.strategy.on_train_end(EndContext(
+            model=self.model, evaluate_val=self._evaluate_val,
+            selection_metric=self.options.selection_metric, best_val=dict(best_val)))
+        if end_val is not None:
+            best_val = end_val
         test = self._test() if self.options.evaluate_test else {}
         times = [h["epoch_time_s"] for h in history]
         return TrainResult(
@@ -449,6 +454,12 @@ class Trainer:
             test_predictions=self.test_predictions if self.options.evaluate_test else None,
             meta_source=self.strategy.meta_source or "none",
         )
+
+    def _evaluate_val(self) -> dict[str, float]:
+        """Validation numbers of the current weights, measured as every epoch's are."""
+        if self.options.precise_bn:
+            self.recalibrate_bn()
+        return self.evaluate("val")
 
     def _test(self) -> dict[str, float]:
         """The only read of the test split: once, on the selected checkpoint."""
