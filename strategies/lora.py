@@ -75,8 +75,14 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError as exc:
-        raise ImportError(f"strategy lora needs the optional package peft, which is not "
-                          f"installed ({exc}); install the `lora` extra: {EXTRA}") from exc
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "peft" or "peft" in str(exc):
+            raise ImportError(f"strategy lora needs the optional package peft, which is not "
+                              f"installed ({exc}); install the `lora` extra: {EXTRA}") from exc
+        raise ImportError(f"strategy lora: peft is installed but does not import ({exc}); a "
+                          "torchvision whose compiled ops do not match torch breaks its "
+                          "transformers import: build the cell through the benchmark's cell "
+                          "builder (it imports torchvision through its compatibility shim "
+                          "first), or install the matching torchvision") from exc
     return peft
 
 
@@ -121,6 +127,8 @@ class LoRA(Strategy):
     layers (peft), the head in full; merged for evaluation; needs the `lora` extra."""
 
     name = "lora"
+    summary = ("LoRA (Hu et al., ICLR 2022): W + (α/r)·B·A on the backbone's convs and linear "
+               "layers (peft; extra `lora`), head in full, merged for evaluation")
     Params = LoRAParams
     test_params = [{"r": 2}, {"r": 4, "alpha": 8.0, "dropout": 0.1}]
     search_space = {"lr": LR, "r": SearchDim("int", 1, 64, log=True),

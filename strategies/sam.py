@@ -116,10 +116,20 @@ class SAM(Strategy):
     w + ρ·g/‖g‖; two forward/backward passes per step (about 2× full fine-tuning's step)."""
 
     name = "sam"
+    summary = ("SAM (Foret et al., ICLR 2021; adaptive: ASAM, Kwon et al. 2021): the step uses "
+               "the gradient at w + ρ·g/‖g‖; TWO forward/backward passes per step (~2× full)")
     Params = SAMParams
     test_params = [{}, {"adaptive": True, "rho": 0.5}]
     search_space = {"lr": LR, "rho": SearchDim("float", 0.01, 2.0, log=True)}
     mechanism = "sam/sharpness"
+
+    @classmethod
+    def measured_cost_share(cls, params: BaseModel, batch_size: int) -> float:
+        """1.0: the throughput benchmark's SAM row (``bench_throughput --strategies sam``)
+        already holds both forward/backward passes, and neither ρ nor the variant changes the
+        cost (ASAM's T adds element-wise work only). Priced from its own measured row, a SAM
+        cell costs about twice ``full``'s step."""
+        return 1.0
 
     @classmethod
     def constrain_space(cls, space: dict[str, SearchDim], fixed: dict[str, Any]

@@ -12,7 +12,6 @@ import mlflow
 import pytest
 import torch
 from metalr_bench.benchmark.config import validate_config
-from metalr_bench.benchmark.models.tv_compat import import_torchvision
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.running.runner import run_benchmark
@@ -21,9 +20,6 @@ from metalr_bench.benchmark.training.trainer import TrainerOptions, seed_everyth
 from metalr_bench.strategies import StepContext, TrainSettings, get_strategy
 from metalr_bench.strategies.core.layers import layer_groups
 from torch import nn
-
-# torchvision through the project's shim before peft (-> transformers) imports it on its own
-import_torchvision()
 
 
 def _pretrained(arch: str, seed: int = 123) -> dict[str, torch.Tensor]:
