@@ -64,8 +64,13 @@ def test_scratch_starts_from_a_fresh_model_of_the_seed_not_the_pretrained_one(ar
     assert len(differ) >= len([k for k in backbone if k.endswith("weight")])
 
 
-def test_scratch_run_logs_no_drift_nor_transferability(tiny_config) -> None:
-    tiny_config |= {"strategies": ["scratch", "full"], "seeds": [0],
+def test_new_strategies_run_through_the_runner(tiny_config) -> None:
+    """One grid with every new strategy: each run finishes and logs its mechanism; scratch logs
+    neither drift nor transferability, the others drift (LoRA's in the base names, after the
+    merge) and, where conv weights moved, transferability; WiSE-FT logs the chosen α, its
+    validation curve and figure."""
+    tiny_config |= {"strategies": ["scratch", "full", "bitfit", "lora", "sam", "wise_ft"],
+                    "seeds": [0],
                     "model": {"arch": "smallcnn", "weights": "pretrain",
                               "pretrain": {"epochs": 1, "options": {"n_images": 64}}}}
     cfg = validate_config(tiny_config)
@@ -73,11 +78,28 @@ def test_scratch_run_logs_no_drift_nor_transferability(tiny_config) -> None:
     assert not outcome.failed, [r.error for r in outcome.failed]
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     runs = {r.cell.strategy: client.get_run(r.run_id) for r in outcome.results}
-    scratch, full = runs["scratch"].data.metrics, runs["full"].data.metrics
-    assert "test_auc" in scratch
-    assert not [k for k in scratch if k.startswith(("drift/", "transferability/"))]
-    assert any(k.startswith("drift/") for k in full)
-    assert any(k.startswith("transferability/") for k in full)
+    groups = {"stem", "block1", "block2", "block3", "head"}
+    for name, run in runs.items():
+        metrics = run.data.metrics
+        assert "test_auc" in metrics, name
+        drift = {k.removeprefix("drift/") for k in metrics if k.startswith("drift/")}
+        transfer = [k for k in metrics if k.startswith("transferability/")]
+        if name == "scratch":
+            assert not drift and not transfer
+        else:
+            assert drift == groups, name
+            # T compares conv/linear weights only: BitFit never moves one, nor WiSE-FT at α = 0
+            moved = name != "bitfit" and metrics.get("wise_ft/alpha", 1.0) > 0
+            assert bool(transfer) == moved, name
+        mechanism = get_strategy(name).mechanism
+        if mechanism is not None:
+            assert mechanism in metrics, (name, mechanism)
+    assert 0 < runs["lora"].data.metrics["trainable_share"] < 1
+    assert 0 < runs["bitfit"].data.metrics["trainable_share"] < 1
+    wise = runs["wise_ft"]
+    assert 0 <= wise.data.metrics["wise_ft/alpha"] <= 1
+    assert len([k for k in wise.data.metrics if k.startswith("wise_ft/val_auc/alpha_")]) == 11
+    assert "wise_ft_alpha.png" in {a.path for a in client.list_artifacts(wise.info.run_id)}
 
 
 # -- BitFit ---------------------------------------------------------------------------------------
