@@ -16,6 +16,12 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# torchvision through the project's shim (benchmark/models/tv_compat.py) before any test imports
+# it another way: peft (the `lora` strategy) imports transformers, which imports torchvision
+from metalr_bench.benchmark.models.tv_compat import import_torchvision  # noqa: E402
+
+import_torchvision()
+
 SHARED_DATA_CANDIDATES = (
     os.environ.get("METALR_BENCH_DATA", ""),
     str(Path(__file__).resolve().parents[1].parent / "shared" / "data"),

@@ -50,7 +50,8 @@ def test_every_strategy_derives_its_tensors_where_the_model_trains(name, params)
         if "cannot be called on meta tensors" not in str(exc):
             raise
     held = _tensors(vars(built.strategy))
-    assert held or name in ("full", "last_k", "layer_decay", "lp_ft", "linear_probe")
+    assert held or name in ("full", "last_k", "layer_decay", "lp_ft", "linear_probe", "scratch",
+                            "bitfit", "lora")
     wrong = [t.device for t in held if t.device.type != "meta"]
     assert not wrong, f"{name} keeps tensors on {wrong}, away from its model"
 

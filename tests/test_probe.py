@@ -161,3 +161,32 @@ def test_linear_probe_trains_only_the_head_to_the_probe_solution() -> None:
                                atol=2e-3 * np.abs(w).max())
     assert result.history[-1]["linear_probe/probe_train_loss"] == pytest.approx(loss, rel=0.05)
     assert strategy.mechanism == "linear_probe/probe_train_loss"
+
+
+def test_wise_ft_starts_from_the_converged_probe_and_interpolates_towards_it() -> None:
+    """WiSE-FT's θ₀ is the pre-trained backbone with the converged linear probe as its head (the
+    paper's zero-shot head, here the probe): fine-tuning starts from it, and θ(α = 0) is it. The
+    first version kept the cell's random head in θ₀ (this test failed: its head was not the
+    probe's solution)."""
+    built = _cell("wise_ft", {"probe_l2": 1e-2, "alpha": 0.0}, epochs=1)
+    trainer, strategy = built.trainer, built.strategy
+    assert trainer is not None
+    start = {k: v.detach().clone() for k, v in built.model.state_dict().items()}
+    xtr, ytr = _features(copy.deepcopy(built.model), trainer._bn_loader)
+    result = trainer.fit()
+    _, _, loss = _scipy_probe(xtr, ytr, 2, 1e-2)
+    assert result.history[0]["wise_ft/probe_train_loss"] == pytest.approx(loss, rel=0.05)
+    head = strategy._head
+    # θ₀: the start everywhere but the head, which is the probe's solution
+    for k, v in strategy.theta0.items():
+        if not k.startswith(head + "."):
+            assert torch.equal(v, start[k]), k
+    probe = strategy.probe
+    assert probe is not None
+    assert torch.equal(strategy.theta0[f"{head}.weight"], probe.weight.to(start[f"{head}.weight"]))
+    assert not torch.equal(strategy.theta0[f"{head}.weight"], start[f"{head}.weight"])
+    # α = 0 tests θ₀ itself: the final weights are θ₀ (floating entries)
+    final = result.final_state
+    for k, v in strategy.theta0.items():
+        if v.is_floating_point() and "running" not in k:
+            assert torch.equal(final[k].cpu(), v.cpu()), k

@@ -39,6 +39,7 @@ from metalr_bench.benchmark.training.faults import explain_oom
 from metalr_bench.benchmark.training.pretrain import starting_weights
 from metalr_bench.benchmark.training.transferability import run_transferability
 from metalr_bench.benchmark.tuning.studies import tune_all
+from metalr_bench.strategies.core.registry import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,18 @@ def run_cell(
             if train_result.test_predictions is not None:
                 tracker.log_table(run_id, train_result.test_predictions, T.PREDICTIONS_ARTIFACT)
             final = train_result.summary()
-            final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
+            # drift and transferability measure the distance from pre-trained weights: none
+            # for a strategy that starts from a random initialisation (`scratch`)
+            pretrained = get_strategy(cell.strategy).pretrained_start
+            if pretrained:
+                final |= {f"drift/{g}": v for g, v in train_result.drift.items()}
             # per-layer transferability of the pre-trained start (Chen et al. 2022): θ_B is the
             # selected checkpoint, the result's final state; θ_r the pre-training's own start
             # where known (param transferability_reference)
-            transfer, reference = run_transferability(cfg, bundle, train_result.start_state,
-                                                      train_result.final_state, cell.dataset)
+            transfer, reference = run_transferability(
+                cfg, bundle, train_result.start_state if pretrained else None,
+                train_result.final_state, cell.dataset)
+            final |= train_result.final_values
             if transfer:
                 final |= transfer
                 tracker.log_params(run_id, reference)

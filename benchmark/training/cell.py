@@ -5,7 +5,8 @@ speed benchmarks all build "a model with a strategy on a dataset". When each wro
 they drifted (one benchmark once timed eager MetaLR while the runs were compiled). Everything
 here is built in one order:
 
-1. ``build_model`` from the zoo, then the starting ``weights`` loaded into it;
+1. ``build_model`` from the zoo, then the starting ``weights`` loaded into it (not for a
+   strategy that trains from the random initialisation, ``Strategy.pretrained_start = False``);
 2. the model *placed*: moved to the trainer's device and memory format (channels_last), so
    whatever a strategy derives from the model's tensors (L2-SP's reference weights, say) lives
    where the model trains;
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from metalr_bench.benchmark.config import BenchmarkConfig, Cell
+from metalr_bench.benchmark.models.tv_compat import import_torchvision
 from metalr_bench.benchmark.models.zoo import build_model, input_normalisation, load_state
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
@@ -108,15 +110,19 @@ def build(
     """
     if image_size is None and bundle is not None:
         image_size = bundle.image_size
+    cls = get_strategy(strategy)
+    # torchvision through the compat shim before any strategy's own packages import it (lora:
+    # peft -> transformers -> torchvision, which dies on a CPU torch next to a CUDA torchvision)
+    import_torchvision()
     model = build_model(arch, in_channels, num_outputs, image_size)
-    if weights is not None:
+    if weights is not None and cls.pretrained_start:  # `scratch` keeps the random start
         load_state(model, arch, weights, weights_source, keep_head=keep_head,
                    mapping=weights_mapping, drop_prefixes=drop_prefixes)
     if options is not None:
         device, channels_last = options.device, options.channels_last
     model = place_model(model, torch.device(device), channels_last)
     groups = layer_groups(model)
-    strat = get_strategy(strategy)(params, model, groups, settings)
+    strat = cls(params, model, groups, settings)
     trainer = None
     if bundle is not None and options is not None:
         trainer = Trainer(bundle, model, groups, strat, options, callbacks, checkpoint)
@@ -218,6 +224,7 @@ def train_cell(
     built = build_cell(cfg, cell, bundle, weights, callbacks, **build_options)
     assert built.trainer is not None
     result = built.trainer.fit(resume)
+    result.final_values = built.strategy.final_values()
     if artifacts:
         result.artifacts = built.strategy.artifacts()
     return result

@@ -30,7 +30,7 @@ from metalr_bench.benchmark.training.metrics import compute_metrics, loss_fn_for
 from metalr_bench.datasets.core.base import DatasetBundle, Split
 from metalr_bench.datasets.core.meta import open_meta_source
 from metalr_bench.datasets.core.tensors import AugmentSpec, make_loader
-from metalr_bench.strategies.core.base import FitData, StepContext, Strategy
+from metalr_bench.strategies.core.base import EndContext, FitData, StepContext, Strategy
 from metalr_bench.strategies.core.layers import LayerGroup
 from torch import nn
 
@@ -113,6 +113,9 @@ class TrainResult:
     #: files the strategy wants logged with the run (``Strategy.artifacts()``: name -> figure),
     #: filled by ``train_cell``
     artifacts: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: numbers the strategy logs once with the final metrics (``Strategy.final_values()``:
+    #: WiSE-FT's chosen α and its validation curve over α)
+    final_values: dict[str, float] = field(default_factory=dict)
 
     def data_params(self) -> dict[str, int | str]:
         """The params every run logs so a leaderboard shows what each strategy trained on."""
@@ -199,7 +202,7 @@ class Trainer:
         self.loss_fn = loss_fn_for(bundle.task)
         self.forward = torch.compile(self.model) if options.compile else self.model
         strategy.build_optimizer()  # the strategy owns it: ``self.optimizer`` reads it
-        self._start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._start = strategy.start_state()  # the model's state, in the final model's names
         self.n_trainable_params = sum(p.numel() for p in self.model.parameters()
                                       if p.requires_grad)
 
@@ -409,9 +412,7 @@ class Trainer:
             check_finite(epoch, {"train_loss": train_loss})
             self._send_step_values(step_values)
             self._epoch = epoch
-            if self.options.precise_bn:
-                self.recalibrate_bn()
-            val = self.evaluate("val")
+            val = self._evaluate_val()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             record = {
@@ -434,6 +435,13 @@ class Trainer:
                 }))
         assert best_state is not None and best_val is not None, "epochs must be >= 1"
         self.model.load_state_dict(best_state)
+        # the strategy's last word on the selected weights (LoRA merges, WiSE-FT interpolates);
+        # new validation numbers replace the checkpoint's: best_val is the tested model's
+        end_val = self.strategy.on_train_end(EndContext(
+            model=self.model, evaluate_val=self._evaluate_val,
+            selection_metric=self.options.selection_metric, best_val=dict(best_val)))
+        if end_val is not None:
+            best_val = end_val
         test, predictions = self._test() if self.options.evaluate_test else ({}, None)
         times = [h["epoch_time_s"] for h in history]
         return TrainResult(
@@ -467,6 +475,12 @@ class Trainer:
             i += len(values)
             for cb in self.callbacks:
                 cb.on_step_values(step, row)
+
+    def _evaluate_val(self) -> dict[str, float]:
+        """Validation numbers of the current weights, measured as every epoch's are."""
+        if self.options.precise_bn:
+            self.recalibrate_bn()
+        return self.evaluate("val")
 
     def _test(self) -> tuple[dict[str, float], dict[str, list[float]]]:
         """The only read of the test split: once, on the selected checkpoint. Returns its

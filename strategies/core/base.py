@@ -6,6 +6,7 @@ settings, and may
 1. build the optimizer's parameter groups (freeze, per-group LR)        -> ``param_groups``
 2. add a term to the loss (L2-SP)                                        -> ``loss_term``
 3. replace the single training step (MetaLR: look-ahead, LR update, step) -> ``train_step``
+4. change the selected weights once training ends (LoRA: merge; WiSE-FT)   -> ``on_train_end``
 
 Small hooks besides: ``before_fit`` (the un-augmented training and validation loaders, once
 before the first epoch: the linear probe), ``after_step`` (each step's task loss: a penalty's
@@ -108,6 +109,24 @@ class FitData:
     autocast: Callable[[], AbstractContextManager[Any]]
 
 
+@dataclass
+class EndContext:
+    """What a strategy's ``on_train_end`` may use; handed over by the trainer once, after the
+    last epoch, with the selected checkpoint loaded into ``model`` and before the test split is
+    read.
+
+    ``evaluate_val()`` measures the validation loss and metrics of ``model``'s current weights
+    exactly as every epoch's were measured (the trainer's PreciseBN re-estimation first, when it
+    uses it); ``selection_metric`` is the metric checkpoints were selected by (higher is better;
+    the loss breaks ties); ``best_val`` the selected checkpoint's validation numbers.
+    """
+
+    model: nn.Module
+    evaluate_val: Callable[[], dict[str, float]]
+    selection_metric: str
+    best_val: dict[str, float]
+
+
 class Strategy:
     """Base class: plain fine-tuning of every parameter with one learning rate."""
 
@@ -129,6 +148,11 @@ class Strategy:
     #: logs it as the tag ``mechanism`` and the report's "Did each strategy act?" table reads
     #: that metric's first and last value. None: nothing beyond plain fine-tuning to show.
     mechanism: ClassVar[str | None] = None
+    #: False: the strategy trains the architecture from its random initialisation (``scratch``):
+    #: the cell builder then does not load the starting weights (the model is the zoo's own
+    #: initialisation under the cell's seed), and the run logs neither drift nor
+    #: transferability, which both measure the distance from pre-trained weights
+    pretrained_start: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -256,6 +280,26 @@ class Strategy:
         hot loop never syncs. Default: none (DELTA logs its penalty and task loss)."""
         return {}
 
+
+    def on_train_end(self, ctx: EndContext) -> dict[str, float] | None:
+        """Called once after the last epoch, the selected checkpoint loaded, before the test
+        evaluation: a strategy whose final model is not the selected checkpoint itself changes
+        ``ctx.model`` here (LoRA merges its adapters into the base weights; WiSE-FT interpolates
+        towards the starting weights). Return the validation numbers of the weights it leaves
+        (they replace ``best_val`` in the result: the numbers of the model that is tested; the
+        tuning objective stays the best per-epoch value),
+        or None when the model computes the same function as before (nothing to re-measure).
+        The model must keep the architecture's parameter names from here on (drift, the
+        transferability metrics and :meth:`start_state` compare by name)."""
+        return None
+
+    def start_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the weights the run starts from, named as in the model the trainer hands
+        back after :meth:`on_train_end` (drift and transferability compare the two by name);
+        the trainer takes it once, when it is built. Default: the model's state dict now. A
+        strategy that wraps modules (LoRA) maps its names back to the architecture's."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
     def log_values(self) -> dict[str, float]:
         """Numbers to log each epoch; by default each group's learning rate (``lr/<group>``)
         and their spread (``lr_spread``, :func:`lr_spread`)."""
@@ -268,6 +312,11 @@ class Strategy:
     def artifacts(self) -> dict[str, Any]:
         """Files to log with the run after training, ``{path: matplotlib figure}`` (MetaLR: its
         LR curves); drawn once per final run by ``train_cell``. Default: none."""
+        return {}
+
+    def final_values(self) -> dict[str, float]:
+        """Numbers to log once, with the run's final metrics (WiSE-FT: the chosen α and the
+        validation curve over α); default: none."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

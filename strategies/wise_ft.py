@@ -1,0 +1,187 @@
+"""WiSE-FT (Wortsman, Ilharco, Kim, Li, Kornblith, Roelofs, Gontijo-Lopes, Hajishirzi, Farhadi,
+Namkoong & Schmidt, CVPR 2022, "Robust fine-tuning of zero-shot models"): weight-space
+ensembling of the starting model and the fine-tuned one,
+
+    θ(α) = (1 − α)·θ₀ + α·θ₁,
+
+θ₀ the model fine-tuning starts from (the pre-trained backbone with its head), θ₁ the fine-tuned
+model (the trainer's selected checkpoint), α ∈ [0, 1] chosen on validation data from a grid.
+α = 0 is the starting model, α = 1 plain fine-tuning.
+
+How: fine-tuning itself is ``full``'s (every layer at the base LR). At the end of training
+(``on_train_end``: the selected checkpoint θ₁ loaded, before the test split is read) every α of
+the grid is tried: the model gets θ(α), its validation numbers are measured exactly as every
+epoch's (the trainer's PreciseBN re-estimation of the BatchNorm statistics first, then the
+validation split), and the α with the best selection metric (ties: the lower validation loss,
+then the smaller α) is kept; the run then tests θ(α*), and its ``best_val`` are θ(α*)'s. A
+tuning trial's objective stays the best per-epoch validation value (of θ₁): the LR is tuned for
+the fine-tuning, α is chosen inside every run. Every floating-point entry of the state dict is
+interpolated (weights, BatchNorm statistics); integer buffers (BatchNorm's batch counter) are
+θ₁'s. ``alpha`` fixes α instead (the paper's α = 0.5 when no validation data is at hand).
+
+Logged once, with the final metrics: ``wise_ft/alpha`` (the chosen α, the mechanism's figure)
+and the validation curve over α, ``wise_ft/val_<metric>/alpha_<α>`` for the selection metric and
+the loss; a figure ``wise_ft_alpha.png`` draws the curve.
+
+θ₀'s head: WiSE-FT interpolates towards the zero-shot model, whose head is the zero-shot
+classifier, and fine-tunes from that head; here the analogue is the converged linear probe on
+the frozen pre-trained features (the suite's one probe, :mod:`..core.probe`, shared with
+``lp_ft`` and ``linear_probe``: L-BFGS, λ chosen on the validation loss or fixed by
+``probe_l2``). It is fitted before the first epoch (``before_fit``) and written into the head,
+so fine-tuning starts from θ₀ as in the paper (the fine-tuning phase is LP-FT's); logged as
+``wise_ft/probe_train_loss``, ``wise_ft/probe_val_loss``, ``wise_ft/probe_l2``.
+
+Defaults: α chosen over {0, 0.1, ..., 1} (the paper sweeps α in steps of 0.1 and reports the α
+that is best on held-out data as well as α = 0.5). Tuned: the base LR only (α is chosen inside
+each run).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from metalr_bench.strategies.core.base import EndContext, FitData, Strategy, register
+from metalr_bench.strategies.core.probe import ProbeFit, head_linear, probe_head
+from metalr_bench.strategies.core.space import LR
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: the α grid the paper sweeps
+DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+class WiSEFTParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alphas: list[float] = Field(list(DEFAULT_GRID), min_length=1,
+                                description="the α grid chosen from on validation")
+    alpha: float | None = Field(None, ge=0, le=1, description="a fixed α instead of the "
+                                "validation choice (the paper's default without held-out "
+                                "data: 0.5)")
+    probe_l2: float | None = Field(None, gt=0, description="θ₀'s linear probe: its L2 weight λ "
+                                   "(null: chosen on the validation loss)")
+
+    @field_validator("alphas")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"every α must lie in [0, 1]; got {bad}")
+        return sorted(set(v))
+
+
+def interpolate(theta0: dict[str, torch.Tensor], theta1: dict[str, torch.Tensor],
+                alpha: float) -> dict[str, torch.Tensor]:
+    """θ(α) = (1 − α)·θ₀ + α·θ₁ for every floating-point entry; integer entries from θ₁."""
+    out = {}
+    for k, t1 in theta1.items():
+        t0 = theta0[k]
+        out[k] = torch.lerp(t0, t1, alpha) if t1.is_floating_point() else t1.clone()
+    return out
+
+
+@register
+class WiSEFT(Strategy):
+    """WiSE-FT (Wortsman et al., CVPR 2022): θ(α) = (1−α)·θ₀ + α·θ₁ between the starting and
+    the fine-tuned model, α chosen on validation from a grid."""
+
+    name = "wise_ft"
+    summary = ("WiSE-FT (Wortsman et al., CVPR 2022): fine-tune, then θ(α) = (1−α)·θ₀ + α·θ₁ "
+               "with α chosen on validation from a grid")
+    Params = WiSEFTParams
+    test_params = [{"alphas": [0.0, 0.5, 1.0]}, {"alpha": 0.5, "probe_l2": 1e-3}]
+    search_space = {"lr": LR}
+    mechanism = "wise_ft/alpha"
+
+    def __init__(self, params, model, groups, settings) -> None:
+        super().__init__(params, model, groups, settings)
+        linear = head_linear(model, groups)  # fail at start-up, not after the first epoch
+        self._head = next(n for n, m in model.named_modules() if m is linear)
+        #: θ₀: the weights fine-tuning starts from (on the model's device); its head becomes
+        #: the probe's in ``before_fit`` (or ``load_state_dict`` on resume)
+        self.theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.probe: ProbeFit | None = None
+        #: α -> validation numbers, filled at the end of training
+        self.curve: dict[float, dict[str, float]] = {}
+        self.chosen: float | None = None
+        self.selection_metric = ""
+
+    def before_fit(self, data: FitData) -> None:
+        """θ₀'s head: the converged probe, written into the model before the first update."""
+        self.probe = probe_head(self.model, self.groups, data.train, data.val, data.autocast,
+                                self.params.probe_l2)
+        self._probe_into_theta0()
+
+    def _probe_into_theta0(self) -> None:
+        assert self.probe is not None
+        w = self.theta0[f"{self._head}.weight"]
+        b = self.theta0[f"{self._head}.bias"]
+        w.copy_(self.probe.weight.to(w))
+        b.copy_(self.probe.bias.to(b))
+
+    def log_values(self) -> dict[str, float]:
+        probe = {} if self.probe is None else self.probe.log_values(self.name)
+        return super().log_values() | probe
+
+    def state_dict(self) -> dict[str, Any]:
+        """The probe (θ₀ is the start state with the probe's head: rebuilt from it on resume)."""
+        return {"probe": None if self.probe is None else self.probe.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        probe = state.get("probe")
+        self.probe = None if probe is None else ProbeFit.from_state(probe)
+        if self.probe is not None:
+            self._probe_into_theta0()
+
+    @torch.no_grad()
+    def on_train_end(self, ctx: EndContext) -> dict[str, float]:
+        theta1 = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        p: WiSEFTParams = self.params
+        grid = [p.alpha] if p.alpha is not None else p.alphas
+        self.selection_metric = ctx.selection_metric
+        self.curve = {}
+        for a in grid:
+            ctx.model.load_state_dict(interpolate(self.theta0, theta1, a))
+            self.curve[a] = ctx.evaluate_val()
+        self.chosen = max(grid, key=lambda a: self._score(self.curve[a], a))
+        ctx.model.load_state_dict(interpolate(self.theta0, theta1, self.chosen))
+        if len(grid) > 1:  # re-estimated BatchNorm statistics of θ(α*), as measured
+            return ctx.evaluate_val()
+        return self.curve[self.chosen]
+
+    def _score(self, val: dict[str, float], alpha: float) -> tuple[float, float, float]:
+        """Higher is better: the selection metric (NaN counts as worst), then the lower loss,
+        then the smaller α."""
+        m = val.get(self.selection_metric, math.nan)
+        return (-math.inf if math.isnan(m) else m, -val["loss"], -alpha)
+
+    def final_values(self) -> dict[str, float]:
+        if self.chosen is None:
+            return {}
+        out = {"wise_ft/alpha": self.chosen}
+        for a, val in self.curve.items():
+            for key in (self.selection_metric, "loss"):
+                if key in val:
+                    out[f"wise_ft/val_{key}/alpha_{a:g}"] = val[key]
+        return out
+
+    def artifacts(self) -> dict[str, Any]:
+        """The validation curve over α, the chosen α marked."""
+        if self.chosen is None or len(self.curve) < 2:
+            return {}
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        alphas = sorted(self.curve)
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        key = self.selection_metric
+        ax.plot(alphas, [self.curve[a].get(key, math.nan) for a in alphas], marker="o")
+        ax.axvline(self.chosen, color="grey", linestyle="--", label=f"chosen α = {self.chosen:g}")
+        ax.set_xlabel("α  (0: starting model θ₀, 1: fine-tuned θ₁)")
+        ax.set_ylabel(f"validation {key}")
+        ax.set_title("WiSE-FT: θ(α) = (1 − α)·θ₀ + α·θ₁")
+        ax.legend()
+        fig.tight_layout()
+        return {"wise_ft_alpha.png": fig}
