@@ -55,7 +55,10 @@ def _pretraining(tiny_config: dict[str, Any], root: Path, template: Path) -> dic
                       "pretrain": {"epochs": 2, "batch_size": 32, "options": {"n_images": 64}}}}
 
 
-PROGRESS_MARKS = ("epoch 1/2", "pretrain smallcnn", "it/s", "run/s", "%|", "\r")
+#: progress lines, and MLflow's per-run INFO lines of its system-metrics monitor ("Started
+#: monitoring system metrics", "Skip logging GPU metrics"), which printed for every run
+PROGRESS_MARKS = ("epoch 1/2", "pretrain smallcnn", "it/s", "run/s", "%|", "\r",
+                  "monitoring system metrics", "Skip logging GPU metrics")
 
 
 def test_no_progress_silences_pretraining_and_stdout_holds_only_results(tiny_config, tmp_path,

@@ -167,6 +167,10 @@ class Tracker:
             yield
             return
         monitor = None
+        # MLflow's monitor says "Started/Stopped monitoring system metrics" and "Skip logging GPU
+        # metrics" at INFO for every run: progress noise on stderr (and through --no-progress);
+        # its warnings still print
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
