@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from metalr_bench.reports.learned_rates import CONTROL, LEARNED
 from metalr_bench.reports.stats import (
     MIN_WILCOXON_PAIRS,
     FriedmanNemenyi,
@@ -41,7 +42,14 @@ from metalr_bench.reports.stats import (
     ranks,
 )
 from metalr_bench.reports.tables import METRIC_NAMES
+from metalr_bench.reports.transferability import REFERENCE as BASELINE
 from scipy import stats as sps
+
+#: the strategies the answer measures against, each named once in the reports: ``full`` (the
+#: baseline every gain is over, ``BASELINE``: also the transferability figure's reference) and
+#: ``scratch`` (the lower bound: what transfer buys); MetaLR and its control come from
+#: ``learned_rates``
+LOWER_BOUND = "scratch"
 
 ALPHA = 0.05
 #: a t-test needs two pairs (one degree of freedom)
@@ -215,7 +223,7 @@ def dataset_answer(block: pd.DataFrame, dataset: str, metric: str,
 
 def _cost_sentence(block: pd.DataFrame, labels: Sequence[str], metric: str) -> str | None:
     """Time per epoch of the best and the tied strategies, relative to ``full``."""
-    full = _label_of(block, "full", metric)
+    full = _label_of(block, BASELINE, metric)
     if full is None or "mean_epoch_time_s" not in block:
         return None
     t = block.groupby("strategy_label")["mean_epoch_time_s"].mean()
@@ -231,10 +239,10 @@ def _cost_sentence(block: pd.DataFrame, labels: Sequence[str], metric: str) -> s
 def _planned(block: pd.DataFrame, metric: str) -> list[str]:
     """MetaLR over ``discriminative`` and transfer (``full``) over ``scratch``, when present."""
     out = []
-    for a, b, what in (("metalr", "discriminative", "MetaLR's learned rates over its starting "
-                        "rates (`discriminative`)"),
-                       ("full", "scratch", "Transfer over training from scratch (`full` − "
-                        "`scratch`)")):
+    for a, b, what in ((LEARNED, CONTROL, f"MetaLR's learned rates over its starting "
+                        f"rates (`{CONTROL}`)"),
+                       (BASELINE, LOWER_BOUND, f"Transfer over training from scratch "
+                        f"(`{BASELINE}` − `{LOWER_BOUND}`)")):
         la, lb = _label_of(block, a, metric), _label_of(block, b, metric)
         if la is None or lb is None:
             continue
@@ -328,7 +336,7 @@ def gains_over_full(results: pd.DataFrame, metric: str, alpha: float = ALPHA) ->
     over the strategies of the block, ``significant``. Empty where a block has no ``full``."""
     frames = []
     for ds, block in with_blocks(results).groupby("block", sort=True):
-        full = _label_of(block, "full", metric)
+        full = _label_of(block, BASELINE, metric)
         if full is None:
             continue
         c = compare(block, full, metric)

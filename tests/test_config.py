@@ -22,7 +22,7 @@ def test_defaults_are_the_quick_benchmark() -> None:
         ({"epochz": 3}, "`epochz`: unknown key"),
         ({"epochs": 0}, "`epochs`: Input should be greater than or equal to 1"),
         ({"lr": -0.1}, "`lr`: Input should be greater than 0"),
-        ({"optimizer": "rmsprop"}, "`optimizer`: Input should be 'adam', 'adamw' or 'sgd'"),
+        ({"optimizer": "rmsprop"}, "`optimizer`: unknown optimizer 'rmsprop'; choose one of adam, adamw, sgd"),
         ({"strategies": ["fancy"]}, "unknown strategy 'fancy'; available:"),
         ({"datasets": ["imagenet"]}, "unknown dataset 'imagenet'; available:"),
         ({"strategies": [{"name": "last_k", "params": {"k": 0}}]},
