@@ -120,7 +120,7 @@ class HD(Strategy):
 
     name = "hd"
     Params = HDParams
-    test_params = [{}, {"optimizer": "sgd", "hyper_lr": 1e-4, "scope": "global"}]
+    test_params = [{}, {"optimizer": "sgd", "hyper_lr": 1e-6, "scope": "global"}]
     search_space = {"lr": LR, "hyper_lr": SearchDim("float", 1e-7, 1e-3, log=True)}
     mechanism = "lr_spread"
 
