@@ -32,6 +32,7 @@ from metalr_bench.benchmark.tracking.retry import (
 )
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 _MAX_METRICS = 1000  # MLflow's per-request limits
@@ -256,10 +257,29 @@ class Tracker:
         for i in range(0, len(items), _MAX_METRICS):
             self._call(self.client.log_batch, run_id, metrics=items[i : i + _MAX_METRICS])
 
-    def log_inputs(self, run_id: str, inputs: list[Any]) -> None:
-        """Datasets as run inputs (:mod:`.datasets`), shown in the MLflow UI's dataset column."""
-        if inputs:
-            self._call(self.client.log_inputs, run_id, datasets=inputs)
+    def log_inputs(self, run_id: str, inputs: list[Any], *, attempts: int = 4) -> None:
+        """Datasets as run inputs (:mod:`.datasets`), shown in the MLflow UI's dataset column.
+
+        Two workers logging the same dataset at once race in the store's get-or-create of the
+        dataset row: the loser gets "UNIQUE constraint failed: datasets..." (seen with two local
+        workers through one `mlflow server`). A retry then finds the winner's row, so that
+        error is retried a few times; if it persists the inputs are left out with a warning (a
+        run never fails over its dataset column). Any other error propagates as usual."""
+        if not inputs:
+            return
+        for attempt in range(attempts):
+            try:
+                self._call(self.client.log_inputs, run_id, datasets=inputs)
+                return
+            except MlflowException as exc:
+                if "UNIQUE constraint failed" not in str(exc):
+                    raise
+                if attempt == attempts - 1:
+                    log.warning("run %s: its dataset inputs were not logged (the store kept "
+                                "refusing a dataset another run created at the same time: %s)",
+                                run_id, str(exc).splitlines()[0])
+                    return
+                time.sleep(0.1 * (attempt + 1))
 
     def log_dict(self, run_id: str, data: dict[str, Any], path: str) -> None:
         self._call(self.client.log_dict, run_id, data, path)
