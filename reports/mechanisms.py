@@ -92,6 +92,14 @@ def verdict(figure: str, start: float, end: float) -> str:
         if _same(start, end):
             return f"trains {_percent(end)} of the parameters"
         return f"trains {_percent(start)} of the parameters at the start, {_percent(end)} at the end"
+    if figure == "wise_ft/alpha":  # chosen once, at the end
+        if end <= 0:
+            return "α* = 0: kept the starting model (fine-tuning did not help on validation)"
+        if end >= 1:
+            return "α* = 1: kept the fine-tuned model (no interpolation)"
+        return f"interpolated: α* = {end:.2g} between the starting and the fine-tuned model"
+    if figure == "sam/sharpness":
+        return f"sharpness L(w+ε) − L(w) {start:.2g} → {end:.2g}"
     if figure.endswith("/probe_train_loss"):  # lp_ft's first phase, linear_probe
         return f"probe converged to {end:.2g}"
     return f"{start:.3g} → {end:.3g}"

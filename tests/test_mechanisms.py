@@ -44,6 +44,9 @@ from scipy import stats as sps
      "trains 10 % of the parameters at the start, 100 % at the end"),
     ("lp_ft/probe_train_loss", 0.69, 0.05, "probe converged to 0.05"),
     ("linear_probe/probe_train_loss", 0.31, 0.31, "probe converged to 0.31"),
+    ("wise_ft/alpha", 0.7, 0.7, "interpolated: α* = 0.7 between the starting and the fine-tuned model"),
+    ("wise_ft/alpha", 0.0, 0.0, "α* = 0: kept the starting model (fine-tuning did not help on validation)"),
+    ("sam/sharpness", 0.02, 0.005, "sharpness L(w+ε) − L(w) 0.02 → 0.005"),
     ("something/else", 1.0, 2.0, "1 → 2"),
     ("lr_spread", math.nan, math.nan, "`lr_spread` was not logged"),
 ])
