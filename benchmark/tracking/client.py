@@ -187,6 +187,22 @@ class Tracker:
         finally:
             if monitor is not None:
                 monitor.finish()
+                self._publish_last_samples(monitor)
+
+    @staticmethod
+    def _publish_last_samples(monitor: Any) -> None:
+        """MLflow's monitor publishes only at the end of a full sampling interval and drops the
+        samples of an interval cut short by ``finish()``: a run shorter than the interval (or
+        whose monitor thread was starved on a loaded host) got no ``system/`` metric at all.
+        Whatever it collected since its last publication is published here, once."""
+        try:
+            metrics = monitor.aggregate_metrics()
+            if metrics:
+                monitor.publish_metrics(metrics)
+                monitor.mlflow_logger.flush()
+        except Exception as exc:  # noqa: BLE001 - observability must not fail a run
+            log.warning("the last system-metrics samples were not logged (%s: %s)",
+                        type(exc).__name__, exc)
 
     @contextmanager
     def run(self, name: str, tags: dict[str, Any] | None = None, parent_id: str | None = None,
