@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metalr_bench.strategies.core.base import Strategy, register
+from metalr_bench.strategies.core.base import Strategy, register, trainable_values
 from metalr_bench.strategies.core.space import LR
 from torch import nn
 
@@ -74,8 +74,4 @@ class BitFit(Strategy):
         return groups  # groups without a bias term are dropped by build_optimizer
 
     def log_values(self) -> dict[str, float]:
-        params = list(self.model.parameters())
-        n = sum(p.numel() for p in params if p.requires_grad)
-        total = sum(p.numel() for p in params)
-        return super().log_values() | {"trainable_params": float(n),
-                                       "trainable_share": n / total}
+        return super().log_values() | trainable_values(self.model)

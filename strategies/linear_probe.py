@@ -32,13 +32,19 @@ from typing import Any
 
 import torch
 from metalr_bench.strategies.core.base import FitData, StepContext, Strategy, register
-from metalr_bench.strategies.core.probe import ProbeFit, ProbeParams, head_linear, probe_head
+from metalr_bench.strategies.core.probe import (
+    ProbeFit,
+    ProbeOwner,
+    ProbeParams,
+    head_linear,
+    probe_head,
+)
 from metalr_bench.strategies.core.space import SearchDim
 from torch import nn
 
 
 @register
-class LinearProbe(Strategy):
+class LinearProbe(ProbeOwner, Strategy):
     """Linear probe: the new head fitted to convergence on frozen features (Kumar et al. 2022)."""
 
     name = "linear_probe"
@@ -73,13 +79,3 @@ class LinearProbe(Strategy):
         with torch.no_grad(), ctx.autocast():
             return ctx.loss_fn(forward(x), y).detach()
 
-    def log_values(self) -> dict[str, float]:
-        probe = {} if self.probe is None else self.probe.log_values(self.name)
-        return super().log_values() | probe
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"probe": None if self.probe is None else self.probe.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        probe = state.get("probe")
-        self.probe = None if probe is None else ProbeFit.from_state(probe)

@@ -50,7 +50,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from metalr_bench.strategies.core.base import EndContext, Strategy, register
+from metalr_bench.strategies.core.base import EndContext, Strategy, register, trainable_values
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -189,8 +189,4 @@ class LoRA(Strategy):
         return None
 
     def log_values(self) -> dict[str, float]:
-        params = list(self.model.parameters())
-        n = sum(p.numel() for p in params if p.requires_grad)
-        total = sum(p.numel() for p in params)
-        return super().log_values() | {"trainable_params": float(n),
-                                       "trainable_share": n / total}
+        return super().log_values() | trainable_values(self.model)

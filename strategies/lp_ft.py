@@ -43,15 +43,19 @@ Deviations from the paper and its code (``AnanyaKumar/transfer_learning``), and 
 
 from __future__ import annotations
 
-from typing import Any
-
 from metalr_bench.strategies.core.base import FitData, Strategy, register
-from metalr_bench.strategies.core.probe import ProbeFit, ProbeParams, head_linear, probe_head
+from metalr_bench.strategies.core.probe import (
+    ProbeFit,
+    ProbeOwner,
+    ProbeParams,
+    head_linear,
+    probe_head,
+)
 from metalr_bench.strategies.core.space import LR
 
 
 @register
-class LPFT(Strategy):
+class LPFT(ProbeOwner, Strategy):
     """LP-FT: fit the new head to convergence on frozen features, then fine-tune every layer."""
 
     name = "lp_ft"
@@ -70,13 +74,3 @@ class LPFT(Strategy):
         self.probe = probe_head(self.model, self.groups, data.train, data.val, data.autocast,
                                 self.params.probe_l2)
 
-    def log_values(self) -> dict[str, float]:
-        probe = {} if self.probe is None else self.probe.log_values(self.name)
-        return super().log_values() | probe
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"probe": None if self.probe is None else self.probe.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        probe = state.get("probe")
-        self.probe = None if probe is None else ProbeFit.from_state(probe)

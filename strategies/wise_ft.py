@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from metalr_bench.strategies.core.base import EndContext, FitData, Strategy, register
-from metalr_bench.strategies.core.probe import ProbeFit, head_linear, probe_head
+from metalr_bench.strategies.core.probe import ProbeFit, ProbeOwner, head_linear, probe_head
 from metalr_bench.strategies.core.space import LR
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -81,7 +81,7 @@ def interpolate(theta0: dict[str, torch.Tensor], theta1: dict[str, torch.Tensor]
 
 
 @register
-class WiSEFT(Strategy):
+class WiSEFT(ProbeOwner, Strategy):
     """WiSE-FT (Wortsman et al., CVPR 2022): θ(α) = (1−α)·θ₀ + α·θ₁ between the starting and
     the fine-tuned model, α chosen on validation from a grid."""
 
@@ -119,17 +119,10 @@ class WiSEFT(Strategy):
         w.copy_(self.probe.weight.to(w))
         b.copy_(self.probe.bias.to(b))
 
-    def log_values(self) -> dict[str, float]:
-        probe = {} if self.probe is None else self.probe.log_values(self.name)
-        return super().log_values() | probe
-
-    def state_dict(self) -> dict[str, Any]:
-        """The probe (θ₀ is the start state with the probe's head: rebuilt from it on resume)."""
-        return {"probe": None if self.probe is None else self.probe.state_dict()}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        probe = state.get("probe")
-        self.probe = None if probe is None else ProbeFit.from_state(probe)
+        """The probe (:class:`ProbeOwner`); θ₀ is the start state with the probe's head,
+        rebuilt from it on resume."""
+        super().load_state_dict(state)
         if self.probe is not None:
             self._probe_into_theta0()
 

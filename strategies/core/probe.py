@@ -219,3 +219,26 @@ def probe_head(model: nn.Module, groups: list[LayerGroup],
         linear.weight.copy_(fit.weight.to(linear.weight.dtype))
         linear.bias.copy_(fit.bias.to(linear.bias.dtype))
     return fit
+
+
+class ProbeOwner:
+    """The probe's bookkeeping for a strategy that fits it (``lp_ft``, ``linear_probe``,
+    ``wise_ft``): its losses and λ logged every epoch under the strategy's name, and the fit kept
+    in the strategy's state for an exact resume (``before_fit`` runs on a fresh run only). Put it
+    before :class:`Strategy` in the bases: it extends the base's methods through ``super()``."""
+
+    name: str
+    probe: ProbeFit | None = None
+
+    def log_values(self) -> dict[str, float]:
+        probe = {} if self.probe is None else self.probe.log_values(self.name)
+        return super().log_values() | probe  # type: ignore[misc]
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {  # type: ignore[misc]
+            "probe": None if self.probe is None else self.probe.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # type: ignore[misc]
+        probe = state.get("probe")
+        self.probe = None if probe is None else ProbeFit.from_state(probe)
