@@ -31,13 +31,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from metalr_bench.strategies.core.base import FitData, StepContext, Strategy, register
+from metalr_bench.strategies.core.base import StepContext, Strategy, register
 from metalr_bench.strategies.core.probe import (
-    ProbeFit,
     ProbeOwner,
     ProbeParams,
-    head_linear,
-    probe_head,
 )
 from metalr_bench.strategies.core.space import SearchDim
 from torch import nn
@@ -54,11 +51,8 @@ class LinearProbe(ProbeOwner, Strategy):
     mechanism = "linear_probe/probe_train_loss"
 
     def __init__(self, params, model, groups, settings) -> None:
-        super().__init__(params, model, groups, settings)
-        head_linear(model, groups)  # a head the probe can fit, checked at start-up
+        super().__init__(params, model, groups, settings)  # checks the head the probe fits
         self.freeze(groups[:-1])
-        #: the fitted probe (None until ``before_fit``)
-        self.probe: ProbeFit | None = None
 
     def param_groups(self) -> list[dict[str, Any]]:
         # the optimizer holds the head but never steps (``train_step``)
@@ -66,10 +60,6 @@ class LinearProbe(ProbeOwner, Strategy):
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.eval()  # nothing trains: pre-trained statistics, no dropout
-
-    def before_fit(self, data: FitData) -> None:
-        self.probe = probe_head(self.model, self.groups, data.train, data.val, data.autocast,
-                                self.params.probe_l2)
 
     def train_step(self, ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]
                    ) -> torch.Tensor:

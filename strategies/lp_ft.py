@@ -43,13 +43,10 @@ Deviations from the paper and its code (``AnanyaKumar/transfer_learning``), and 
 
 from __future__ import annotations
 
-from metalr_bench.strategies.core.base import FitData, Strategy, register
+from metalr_bench.strategies.core.base import Strategy, register
 from metalr_bench.strategies.core.probe import (
-    ProbeFit,
     ProbeOwner,
     ProbeParams,
-    head_linear,
-    probe_head,
 )
 from metalr_bench.strategies.core.space import LR
 
@@ -63,14 +60,4 @@ class LPFT(ProbeOwner, Strategy):
     test_params = [{}, {"probe_l2": 1e-3}]
     search_space = {"lr": LR}
     mechanism = "lp_ft/probe_train_loss"
-
-    def __init__(self, params, model, groups, settings) -> None:
-        super().__init__(params, model, groups, settings)
-        head_linear(model, groups)  # fail at start-up, not after the first epoch's data
-        #: the fitted probe (None until ``before_fit``)
-        self.probe: ProbeFit | None = None
-
-    def before_fit(self, data: FitData) -> None:
-        self.probe = probe_head(self.model, self.groups, data.train, data.val, data.autocast,
-                                self.params.probe_l2)
 

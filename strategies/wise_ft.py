@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from metalr_bench.strategies.core.base import EndContext, FitData, Strategy, register
-from metalr_bench.strategies.core.probe import ProbeFit, ProbeOwner, head_linear, probe_head
+from metalr_bench.strategies.core.probe import ProbeOwner
 from metalr_bench.strategies.core.space import LR
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -95,12 +95,10 @@ class WiSEFT(ProbeOwner, Strategy):
 
     def __init__(self, params, model, groups, settings) -> None:
         super().__init__(params, model, groups, settings)
-        linear = head_linear(model, groups)  # fail at start-up, not after the first epoch
-        self._head = next(n for n, m in model.named_modules() if m is linear)
+        self._head = next(n for n, m in model.named_modules() if m is self.probe_linear)
         #: θ₀: the weights fine-tuning starts from (on the model's device); its head becomes
         #: the probe's in ``before_fit`` (or ``load_state_dict`` on resume)
         self.theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.probe: ProbeFit | None = None
         #: α -> validation numbers, filled at the end of training
         self.curve: dict[float, dict[str, float]] = {}
         self.chosen: float | None = None
@@ -108,8 +106,7 @@ class WiSEFT(ProbeOwner, Strategy):
 
     def before_fit(self, data: FitData) -> None:
         """θ₀'s head: the converged probe, written into the model before the first update."""
-        self.probe = probe_head(self.model, self.groups, data.train, data.val, data.autocast,
-                                self.params.probe_l2)
+        super().before_fit(data)
         self._probe_into_theta0()
 
     def _probe_into_theta0(self) -> None:

@@ -230,6 +230,21 @@ class ProbeOwner:
     name: str
     probe: ProbeFit | None = None
 
+    def __init__(self, params: Any, model: nn.Module, groups: list[LayerGroup],
+                 settings: Any) -> None:
+        super().__init__(params, model, groups, settings)  # type: ignore[call-arg]
+        #: the head's ``nn.Linear`` the probe fits; checked here, at start-up, not after the
+        #: first epoch's data
+        self.probe_linear = head_linear(model, groups)
+        #: the fitted probe (None until ``before_fit``)
+        self.probe = None
+
+    def before_fit(self, data: Any) -> None:
+        """Fit the probe on the trainer's un-augmented train/val loaders (``FitData``), λ from
+        ``params.probe_l2`` (None: chosen on validation), and write it into the head."""
+        self.probe = probe_head(self.model, self.groups, data.train, data.val,  # type: ignore[attr-defined]
+                                data.autocast, self.params.probe_l2)  # type: ignore[attr-defined]
+
     def log_values(self) -> dict[str, float]:
         probe = {} if self.probe is None else self.probe.log_values(self.name)
         return super().log_values() | probe  # type: ignore[misc]
