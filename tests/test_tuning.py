@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -92,6 +93,17 @@ class SplitReads:
         monkeypatch.setattr(runner_mod, "tune_all", tune_all)
 
 
+class ListHandler(logging.Handler):
+    """Keeps the messages a logger emits."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 class PruneTrialOne(optuna.pruners.BasePruner):
     """Deterministic: prune trial 1 at its first report, never any other."""
 
@@ -103,12 +115,19 @@ def test_two_strategies_three_trials_nested_runs_pruning_best_params_and_no_test
     tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads = SplitReads(monkeypatch)
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default, whatever ran before
+    said = ListHandler()  # what Optuna's own stderr handler would print
+    logging.getLogger("optuna").addHandler(said)
     monkeypatch.setattr(tuning, "make_pruner", lambda tune, epochs: PruneTrialOne())
     monkeypatch.setattr(get_strategy("last_k"), "mechanism", "trainable_share")
     monkeypatch.setattr(get_strategy("full"), "mechanism", None)
     cfg = validate_config(tune_config(tiny_config, epochs=2))  # trials: 2 epochs; finals: 1
     outcome = run_benchmark(cfg, progress=False)
     assert not outcome.failed and len(outcome.results) == 4  # 2 strategies x 2 seeds
+    # quiet without a bar too: Optuna's INFO line for every study and trial stays out
+    logging.getLogger("optuna").removeHandler(said)
+    assert not [m for m in said.messages if "study created" in m or "finished with" in m], \
+        said.messages[:3]
 
     # the test split: never loaded nor evaluated while tuning; once per final run afterwards
     assert ("tuning", "test") not in reads.loaded and ("tuning", "test") not in reads.evaluated

@@ -80,6 +80,10 @@ class Tracker:
             # silence. A user's explicit setting wins.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            # MLflow writes "🏃 View run … at: http://…" and "🧪 View experiment at" to stdout for
+            # every run it ends over HTTP: two lines per run and trial, amid the results on
+            # stdout; the summary prints the experiment's address once (README, MLflow UI)
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.retry = retry or RetryPolicy()

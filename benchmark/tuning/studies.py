@@ -444,8 +444,9 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     url = storage_url(cfg)
     storage = open_storage(url)
     tracker.set_tags(parent_id, {"tuned": "true", "optuna.storage": url})
-    if progress:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar says it
+    # "A new study created …" / "Trial n finished …" at INFO for every study and trial: the bar
+    # says it, and --no-progress asks for silence; warnings still print
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     studies: list[StudyOutcome] = []
     bar = tqdm(total=len(targets) * cfg.tune.n_trials, desc="tuning", unit="trial",
                disable=not progress)
