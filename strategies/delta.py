@@ -30,7 +30,8 @@ out, every image is still trained on). Kept in :meth:`Delta.state_dict` for an e
 whose names share the part before the first dot: ResNets' ``layer1`` .. ``layer4`` (the output of
 each layer's last block, 4 maps like the reference's), SmallCNN's ``block1`` .. ``block3``,
 DenseNets' dense blocks and transitions (the last with ``norm5``), any other model's top-level
-children. Forward hooks keep them while gradients are enabled (the training forward); they write
+children. A timm model names its own (its ``feature_info``, kept in its layer plan): a ViT's
+blocks (tokens, channels last), a ConvNeXt's 4 stages. Forward hooks keep them while gradients are enabled (the training forward); they write
 into a dict, not into the strategy, so a model never keeps a strategy (and its copy) alive.
 
 Deviations from the reference code, and why:
@@ -87,7 +88,7 @@ from typing import Any
 
 import torch
 from metalr_bench.strategies.core.base import StepContext, Strategy, register
-from metalr_bench.strategies.core.layers import LayerGroup
+from metalr_bench.strategies.core.layers import feature_maps
 from metalr_bench.strategies.core.penalty import PenaltyMeter
 from metalr_bench.strategies.core.space import LR, SearchDim
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,20 +114,6 @@ class DeltaParams(BaseModel):
                                    "is measured on (once, in the first step)")
 
 
-def stages(groups: list[LayerGroup]) -> list[tuple[str, str]]:
-    """(stage name, module path of its output) for every stage between the stem and the head:
-    consecutive groups whose names share the part before the first dot form one stage, whose
-    output is its last group's last module."""
-    out: list[tuple[str, str]] = []
-    for g in groups[1:-1]:
-        stage = g.name.split(".")[0]
-        if out and out[-1][0] == stage:
-            out[-1] = (stage, g.modules[-1])
-        else:
-            out.append((stage, g.modules[-1]))
-    return out
-
-
 def _keep_output(store: dict[Any, Any], key: int) -> Any:
     """Forward hook for the fine-tuned model: keep the output while gradients are enabled."""
 
@@ -137,14 +124,17 @@ def _keep_output(store: dict[Any, Any], key: int) -> Any:
     return hook
 
 
-def _frozen_output(store: dict[Any, Any], key: int) -> Any:
-    """Forward hook for the frozen copy: keep the output, zeroing the channels of
-    ``store["mask"]`` when ``store["ablate"] == key`` (channel importance)."""
+def _frozen_output(store: dict[Any, Any], key: int, channel_axis: int = 1) -> Any:
+    """Forward hook for the frozen copy: keep the output, zeroing the channels (on
+    ``channel_axis``) of ``store["mask"]`` when ``store["ablate"] == key`` (channel
+    importance)."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
         if store.get("ablate") == key:
-            mask = store["mask"]
-            output = output * mask.view(*mask.shape, *([1] * (output.ndim - 2))).to(output.dtype)
+            mask = store["mask"]  # (batch, channels)
+            shape = [1] * output.ndim
+            shape[0], shape[channel_axis] = mask.shape
+            output = output * mask.view(shape).to(output.dtype)
         store[key] = output
         return output
 
@@ -193,7 +183,8 @@ class Delta(Strategy):
         if len(head) != 1:
             raise ValueError(f"delta needs a head made of one module; the last layer group "
                              f"{groups[-1].name!r} holds {list(head)}")
-        self.stages = stages(groups)
+        #: (name, module path) of each feature map, and the maps' channel axis (the model's)
+        self.stages, self.channel_axis = feature_maps(model, groups)
         if not self.stages:
             raise ValueError("delta needs at least one layer group between the stem and the "
                              "head (its feature maps)")
@@ -212,7 +203,8 @@ class Delta(Strategy):
         for i, (_, path) in enumerate(self.stages):
             handles.append(model.get_submodule(path).register_forward_hook(
                 _keep_output(self._live, i)))
-            self.frozen.get_submodule(path).register_forward_hook(_frozen_output(self._ref, i))
+            self.frozen.get_submodule(path).register_forward_hook(
+                _frozen_output(self._ref, i, self.channel_axis))
         self.frozen.get_submodule(head[0]).register_forward_hook(_frozen_head_input(self._ref))
         for h in handles:  # the frozen copy dies with the strategy; the model does not
             weakref.finalize(self, h.remove)
@@ -249,7 +241,12 @@ class Delta(Strategy):
             self.frozen(x)
             ref = [self._ref[i] for i in range(len(self.stages))]
             self._ref.clear()
-        return logits, feature_distance(live, ref, self.attention)
+        return logits, feature_distance([self._channels_first(t) for t in live],
+                                        [self._channels_first(t) for t in ref], self.attention)
+
+    def _channels_first(self, t: torch.Tensor) -> torch.Tensor:
+        """A feature map with its channels on axis 1 (a ViT's (N, tokens, C) -> (N, C, tokens))."""
+        return t if self.channel_axis == 1 else t.movedim(self.channel_axis, 1)
 
     @contextlib.contextmanager
     def _matched_norms(self) -> Iterator[None]:
@@ -359,7 +356,7 @@ class Delta(Strategy):
         with torch.no_grad(), autocast():
             self._ref.clear()
             self.frozen(x[:1])
-            channels = self._ref[stage].shape[1]
+            channels = self._ref[stage].shape[self.channel_axis]
         per_forward = max(1, _ABLATION_IMAGES // b)
         losses = []
         try:

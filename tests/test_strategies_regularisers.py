@@ -397,3 +397,36 @@ def test_delta_on_resnet18() -> None:
     torch.testing.assert_close(
         penalty.double(), _by_hand(_maps(model, names, x), _maps(start, names, x), att),
         rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arch", "maps", "channels"), [
+    # timm's own feature taps (``feature_info``): a ViT has no stages, every block is one
+    ("timm:test_vit", [f"blocks.{i}" for i in range(6)], [64] * 6),
+    ("timm:convnext_atto", [f"stages.{i}" for i in range(4)], [40, 80, 160, 320]),
+])
+def test_delta_on_timm_backbones_uses_every_feature_map_of_the_model(
+        arch: str, maps: list[str], channels: list[int]) -> None:
+    """On timm models the feature maps are the model's own (timm's ``feature_info``), not a
+    guess from group names: a ViT's 6 blocks (tokens, channels last) and a ConvNeXt's 4 stages
+    (the old guess found one "stage" for each: everything before the first dot). The attention
+    weighs the channels (the ViT's last axis), and the penalty is the distance by hand."""
+    built = _cell(arch, "delta", {"attention": True, "attention_batches": 1}, size=32)
+    model, delta = built.model, built.strategy
+    start = copy.deepcopy(model).eval()
+    assert [path for _, path in delta.stages] == maps
+    (x, _), *train = _batches(built, 3)
+    _step(built, train)
+    att = delta.attention
+    assert att is not None and [len(w) for w in att] == channels
+    for w in att:
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    model.eval()
+    _, penalty = delta.forward_with_penalty(model, x)
+
+    def channels_first(fm: list[torch.Tensor]) -> list[torch.Tensor]:  # (B, N, C) -> (B, C, N, 1)
+        return [t.transpose(1, 2)[..., None] if t.ndim == 3 else t for t in fm]
+
+    expected = _by_hand(channels_first(_maps(model, maps, x)),
+                        channels_first(_maps(start, maps, x)), att)
+    assert float(expected) > 0
+    torch.testing.assert_close(penalty.double(), expected, rtol=1e-4, atol=1e-6)

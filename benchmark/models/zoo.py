@@ -242,7 +242,15 @@ def timm_plan(model: nn.Module) -> LayerPlan:
             "group of its group_matcher(), which every layer-wise strategy treats as the head; "
             "choose another timm model"
         )
-    return LayerPlan(tuple(groups), head=classifier, stem_conv=stem_conv)
+    # the feature maps timm itself exposes (``feature_info``: ResNet's layer1..4, ConvNeXt's
+    # stages, a ViT's blocks), kept where they hold weights between the stem and the head
+    # (ResNet's ``act1`` is the stem's); a ViT's blocks give (N, tokens, C), NHWC models say so
+    middle = set(range(1, len(ordered) - 1))
+    features = tuple(f["module"] for f in getattr(model, "feature_info", None) or []
+                     if under.get(f["module"]) and under[f["module"]] <= middle)
+    tokens = hasattr(model, "num_prefix_tokens") or getattr(model, "output_fmt", "") == "NHWC"
+    return LayerPlan(tuple(groups), head=classifier, stem_conv=stem_conv, features=features,
+                     feature_axis=-1 if tokens else 1)
 
 
 def _resample_pos_embed(state: State, model: nn.Module) -> State:

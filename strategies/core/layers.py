@@ -39,12 +39,18 @@ class LayerPlan:
     below it) or a parameter of the model itself (a ViT's ``cls_token``). The last group is the
     head. ``head``: the module path of the task's classifier (a new one per task: checkpoints
     never load into it). ``stem_conv``: the module path of the first convolution, whose input
-    channels a checkpoint's filters are adapted to (``None``: none to adapt).
+    channels a checkpoint's filters are adapted to (``None``: none to adapt). ``features``: the
+    module paths whose outputs are the model's intermediate feature maps, input to head (timm's
+    ``feature_info``; DELTA's feature maps); empty: one per stage of the groups (what the
+    groups' names say, :func:`stages`). ``feature_axis``: their channel axis (1: (N, C, H, W);
+    -1: a ViT's (N, tokens, C) or NHWC).
     """
 
     groups: tuple[tuple[str, tuple[str, ...]], ...]
     head: str
     stem_conv: str | None = None
+    features: tuple[str, ...] = ()
+    feature_axis: int = 1
 
 
 def attach_plan(model: nn.Module, plan: LayerPlan) -> nn.Module:
@@ -94,3 +100,28 @@ def modules_of(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
         except AttributeError:
             continue
     return out
+
+
+def stages(groups: list[LayerGroup]) -> list[tuple[str, str]]:
+    """(stage name, module path of its output) for every stage between the stem and the head,
+    from the group names: consecutive groups whose names share the part before the first dot
+    form one stage (``layer1.0``, ``layer1.1``), whose output is its last group's last module.
+    For the zoo's models (ResNet, DenseNet, the small CNN), whose plans name no ``features``."""
+    out: list[tuple[str, str]] = []
+    for g in groups[1:-1]:
+        stage = g.name.split(".")[0]
+        if out and out[-1][0] == stage:
+            out[-1] = (stage, g.modules[-1])
+        else:
+            out.append((stage, g.modules[-1]))
+    return out
+
+
+def feature_maps(model: nn.Module, groups: list[LayerGroup]) -> tuple[list[tuple[str, str]], int]:
+    """The model's intermediate feature maps as (name, module path), input to head, and their
+    channel axis: the plan's ``features`` where the model names them (timm), else
+    :func:`stages` of the groups with channels on axis 1."""
+    plan = plan_of(model)
+    if plan is not None and plan.features:
+        return [(path, path) for path in plan.features], plan.feature_axis
+    return stages(groups), 1
