@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from metalr_bench.benchmark.config import BenchmarkConfig, ConfigError
 from metalr_bench.benchmark.models.zoo import WeightsMismatch, read_checkpoint
-from metalr_bench.benchmark.training.cell import build, train_settings
+from metalr_bench.benchmark.training.cell import build_parts, train_settings
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -114,7 +114,7 @@ def check_pretrain_source(cfg: BenchmarkConfig) -> None:
 
 def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
     """Build every (model shape, strategy, params) of the grid once, as a cell would be built
-    (:func:`training.cell.build`, without data loaders), and its optimizer."""
+    (:func:`training.cell.build_parts`, without data loaders), and its optimizer."""
     weights = cfg.model.weights
     state = None
     if weights not in ("none", "imagenet", "pretrain"):
@@ -131,7 +131,7 @@ def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
             continue
         checked.add(key)
         try:
-            built = build(cfg.model.arch, bundle.in_channels, bundle.num_outputs,
+            built = build_parts(cfg.model.arch, bundle.in_channels, bundle.num_outputs,
                           cell.strategy, cell.params,
                           train_settings(cfg.effective(cell), epochs=cfg.epochs),
                           weights=state, weights_source=weights,

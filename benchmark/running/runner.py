@@ -82,12 +82,14 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
 
 def run_cell(
     cfg: BenchmarkConfig,
-    cell: Cell,
     tracker: Tracker,
-    parent_id: str,
     data: DataCache,
+    cell: Cell,
+    parent_id: str,
 ) -> CellResult:
-    """Train one cell inside its own child run."""
+    """Train one cell inside its own child run (resume, params, metrics, artifacts). The
+    arguments are in an executor's order for a unit of work, ``fn(cfg, tracker, data, *call)``,
+    so the executors call it directly."""
     cfg = cfg.effective(cell)
     h = cfg.config_hash(cell)
     bundle = data.get(cell)
@@ -176,12 +178,6 @@ def run_cell(
     return result
 
 
-def run_cell_call(cfg: BenchmarkConfig, tracker: Tracker, data: DataCache, cell: Cell,
-                  parent_id: str) -> CellResult:
-    """:func:`run_cell` as an executor's unit of work (``fn(cfg, tracker, data, *call)``)."""
-    return run_cell(cfg, cell, tracker, parent_id, data)
-
-
 def environment_tags() -> dict[str, str]:
     tags = {
         "metalr_bench.version": __version__,
@@ -251,7 +247,7 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
             for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
                 starting_weights(cfg, data.get(cell), tracker, parent, progress=progress,
                                  dataset=cell.dataset)
-        results += executor.map_cells(run_cell_call, cfg, cells, parent, tracking_uri,
+        results += executor.map_cells(run_cell, cfg, cells, parent, tracking_uri,
                                       tracker=tracker,
                                       data=data, progress=progress)
         board = leaderboard(results)

@@ -38,7 +38,7 @@ from metalr_bench.benchmark.config import (
 from metalr_bench.benchmark.models.zoo import imagenet_state, read_checkpoint
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import EpochCallback, TrainerOptions, seed_everything
 from metalr_bench.datasets.core.base import DatasetBundle
 from metalr_bench.datasets.core.medmnist_info import INFO as MEDMNIST
@@ -202,7 +202,7 @@ def pretrained_checkpoint(
                         f"then cached in {cache_dir}")
             callbacks = [*callbacks, lines]
         t0 = time.perf_counter()
-        built = build(arch, bundle.in_channels, bundle.num_outputs, "full", None, settings,
+        built = build_parts(arch, bundle.in_channels, bundle.num_outputs, "full", None, settings,
                       bundle=bundle, options=options, callbacks=callbacks)
         assert built.trainer is not None
         result = built.trainer.fit()

@@ -169,7 +169,7 @@ def _check_placed(model: nn.Module, device: torch.device) -> None:
     if wrong is not None:
         raise ValueError(
             f"the model's parameter {wrong!r} is not on the trainer's device {device}; build the "
-            "cell with training.cell.build (or call place_model before the strategy is built)"
+            "cell with training.cell.build_parts (or call place_model before the strategy is built)"
         )
 
 
