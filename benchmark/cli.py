@@ -234,7 +234,7 @@ def cmd_list(argv: list[str]) -> int:
 
     print("models (model.arch):")
     for name, card in MODELS.items():
-        print(f"  {name:18s} {card.summary}")
+        print(f"  {name:18s} {card.description}")
     print(f"  {TIMM_PREFIX + '<name>':18s} any timm model, e.g. timm:convnext_atto, "
           "timm:vit_tiny_patch16_224 (built for the dataset's image size); layer groups from "
           "its group_matcher()")

@@ -127,7 +127,7 @@ class LoRA(Strategy):
     layers (peft), the head in full; merged for evaluation; needs the `lora` extra."""
 
     name = "lora"
-    summary = ("LoRA (Hu et al., ICLR 2022): W + (α/r)·B·A on the backbone's convs and linear "
+    description = ("LoRA (Hu et al., ICLR 2022): W + (α/r)·B·A on the backbone's convs and linear "
                "layers (peft; extra `lora`), head in full, merged for evaluation")
     Params = LoRAParams
     test_params = [{"r": 2}, {"r": 4, "alpha": 8.0, "dropout": 0.1}]

@@ -116,7 +116,7 @@ class SAM(Strategy):
     w + ρ·g/‖g‖; two forward/backward passes per step (about 2× full fine-tuning's step)."""
 
     name = "sam"
-    summary = ("SAM (Foret et al., ICLR 2021; adaptive: ASAM, Kwon et al. 2021): the step uses "
+    description = ("SAM (Foret et al., ICLR 2021; adaptive: ASAM, Kwon et al. 2021): the step uses "
                "the gradient at w + ρ·g/‖g‖; TWO forward/backward passes per step (~2× full)")
     Params = SAMParams
     test_params = [{}, {"adaptive": True, "rho": 0.5}]

@@ -86,7 +86,7 @@ class WiSEFT(ProbeOwner, Strategy):
     the fine-tuned model, α chosen on validation from a grid."""
 
     name = "wise_ft"
-    summary = ("WiSE-FT (Wortsman et al., CVPR 2022): fine-tune, then θ(α) = (1−α)·θ₀ + α·θ₁ "
+    description = ("WiSE-FT (Wortsman et al., CVPR 2022): fine-tune, then θ(α) = (1−α)·θ₀ + α·θ₁ "
                "with α chosen on validation from a grid")
     Params = WiSEFTParams
     test_params = [{"alphas": [0.0, 0.5, 1.0]}, {"alpha": 0.5, "probe_l2": 1e-3}]

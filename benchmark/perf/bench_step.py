@@ -21,7 +21,7 @@ its peak RSS (``VmHWM``) and the peak RSS *above* the RSS measured just before t
 step (which removes the interpreter, torch and the input batches); the second is the figure to
 compare, and it still includes allocator slack.
 
-Prints one human-readable line per size and, last, a one-line JSON summary.
+Prints one human-readable line per size and, last, one JSON line of all figures.
 """
 
 from __future__ import annotations

@@ -361,9 +361,9 @@ class StudyRunner:
             study_storage.fill_study(study, self.objective, n_trials=cfg.tune.n_trials,
                                      url=self.storage_label, timeout=cfg.tune.timeout,
                                      on_trial=on_trial)
-            return self.summarize(study, run_id)
+            return self.record_outcome(study, run_id)
 
-    def summarize(self, study: optuna.Study, run_id: str) -> StudyOutcome:
+    def record_outcome(self, study: optuna.Study, run_id: str) -> StudyOutcome:
         """Trial counts and the best trial, logged on the study's MLflow run."""
         trials = study.get_trials(deepcopy=False)
         counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
@@ -497,7 +497,7 @@ def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id
             if isinstance(res, BaseException):
                 log.error("tuning %s: worker failed (%s); its study may miss trials",
                           label, res)
-        return [r.summarize(optuna.load_study(study_name=r.target.name, storage=r.storage),
+        return [r.record_outcome(optuna.load_study(study_name=r.target.name, storage=r.storage),
                             run_id) for r, _, run_id in studies]
 
 
