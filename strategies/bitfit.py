@@ -54,7 +54,7 @@ class BitFit(Strategy):
 
     name = "bitfit"
     description = ("BitFit (Ben Zaken et al., ACL 2022): train only the biases, the normalisation "
-               "layers' scales/shifts and the new head; every other weight frozen")
+                   "layers' scales/shifts and the new head; every other weight frozen")
     search_space = {"lr": LR}
     mechanism = "trainable_share"
 

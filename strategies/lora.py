@@ -128,7 +128,7 @@ class LoRA(Strategy):
 
     name = "lora"
     description = ("LoRA (Hu et al., ICLR 2022): W + (α/r)·B·A on the backbone's convs and linear "
-               "layers (peft; extra `lora`), head in full, merged for evaluation")
+                   "layers (peft; extra `lora`), head in full, merged for evaluation")
     Params = LoRAParams
     test_params = [{"r": 2}, {"r": 4, "alpha": 8.0, "dropout": 0.1}]
     search_space = {"lr": LR, "r": SearchDim("int", 1, 64, log=True),

@@ -117,7 +117,7 @@ class SAM(Strategy):
 
     name = "sam"
     description = ("SAM (Foret et al., ICLR 2021; adaptive: ASAM, Kwon et al. 2021): the step uses "
-               "the gradient at w + ρ·g/‖g‖; TWO forward/backward passes per step (~2× full)")
+                   "the gradient at w + ρ·g/‖g‖; TWO forward/backward passes per step (~2× full)")
     Params = SAMParams
     test_params = [{}, {"adaptive": True, "rho": 0.5}]
     search_space = {"lr": LR, "rho": SearchDim("float", 0.01, 2.0, log=True)}

@@ -41,6 +41,6 @@ class Scratch(Strategy):
 
     name = "scratch"
     description = ("From scratch: the same architecture from its random initialisation (seeded by "
-               "the cell's seed), every layer at the base LR, the same budget: the lower bound")
+                   "the cell's seed), every layer at the base LR, the same budget: the lower bound")
     search_space = {"lr": LR}
     pretrained_start = False

@@ -87,7 +87,7 @@ class WiSEFT(ProbeOwner, Strategy):
 
     name = "wise_ft"
     description = ("WiSE-FT (Wortsman et al., CVPR 2022): fine-tune, then θ(α) = (1−α)·θ₀ + α·θ₁ "
-               "with α chosen on validation from a grid")
+                   "with α chosen on validation from a grid")
     Params = WiSEFTParams
     test_params = [{"alphas": [0.0, 0.5, 1.0]}, {"alpha": 0.5, "probe_l2": 1e-3}]
     search_space = {"lr": LR}
