@@ -153,7 +153,7 @@ def test_metalr_trains_on_every_training_image_by_default(tiny_config) -> None:
     cfg = validate_config(tiny_config)
     outcome = run_benchmark(cfg, progress=False)
     client = MlflowClient(cfg.tracking_uri)
-    logged = {r.cell.label: client.get_run(r.run_id).data.params for r in outcome.results}
+    logged = {r.cell.strategy_label: client.get_run(r.run_id).data.params for r in outcome.results}
     n = {label: int(p["n_train_images"]) for label, p in logged.items()}
     assert n["metalr"] == n["full"] > n["metalr(meta_source=holdout)"]
     assert n["metalr(meta_source=holdout)"] < 0.9 * n["full"]

@@ -72,7 +72,7 @@ def check_tracking(uri: str, timeout_s: float = 3.0) -> None:
                 )
 
 
-def _dataset_label(spec: Any) -> str:
+def _describe_dataset(spec: Any) -> str:
     root = f", root={spec.root}" if spec.root else ""
     return f"dataset {spec.name!r} (size={spec.size}{root})"
 
@@ -89,7 +89,7 @@ def check_datasets(cfg: BenchmarkConfig, data: Any) -> None:
             data.get(cell)
         except (FileNotFoundError, ValueError, OSError, KeyError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            raise InputError(f"{_dataset_label(cell.dataset)}: {msg}") from None
+            raise InputError(f"{_describe_dataset(cell.dataset)}: {msg}") from None
 
 
 def check_pretrain_source(cfg: BenchmarkConfig) -> None:
@@ -105,7 +105,7 @@ def check_pretrain_source(cfg: BenchmarkConfig) -> None:
             (cfg.pretrain_for(d), d) for d in cfg.dataset_specs()}
     for (_, size), (spec, d) in sorted(jobs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if not checkpoint_path(cfg.model.arch, spec, size, cache).is_file():
-            key = "model.pretrain" if d.pretrain is None else f"datasets[{d.display_name}].pretrain"
+            key = "model.pretrain" if d.pretrain is None else f"datasets[{d.dataset_name}].pretrain"
             try:
                 load_source(spec, size, keep=True)
             except ConfigError as exc:  # PretrainSourceError: names the source and the key
@@ -144,7 +144,7 @@ def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
             raise InputError(f"`model.weights`: {exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(
-                f"strategy {cell.label} cannot run on model {cfg.model.arch!r}: {exc}"
+                f"strategy {cell.strategy_label} cannot run on model {cfg.model.arch!r}: {exc}"
             ) from None
 
 

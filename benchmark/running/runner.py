@@ -58,10 +58,10 @@ class BenchmarkOutcome:
 
 def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
     """How a run names its dataset: display name, adapter, size, and its fold when it is one."""
-    tags: dict[str, Any] = {T.DATASET: dataset.display_name, T.DATASET_ADAPTER: dataset.name,
+    tags: dict[str, Any] = {T.DATASET: dataset.dataset_name, T.DATASET_ADAPTER: dataset.name,
                             T.IMAGE_SIZE: dataset.size}
     if dataset.fold is not None:
-        tags |= {T.FOLD: dataset.fold, T.CV_GROUP: dataset.group_name}
+        tags |= {T.FOLD: dataset.fold, T.CV_GROUP: dataset.cv_group}
     return tags
 
 
@@ -71,7 +71,7 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
         T.KIND: T.KIND_CELL,
         **dataset_tags(cell.dataset),
         T.STRATEGY: cell.strategy,
-        T.STRATEGY_LABEL: cell.label,
+        T.STRATEGY_LABEL: cell.strategy_label,
         T.SEED: cell.seed,
         T.MODEL: cfg.model.arch,
         T.CONFIG_HASH: cfg.config_hash(cell),
@@ -93,7 +93,7 @@ def run_cell(
     cfg = cfg.effective(cell)
     h = cfg.config_hash(cell)
     bundle = data.get(cell)
-    name = f"{cell.dataset_label}/{cell.label}/seed{cell.seed}"
+    name = f"{cell.dataset_key}/{cell.strategy_label}/seed{cell.seed}"
     result = CellResult(cell, "", h, "RUNNING")
     ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", h)
     plan = plan_cell(tracker, h, ckpt, force=cfg.force)
@@ -116,7 +116,7 @@ def run_cell(
             if plan.run_id is None:  # a new run (a reopened one has all this already)
                 tracker.log_params(run_id, {**cfg.cell_params(cell), "weights_source": source})
                 tracker.log_inputs(run_id, dataset_inputs(
-                    cell.dataset_label, bundle.info, cell.dataset.model_dump(mode="json"),
+                    cell.dataset_key, bundle.info, cell.dataset.model_dump(mode="json"),
                     {"train": len(bundle.train), "val": len(bundle.val),
                      "test": len(bundle.test)}))
                 tracker.log_dict(run_id, {
@@ -274,7 +274,7 @@ LEADERBOARD_METRICS = ("test_auc", "test_acc", "test_balanced_acc", "test_f1",
 
 def leaderboard(results: list[CellResult]) -> pd.DataFrame:
     """Mean and std over seeds per (dataset, strategy), sorted by test AUC."""
-    rows = [{"dataset": r.cell.dataset_label, "strategy": r.cell.label, "seed": r.cell.seed,
+    rows = [{"dataset": r.cell.dataset_key, "strategy": r.cell.strategy_label, "seed": r.cell.seed,
              **r.summary} for r in results if r.status == "FINISHED"]
     if not rows:
         return pd.DataFrame()

@@ -131,8 +131,8 @@ class StudyTarget:
     name: str
 
     @property
-    def dataset_label(self) -> str:
-        return f"{self.dataset.display_name}@{self.dataset.size}"
+    def dataset_key(self) -> str:
+        return f"{self.dataset.dataset_name}@{self.dataset.size}"
 
 
 def study_name(
@@ -152,7 +152,7 @@ def study_name(
         "space": {k: asdict(v) for k, v in sorted(space.items())},
         "metric": cfg.tune.metric,
     }
-    return (f"{cfg.name}-{dataset.display_name}@{dataset.size}-{strategy}-"
+    return (f"{cfg.name}-{dataset.dataset_name}@{dataset.size}-{strategy}-"
             f"{stable_hash(payload)[:8]}")
 
 
@@ -274,7 +274,7 @@ class StudyRunner:
                     seed=cfg.tune.seed, overrides=overrides)
         worker = stale_trials.worker_id()
         tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
-                "optuna.state": "RUNNING", T.DATASET: t.dataset.display_name,
+                "optuna.state": "RUNNING", T.DATASET: t.dataset.dataset_name,
                 T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.SEED: cfg.tune.seed,
                 T.MODEL: cfg.model.arch, "worker": worker}
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
@@ -322,12 +322,12 @@ class StudyRunner:
         t, cfg = self.target, self.cfg
         tags = {T.KIND: T.KIND_STUDY, T.STUDY_NAME: t.name, "optuna.storage": self.storage_label,
                 "optuna.direction": direction(cfg.tune.metric),
-                T.DATASET: t.dataset.display_name,
+                T.DATASET: t.dataset.dataset_name,
                 T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.MODEL: cfg.model.arch,
                 "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
                 "pruner": cfg.tune.pruner}
         reopen = self._find_study_run()
-        with self.tracker.run(f"{t.dataset_label}/{t.strategy}/study", tags,
+        with self.tracker.run(f"{t.dataset_key}/{t.strategy}/study", tags,
                               parent_id=parent_id, reopen=reopen) as run_id:
             self.tracker.log_params(run_id, {
                 "metric": cfg.tune.metric, "tune_epochs": self.epochs,
@@ -453,7 +453,7 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
         for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
             bundle = data.get(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
                                    seed=cfg.tune.seed))
-            bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
+            bar.set_postfix_str(f"{t.dataset_key} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress,
                                                dataset=t.dataset)
@@ -485,7 +485,7 @@ def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id
             studies.append((r, study, run_id))
             for w in range(cfg.tune.workers_per_study):
                 calls.append((r.target, r.storage_label, run_id, parent_id, w))
-                labels.append(f"{r.target.dataset_label} {r.target.strategy} worker {w}")
+                labels.append(f"{r.target.dataset_key} {r.target.strategy} worker {w}")
         names = [r.target.name for r in runners]
         bar.n = study_storage.count_finished(runners[0].storage, names)
         bar.refresh()
