@@ -13,13 +13,13 @@ import torch
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import EpochCallback, TrainerOptions
+from metalr_bench.benchmark.training.trainer import TrainerCallback, TrainerOptions
 from metalr_bench.strategies import StepContext, TrainSettings, get_strategy
 from metalr_bench.strategies.core.layers import layer_groups
 from torch import nn
 
 
-class Snapshots(EpochCallback):
+class Snapshots(TrainerCallback):
     """The model's full state (weights and BatchNorm buffers) at the end of every epoch."""
 
     def __init__(self, model: nn.Module) -> None:

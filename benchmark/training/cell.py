@@ -30,8 +30,8 @@ from metalr_bench.benchmark.models.zoo import build_model, input_normalisation, 
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.trainer import (
-    EpochCallback,
     Trainer,
+    TrainerCallback,
     TrainerOptions,
     TrainResult,
     place_model,
@@ -101,7 +101,7 @@ def build_parts(
     channels_last: bool = False,
     bundle: DatasetBundle | None = None,
     options: TrainerOptions | None = None,
-    callbacks: list[EpochCallback] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
     checkpoint: CellCheckpoint | None = None,
 ) -> BuiltCell:
     """Build a cell's parts from explicit arguments, in the one order of the module docstring
@@ -175,7 +175,7 @@ def build_cell(
     cell: Cell,
     bundle: DatasetBundle,
     weights: dict[str, torch.Tensor] | None,
-    callbacks: list[EpochCallback] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
     *,
     epochs: int | None = None,
     checkpoint: CellCheckpoint | None = None,
@@ -212,7 +212,7 @@ def train_cell(
     cell: Cell,
     bundle: DatasetBundle,
     weights: dict[str, torch.Tensor] | None,
-    callbacks: list[EpochCallback] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
     *,
     resume: dict[str, Any] | None = None,
     artifacts: bool = True,

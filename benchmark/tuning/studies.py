@@ -52,7 +52,7 @@ from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
 from metalr_bench.benchmark.training.cell import CellResult, strategy_tags, train_cell
 from metalr_bench.benchmark.training.pretrain import starting_weights
-from metalr_bench.benchmark.training.trainer import EpochCallback
+from metalr_bench.benchmark.training.trainer import TrainerCallback
 from metalr_bench.benchmark.tuning import stale_trials
 from metalr_bench.benchmark.tuning import storage as study_storage
 from metalr_bench.benchmark.tuning.space import SearchDim, search_space, split_params, suggest
@@ -190,7 +190,7 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
 
 
 # -- the objective --------------------------------------------------------------------------------
-class PruningReporter(EpochCallback):
+class PruningReporter(TrainerCallback):
     """Report the epoch's validation metric to the trial; raise TrialPruned when told to."""
 
     def __init__(self, trial: optuna.Trial, key: str) -> None:
