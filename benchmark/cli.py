@@ -213,7 +213,7 @@ def cmd_run(argv: list[str]) -> int:
     if outcome.report is not None:
         print(f"Report: {outcome.report.html} (notebook, results.csv/.parquet alongside)")
     for r in outcome.failed:
-        print(f"FAILED {r.cell.dataset_label} {r.cell.label} seed={r.cell.seed}: {r.error}",
+        print(f"FAILED {r.cell.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}",
               file=sys.stderr)
     return 1 if outcome.failed else 0
 
@@ -234,7 +234,7 @@ def cmd_list(argv: list[str]) -> int:
 
     print("models (model.arch):")
     for name, card in MODELS.items():
-        print(f"  {name:18s} {card.summary}")
+        print(f"  {name:18s} {card.description}")
     print(f"  {TIMM_PREFIX + '<name>':18s} any timm model, e.g. timm:convnext_atto, "
           "timm:vit_tiny_patch16_224 (built for the dataset's image size); layer groups from "
           "its group_matcher()")

@@ -78,11 +78,12 @@ class DatasetSpec(_Strict):
     )
 
     @property
-    def group_name(self) -> str:
-        """The dataset's name without its fold: ``label``, else the adapter's default."""
+    def cv_group(self) -> str:
+        """The dataset's name without its fold (the tag ``cv_group`` of a fold's runs): the
+        entry's ``label``, else the adapter's default name."""
         from metalr_bench.datasets.core.registry import get_entry
 
-        return self.label or get_entry(self.name).default_label(self.root, self.options)
+        return self.label or get_entry(self.name).default_name(self.root, self.options)
 
     @property
     def fold(self) -> int | None:
@@ -90,11 +91,11 @@ class DatasetSpec(_Strict):
         return None if fold is None else int(fold)
 
     @property
-    def display_name(self) -> str:
-        """The dataset's name wherever it is shown (tags, run names, reports): ``group_name``,
-        and ``-fold<k>`` for a cross-validation fold, so folds and two image folders never
-        merge."""
-        return self.group_name if self.fold is None else f"{self.group_name}-fold{self.fold}"
+    def dataset_name(self) -> str:
+        """The dataset's name wherever it is shown (tag and param ``dataset``, run names,
+        reports): ``cv_group``, and ``-fold<k>`` for a cross-validation fold, so folds and two
+        image folders never merge."""
+        return self.cv_group if self.fold is None else f"{self.cv_group}-fold{self.fold}"
 
     def expand_folds(self) -> list[DatasetSpec]:
         """One entry per fold when the adapter's options give ``n_folds`` without ``fold``
@@ -425,7 +426,7 @@ class BenchmarkConfig(_Strict):
 
     @model_validator(mode="after")
     def _own_pretrain_needs_pretrain(self) -> BenchmarkConfig:
-        own = [d.display_name for d in self.datasets if d.pretrain is not None]
+        own = [d.dataset_name for d in self.datasets if d.pretrain is not None]
         if own and self.model.weights != "pretrain":
             raise ValueError(
                 f"datasets {own} give their own `pretrain` source, which is used only with "
@@ -506,7 +507,9 @@ class BenchmarkConfig(_Strict):
                 | ({"pretrain"} if cell.dataset.pretrain is None else set())),
                         # the root is left out (moving the data keeps the cells), its name not:
                         # two image folders with the same options are two datasets
-                        "label": cell.dataset.display_name},
+                        # key "label" (not "dataset_name"): the identity hashes of existing
+                        # runs were computed with it
+                        "label": cell.dataset.dataset_name},
             "model": eff.model.model_dump(mode="json"),
             "strategy": cell.strategy,
             "params": {k: v for k, v in params.items() if k not in tuned},
@@ -562,7 +565,7 @@ class Cell:
     study: str | None = None
 
     @property
-    def label(self) -> str:
+    def strategy_label(self) -> str:
         """``strategy``, ``strategy(k=2)`` when parameters were set, ``strategy(tuned)``."""
         if self.study is not None:
             return f"{self.strategy}(tuned)"
@@ -572,9 +575,10 @@ class Cell:
         return f"{self.strategy}({inner})"
 
     @property
-    def dataset_label(self) -> str:
-        """``<display name>@<size>``: the same dataset at two sizes is two tasks."""
-        return f"{self.dataset.display_name}@{self.dataset.size}"
+    def dataset_key(self) -> str:
+        """``<dataset name>@<size>`` (the reports' ``dataset_key``): the same dataset at two
+        sizes is two tasks."""
+        return f"{self.dataset.dataset_name}@{self.dataset.size}"
 
 
 def _explain(exc: ValidationError) -> str:

@@ -200,7 +200,7 @@ def _root_name(root: Path | None, options: dict[str, Any]) -> str | None:
 @register_dataset(
     "imagefolder",
     options_model=FolderOptions,
-    label=_root_name,
+    naming=_root_name,
     description="root/<class>/<images>; group-aware stratified splits (group_pattern)",
 )
 def load_imagefolder(
@@ -229,7 +229,7 @@ def load_imagefolder(
 @register_dataset(
     "csv",
     options_model=CsvOptions,
-    label=_root_name,
+    naming=_root_name,
     description="CSV manifest image,label[,group][,split]; multi-label as 'a|b'",
 )
 def load_csv(

@@ -39,8 +39,8 @@ def mean_ci(values: np.ndarray | pd.Series | list[float], level: float = 0.95
     return m, s, m - half, m + half, n
 
 
-def summarize(results: pd.DataFrame, metric: str, by: tuple[str, ...] = ("dataset_key",
-              "strategy_label"), level: float = 0.95) -> pd.DataFrame:
+def mean_ci_table(results: pd.DataFrame, metric: str, by: tuple[str, ...] = ("dataset_key",
+                  "strategy_label"), level: float = 0.95) -> pd.DataFrame:
     """Per group: ``mean, std, ci_low, ci_high, n`` of ``metric`` over seeds."""
     rows = []
     for key, g in results.groupby(list(by), sort=True):

@@ -7,43 +7,16 @@ At the start of every epoch, with the weights as they are:
     RGN_g = mean over rgn_batches training batches of ||∇_{θ_g} L|| / ||θ_g||
     lr_g  = lr · RGN_g / max_j RGN_j
 
-per layer group g (:mod:`metalr_bench.strategies.core.layers`). The group with the largest
-relative gradient trains at ``lr``; a group whose gradient is small next to its weights hardly
-moves. The rates hold for the whole epoch, and the optimizer's groups carry them, so what is
-logged (``lr/<group>``, with ``rgn/<group>`` next to it) is what the optimizer used.
+per layer group g (:mod:`metalr_bench.strategies.core.layers`); the rates hold for the epoch.
+The RGN batches are fresh, un-augmented training batches (``meta_source = "train"``); the
+gradients are taken with ``torch.autograd.grad`` in train mode and BatchNorm statistics are put
+back afterwards. Logged: ``lr/<group>`` and ``rgn/<group>``.
 
-The RGN batches come from ``StepContext.meta_batch`` with ``meta_source = "train"``: fresh,
-un-augmented batches of the training images. Every training image is still trained on
-(``n_train_images`` is unchanged). The gradients are taken in train mode, as in the reference,
-with ``torch.autograd.grad``, so the ``.grad`` of the training step is not touched. Each batch
-is one extra forward/backward, and the BatchNorm running statistics are put back afterwards,
-so measuring has no effect on the model.
+Defaults: ``rgn_batches`` as in the reference (5), the benchmark's optimizer, kept across epochs.
 
-Deviations from the paper's code (``yoonholee/Surgical-finetuning``, ``get_lr_weights`` and the
-``auto_tune: RGN`` branch of its training loop), and why:
-
-* One LR per layer group, not one per parameter tensor. The reference gives every named
-  tensor its own RGN and LR. Here the unit is the suite's layer group, shared with last_k,
-  layer_decay, MetaLR and the report's per-layer drift, so the logged LRs compare across
-  strategies. RGN_g uses the norms of all of the group's eligible tensors taken together.
-* Normalisation layers: their parameters are left out of the RGN, as in the reference. They are
-  found by module type (BatchNorm, GroupNorm, LayerNorm), not by the reference's name filter
-  (``"bn" not in name``). That filter keeps ResNet's downsample BatchNorm (``downsample.1``)
-  and DenseNet's ``norm`` layers in the RGN. They *train*, at their group's LR. The reference
-  leaves them out of the optimizer altogether, so their affine parameters stay frozen while
-  their running statistics adapt. We train them like every other strategy does, at the rate
-  the group's other weights earn. A group with no other parameter would use all of its own.
-* The optimizer keeps its state across epochs, and only the LRs change. The reference builds a
-  new Adam every epoch to set the per-tensor LRs, which resets its moments; that is a side
-  effect of how it sets the rates, not part of the method.
-* The RGN batches are un-augmented, and BatchNorm statistics are restored after them. The
-  reference takes the first 5 batches of a new pass over its training loader, with that
-  loader's transforms, and lets those forward passes update the running statistics.
-* The rates are computed per epoch over ``rgn_batches`` batches, as in the reference (not per
-  step). A per-step rule would be free but noisier. Ours costs ``rgn_batches`` forward/backward
-  passes per epoch, about ``rgn_batches / steps_per_epoch`` of an epoch.
-* A weight norm of 0 (a zero-initialised layer) counts as a tiny positive number, and so does a
-  largest RGN of 0, so the rates stay finite.
+Deviations (one LR per layer group, normalisation layers found by type and trained, the
+optimizer's state kept, un-augmented batches, guards against zero norms): docs/strategies.md,
+section ``auto_rgn``.
 """
 
 from __future__ import annotations

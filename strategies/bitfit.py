@@ -53,8 +53,8 @@ class BitFit(Strategy):
     the new head."""
 
     name = "bitfit"
-    summary = ("BitFit (Ben Zaken et al., ACL 2022): train only the biases, the normalisation "
-               "layers' scales/shifts and the new head; every other weight frozen")
+    description = ("BitFit (Ben Zaken et al., ACL 2022): train only the biases, the normalisation "
+                   "layers' scales/shifts and the new head; every other weight frozen")
     search_space = {"lr": LR}
     mechanism = "trainable_share"
 

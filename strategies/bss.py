@@ -4,38 +4,16 @@ batch's features, the directions fine-tuning would otherwise fit to noise (negat
 
     L = L_task + η · Σ_{i=1..k} σ²_{-i}(F)
 
-F is the batch's penultimate feature matrix (batch × feature dim: the input of the head, e.g.
-ResNet's pooled features before ``fc``), σ_{-i} its i-th smallest singular value. Defaults k = 1,
-η = 0.001, as the paper and the reference code (thuml/Transfer-Learning-Library,
-``tllib/regularization/bss.py`` and ``examples/task_adaptation/image_classification/bss.py``,
-``--k 1 --trade-off 0.001``). The penalty is added to plain fine-tuning: every layer at the base
-LR with the benchmark's optimizer and weight decay (the reference example also keeps its weight
-decay, 5e-4).
+F is the batch's penultimate feature matrix (batch × feature dim: the input of the head, kept by
+a forward hook on the head module), σ_{-i} its i-th smallest singular value. The penalty is added
+to plain fine-tuning (every layer at the base LR, the benchmark's optimizer and weight decay).
 
-How: a forward hook on the head module (the last layer group) keeps its input while gradients
-are enabled (training forwards; evaluation and BatchNorm re-estimation run without gradients and
-are ignored); :meth:`BSS.loss_term`, which the trainer's default step calls right after the
-forward, takes it and returns the penalty. The hook writes into a dict, not into the strategy, so
-the model never keeps a strategy alive (the tuner builds hundreds on one model), and it is removed
-when the strategy is collected.
+Defaults: k = 1, η = 0.001, as the paper and the reference code (thuml/Transfer-Learning-Library).
+Logged per epoch: ``bss/penalty`` and ``bss/penalty_share`` (the ``mechanism``). On CUDA the SVD
+synchronises the host once per step.
 
-Deviations from the reference code, and why:
-
-* the singular values come from ``torch.linalg.svdvals`` of F in float32 (the reference calls
-  ``torch.svd(F.t())`` and discards U, V): the same values, without the singular vectors, whose
-  gradient is ill-defined for repeated singular values; float32 because under bf16 autocast the
-  smallest singular values would drown in rounding;
-* k is clamped to the number of singular values, min(batch, feature dim) (for k > min(b, d) the
-  reference's negative index wraps around and penalises the largest ones too);
-* features with more than two dimensions (a head that takes a feature map) are flattened per
-  image; the reference's heads take flat features only.
-
-Logged per epoch (epoch means, :mod:`metalr_bench.strategies.core.penalty`): ``bss/penalty``,
-η · Σ σ²_{-i} as it enters the loss, and ``bss/penalty_share`` = penalty / (task loss + penalty),
-the strategy's ``mechanism``.
-
-On CUDA the SVD synchronises the host once per step (cuSOLVER's error check), the only step-level
-sync in the default loop.
+Deviations (``svdvals`` in float32, k clamped to min(batch, dim), feature maps flattened):
+docs/strategies.md, section ``bss``.
 """
 
 from __future__ import annotations

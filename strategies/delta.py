@@ -5,76 +5,22 @@ network's on the same images, weighting each channel by how much the task needs 
     L = L_task + α · Σ_l ½ · c_l/(h_l·w_l) · Σ_b Σ_j W_lj · ‖FM_lj(w, x_b) − FM_lj(w⁰, x_b)‖²
                + β · ½ · ‖w_head‖²
 
-FM_lj is channel j of feature map l (c_l channels of h_l × w_l), w⁰ the pre-trained weights, run
-by a frozen copy of the model (``copy.deepcopy`` at construction, no gradients; its BatchNorm
-layers normalise as the fine-tuned model's do, see the deviations), b the images of the batch. α = β = 0.01, as the reference code (lixingjian/DELTA, ``train.py``,
-``run.sh``). The regularisers replace weight decay, as in the reference (its optimizer has no
-weight decay for DELTA): every layer trains at the base LR with weight decay 0.
+FM_lj is channel j of feature map l (c_l channels of h_l × w_l: the output of each *stage* of the
+layer grouping, stem and head excluded; a timm model's own ``feature_info`` maps: a ViT's blocks,
+channels last), w⁰ the pre-trained weights run by a frozen copy of the
+model, b the images of the batch. ``attention: true`` (the paper's DELTA): W_lj from the loss rise
+when channel j is removed, measured once in the first step with a head fitted on the frozen
+features, ``softmax(z / 5)`` of the per-map z-scores; ``attention: false``: W_lj = 1/c_l.
 
-**Attention** (``attention: true``, the paper's DELTA). W_lj comes from the pre-trained network:
-how much the task loss on labelled training images rises when channel j of feature map l is
-removed. As the reference (``channel_eval.py``), we first fit the new head on the frozen
-pre-trained features (its ``train_classifier``: the backbone frozen, only the head trained), then
-for each channel zero it, measure the loss rise averaged over a few batches, standardise the rises
-per feature map (z-score) and take ``softmax(z / 5)`` (``train.py``); each map's weights are
-non-negative and sum to 1. Done once, in the first training step, before the first update: the
-strategy never sees the data before (``meta_source: train`` makes the trainer hand it fresh,
-un-augmented batches of the training images through ``StepContext.meta_batch``; nothing is held
-out, every image is still trained on). Kept in :meth:`Delta.state_dict` for an exact resume.
+Defaults: α = β = 0.01 (the reference code, lixingjian/DELTA), weight decay 0 (the regularisers
+replace it), every layer at the base LR, ``attention: true``, ``attention_batches`` 2.
+Logged: ``delta/penalty`` and ``delta/task_loss`` per step, ``delta/penalty_share`` per epoch
+(the ``mechanism``).
 
-**Without attention** (``attention: false``): W_lj = 1/c_l, i.e.
-``α · Σ_l ½/(h_l·w_l) · Σ_b ‖FM_l(w, x_b) − FM_l(w⁰, x_b)‖²``.
-
-**Feature maps**: the output of each *stage* of the layer grouping
-(:mod:`metalr_bench.strategies.core.layers`), the stem and head excluded. A stage is the groups
-whose names share the part before the first dot: ResNets' ``layer1`` .. ``layer4`` (the output of
-each layer's last block, 4 maps like the reference's), SmallCNN's ``block1`` .. ``block3``,
-DenseNets' dense blocks and transitions (the last with ``norm5``), any other model's top-level
-children. A timm model names its own (its ``feature_info``, kept in its layer plan): a ViT's
-blocks (tokens, channels last), a ConvNeXt's 4 stages. Forward hooks keep them while gradients are enabled (the training forward); they write
-into a dict, not into the strategy, so a model never keeps a strategy (and its copy) alive.
-
-Deviations from the reference code, and why:
-
-* feature maps are the stage outputs (after the residual addition and ReLU), not the output of
-  the last block's last convolution (``layer1.2.conv3``, before its BatchNorm and the residual
-  addition): the reference names ResNet-50/101 modules; stage outputs exist in every model of the
-  zoo and are what the next stage reads. Removing a channel, for the attention, zeroes that
-  channel of the stage output (the reference zeroes the filter, whose BatchNorm then outputs its
-  bias);
-* the unweighted variant keeps the attention variant's normalisation (uniform weights 1/c_l; ½
-  and 1/(h·w) included). The reference's ``fea_map`` uses ½·‖ΔFM‖² without 1/(h·w), which would
-  make ``attention: false`` h·w times stronger (3136× for 56 × 56 maps) at the same α, so the
-  two variants could not share α nor its search range. Like the reference, the penalty is summed
-  over the images of the batch (the task loss is their mean): its weight grows with the batch
-  size;
-* the head is fitted for the attention on the attention batches' frozen features only
-  (``attention_batches`` × the training batch size, default 2 × 64 = 128 images, the reference's
-  4 × 32), by 200 full-batch Adam steps (lr 0.01, weight decay 1e-4) with the task's loss, not 10
-  epochs of SGD over the whole training set with the backbone's BatchNorm statistics updating (the
-  strategy sees no data before its first step). The fitted head (``probe``) serves the attention
-  only; training starts from the cell's new head, as for every strategy;
-* the attention batches are un-augmented (the reference evaluates augmented training batches);
-* the frozen copy normalises with the statistics the fine-tuned model normalises with: where a
-  BatchNorm layer of the fine-tuned model is in train mode (batch statistics), its twin in the
-  copy computes the same batch's statistics too (train-mode maths with no running buffers, so
-  the copy's running statistics never change); in eval mode both use their running statistics.
-  So the penalty is exactly 0 at w = w⁰ and measures drift of the weights. The reference runs
-  its source model in eval mode against a model in train mode: on a network pre-trained by the
-  suite's own stage that made the feature penalty ≈ 335 against a task loss of ≈ 2.5 before the
-  first update, a penalty of the BatchNorm mismatch, not of drift. Dropout in the copy stays off.
-
-Logged: ``delta/penalty`` (α · the feature term, as it enters the loss; the new head's plain
-β-L2 is ``delta/head``, before β) and ``delta/task_loss`` at every training step (MLflow step =
-training step, step 0 before the first update, where the penalty is 0), and per epoch
-``delta/penalty_share`` = mean penalty / (mean task loss + mean penalty) over the epoch, the
-strategy's ``mechanism`` (:mod:`metalr_bench.strategies.core.penalty`). Unlike ``l2sp`` and
-``bss``, the epoch mean of the penalty is not logged as ``delta/penalty``: that key holds the
-per-step values, and one key with two step axes would mix them.
-
-Cost: one extra forward of the frozen copy per step (no backward). The attention costs one
-forward of the frozen copy per channel of every feature map per attention batch (960 channels for
-ResNet-18: ≈ 123k image-forwards at the defaults), batched a few hundred images at a time, once.
+Deviations (stage outputs as feature maps, 1/(h·w) kept without attention, the attention's head
+fitted by Adam on its batches, un-augmented attention batches, the frozen copy's BatchNorm
+following the fine-tuned model's mode), each with its reason, the cost, and how it is built:
+docs/strategies.md, section ``delta``.
 """
 
 from __future__ import annotations

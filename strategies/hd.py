@@ -1,82 +1,25 @@
 """HD: hypergradient descent on one learning rate per layer group.
 
 Reference: A. G. Baydin, R. Cornish, D. Martínez Rubio, M. Schmidt, F. Wood, "Online Learning
-Rate Adaptation with Hypergradient Descent", ICLR 2018 (its algorithms SGD-HD, SGDN-HD and
-Adam-HD); reference code gbaydin/hypergradient-descent, ``hypergrad/sgd_hd.py`` and
-``hypergrad/adam_hd.py``.
+Rate Adaptation with Hypergradient Descent", ICLR 2018 (SGD-HD, SGDN-HD, Adam-HD); reference code
+gbaydin/hypergradient-descent.
 
-The learning rate is itself trained by gradient descent, through the last step only. The
-optimizer moved θ_{t−1} = θ_{t−2} − α·d_{t−1} with its update direction d_{t−1}, so
+The learning rate is trained by gradient descent through the last step: with d_{t−1} the
+direction the optimizer applied at step t−1 (SGD: the gradient or momentum buffer; Adam: its
+update m̂/(√v̂ + ε); AdamW: that plus λ·θ_{t−2}),
 
     h_t = ∂f(θ_{t−1})/∂α = −⟨∇f(θ_{t−1}), d_{t−1}⟩,   α_t = α_{t−1} − β·h_t = α_{t−1} + β·⟨g_t, d_{t−1}⟩
 
-and the step θ_t = θ_{t−1} − α_t·d_t uses the *updated* rate (the paper's order: loss, backward,
-hyper-gradient from the new gradient and the previous direction, rate update, optimizer step).
+and the step θ_t = θ_{t−1} − α_t·d_t uses the updated rate. ``scope: group`` (default): one α_j
+per layer group, h_j summed over the group's parameters; ``scope: global``: the paper's one α.
 
-Two scopes (param ``scope``):
+Defaults: β (``hyper_lr``, :data:`DEFAULT_HYPER_LR`) = 1e-5 with Adam/AdamW, 1e-3 with SGD;
+search space 1e-7..1e-3 (log); no bounds on α; the benchmark's optimizer (Adam, weight decay
+1e-4). Logged per epoch: ``lr/<group>``, ``lr_spread``, ``hd/max_lr_change``.
 
-- ``group`` (default): one α_j per layer group j (stem, each block, head; all start at the base
-  lr), and h_j sums over group j's parameters only: α_j ← α_j + β·Σ_{p ∈ group j} ⟨g_t,p, d_{t−1},p⟩.
-  The benchmark compares layer-wise LR methods (MetaLR learns one rate per group), and the
-  report correlates the final rates with the layers' transferability.
-- ``global``: the paper's algorithm, one α for every parameter, h = Σ_j h_j (every group logs
-  the same rate, so ``lr_spread`` stays 1; ``hd/max_lr_change`` shows it moved).
-
-d is the direction the benchmark's optimizer really applied at step t−1 (the derivative of
-that step with respect to its rate), read from the optimizer's own state just before step t:
-
-- SGD (SGD-HD): with μ = 0, d_{t−1} = g_{t−1}, kept by this strategy; with momentum μ (the
-  benchmark's SGD has 0.9, classical, in PyTorch's form b_{t−1} = μ·b_{t−2} + g_{t−1}),
-  d_{t−1} = b_{t−1}, the momentum buffer, which is what the reference SGDHD stores
-  (``grad_prev = buf``). The paper's SGDN-HD is the Nesterov variant, which the benchmark's
-  optimizer does not use. h_1 = 0 (no previous step), as in the reference.
-- Adam (Adam-HD): d_{t−1} = u_{t−1} = m̂_{t−1}/(√v̂_{t−1} + ε), m̂ = m/(1 − β₁^{t−1}),
-  v̂ = v/(1 − β₂^{t−1}), Adam's previous update direction, recomputed with multi-tensor ops from
-  the moments the optimizer still holds before it updates them (as the reference does), with
-  the bias corrections in double precision from the number of steps taken. h_1 = 0.
-- AdamW: its decoupled decay θ ← θ·(1 − α·λ) also depends on α, so d_{t−1} = u_{t−1} + λ·θ_{t−2},
-  with θ_{t−2} = (θ_{t−1} + α_{t−1}·u_{t−1})/(1 − α_{t−1}·λ) recovered exactly from the current
-  weights (no copy kept). The reference has no AdamW.
-
-g_t is the gradient of the objective the optimizer descends: with SGD and Adam it includes the
-coupled weight decay, g = ∇L + λ·θ (the reference adds it too); with AdamW it is ∇L.
-
-**β: not the reference's.** The reference's defaults, β = 1e-8 with Adam/AdamW (AdamHD's
-``hypergrad_lr``) and 1e-6 with SGD (SGDHD's), were tuned for its problems (MNIST, CIFAR-10,
-from scratch, lr 1e-3). On ours (a pre-trained ResNet-18, PneumoniaMNIST, lr 1e-3, 5 epochs) at
-β = 1e-8 the per-group rates change by about 0.2 % over a run: ``hd`` is then full fine-tuning
-under another name. Near a pre-trained optimum consecutive Adam directions are weakly
-correlated, so ⟨g_t, u_{t−1}⟩ is small and sign-alternating, and β must be far larger for the
-rate to move. Default here (:data:`DEFAULT_HYPER_LR`): β = 1e-5 with Adam/AdamW, measured to
-move the rates by tens of percent to a few-fold over such a run (the README, "Strategies", gives
-the measurement), and 1e-3 with SGD (the top of the reference's SGD experiments; not measured
-here: SGD is not the benchmark's optimizer); the search space is 1e-7..1e-3 (log) around it for Adam, with room for SGD's
-(narrow it with ``tune.params.hd.hyper_lr`` for one optimizer). Each epoch logs every group's
-rate (``lr/<group>``), their spread (``lr_spread``) and the largest relative change from the
-start (``hd/max_lr_change``). No bounds on α, as in the reference (whose README warns that rates
-may need safeguards): a diverging run is reported as such by the trainer.
-
-Deviations, and why:
-
-- Per layer group by default (``scope: group``) instead of the paper's one global rate
-  (``scope: global``): the benchmark compares layer-wise LR methods (MetaLR learns one rate per
-  group); the paper's hyper-gradient with respect to group j's rate is exactly the group's share
-  of the global dot product, so β·h_j is the paper's step for a per-group α_j. With the same β
-  each group's rate moves by its own share only.
-- β far above the reference's defaults (above), so the method acts on this data.
-- The reference AdamHD updates ``group['lr']`` parameter by parameter inside its step loop, so
-  within one step the earlier tensors of a group are stepped with a partially updated rate; here
-  the whole group's h is formed first and every tensor is stepped with the same new α_j, as in
-  Algorithm 1.
-- ε: the paper's Adam-HD and PyTorch's Adam (the real step here) divide by √v̂ + ε; the
-  reference code's older Adam by √v + ε, with the bias corrections folded into the step size
-  (a factor √(1 − β₂^t) on ε). d is the direction the real step applied: the paper's form.
-- Like every strategy here, the real optimizer is the benchmark's (Adam, weight decay 1e-4, by
-  default), overridable with ``optimizer``; the rates live in a float64 tensor on the model's
-  device (increments of β·h ~ 1e-10 would round away in float32) and reach the optimizer as
-  float32 tensors, so the step never synchronises with the host.
-- A parameter whose gradient is None at some step (never the case for the benchmark's models)
-  is skipped by the optimizer; its stored moments/buffer then still describe an older step.
+Deviations: per group by default, β far above the reference's 1e-8 (which leaves the rates
+still on this data), one α_j per group per step, the paper's ε; the reasons, the measurement
+behind β and the optimizer details: docs/strategies.md, section ``hd``.
 """
 
 from __future__ import annotations

@@ -4,45 +4,18 @@ every pre-trained weight W and learn a low-rank update of it,
 
     W' = W + (α/r) · B·A,     A ∈ R^{r×k}, B ∈ R^{d×r}, B = 0 at the start,
 
-so the model computes the pre-trained function at the start and trains r·(d + k) numbers per
-layer instead of d·k. The new head trains in full. Built with Hugging Face ``peft``
-(``inject_adapter_in_model`` with a ``LoraConfig``; install the extra: ``pip install -e
-".[lora]"``), so the layers are peft's own:
+so the model computes the pre-trained function at the start. The new head trains in full. Built
+with Hugging Face ``peft`` (``pip install -e ".[lora]"``): every ``Conv2d`` (``groups == 1``) and
+``Linear`` outside the head is adapted; every other backbone parameter is frozen, BatchNorm stays
+in train mode. At the end of training the adapters are merged into W, so the run tests (and the
+drift and transferability see) the base architecture with its own parameter names.
 
-* ``nn.Linear`` (d × k): A is a Linear k → r, B a Linear r → d;
-* ``nn.Conv2d`` (out × in × kh × kw), as in peft's ``Conv2d`` LoRA and LoRA-C (Ding et al.
-  2024): A is a convolution in → r with the layer's kernel, stride and padding, B a 1×1
-  convolution r → out, so ΔW = (α/r) · B·A with A flattened to r × (in·kh·kw): the forward
-  ``x ↦ conv_W(x) + (α/r)·conv_B(conv_A(x))`` equals ``conv_{W+ΔW}(x)``.
+Defaults: r = 8, α = r, no LoRA dropout (peft's defaults). Tuned: lr, r and α (log-uniform
+1..64). Logged per epoch: ``trainable_params``, ``trainable_share``.
 
-Targets: every ``Conv2d`` (with ``groups == 1``) and ``Linear`` outside the head, the head (the
-last layer group) excluded because it trains in full. Depthwise and grouped convolutions are not
-adapted (peft cannot merge them); they stay frozen. Every other parameter of the backbone
-(BatchNorm's scale and shift included) is frozen (``requires_grad=False``); BatchNorm layers stay
-in train mode, so their running statistics follow the target data (peft's behaviour). A starts
-as peft initialises it (Kaiming-uniform, the paper: Gaussian), B at zero.
-
-Merged for evaluation: at the end of training (``on_train_end``: after the best checkpoint is
-loaded, before the test split is read) every adapter is merged, W ← W + (α/r)·B·A, and the peft
-layer replaced by its base layer again. So the model the run tests, the drift and the
-transferability metrics see, and the runner keeps is the base architecture with its own
-parameter names; while training, the wrapped layers are named ``<layer>.base_layer.weight``,
-``<layer>.lora_A.default.weight`` and ``<layer>.lora_B.default.weight`` (checkpoints for
-resume are saved in these names and rebuilt the same way). The layer groups keep their module
-paths (peft wraps a layer at its own path), so each layer group's adapters form its optimizer
-group and LR (``lr/<group>``). :meth:`LoRA.start_state` gives the starting weights in the base
-names (B = 0: exactly the pre-trained W).
-
-Logged each epoch: ``trainable_params`` and ``trainable_share`` (trained / all parameters of the
-model being trained, adapters included, as peft's ``print_trainable_parameters`` counts).
-
-Defaults: r = 8 (peft's default; the paper uses 1..64, mostly 4-8), α = r (the paper sets α to
-the first r it tries and does not tune it: scale 1), no LoRA dropout (peft's default). Tuned:
-the base LR, r (integer, log-uniform 1..64) and α (log-uniform 1..64).
-
-Deviations, and why: the paper adapts only the attention projections of a Transformer; on a CNN
-every convolution is the analogue (LoRA-C, Conv-LoRA). The head is a new layer here (no
-pre-trained weight to adapt), so it trains in full, as the paper's task heads do.
+Deviation: every convolution is adapted (the paper adapts a Transformer's attention projections;
+LoRA-C's analogue on a CNN). Conv layers, names while training, resume: docs/strategies.md,
+section ``lora``.
 """
 
 from __future__ import annotations
@@ -127,8 +100,8 @@ class LoRA(Strategy):
     layers (peft), the head in full; merged for evaluation; needs the `lora` extra."""
 
     name = "lora"
-    summary = ("LoRA (Hu et al., ICLR 2022): W + (α/r)·B·A on the backbone's convs and linear "
-               "layers (peft; extra `lora`), head in full, merged for evaluation")
+    description = ("LoRA (Hu et al., ICLR 2022): W + (α/r)·B·A on the backbone's convs and linear "
+                   "layers (peft; extra `lora`), head in full, merged for evaluation")
     Params = LoRAParams
     test_params = [{"r": 2}, {"r": 4, "alpha": 8.0, "dropout": 0.1}]
     search_space = {"lr": LR, "r": SearchDim("int", 1, 64, log=True),

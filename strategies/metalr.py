@@ -9,47 +9,17 @@ Each iteration, with a training batch and a meta (validation) batch:
 The hyper-gradient is exact and first-order (:mod:`metalr_bench.strategies.core.hypergrad`): one
 extra forward/backward on the meta batch per meta-step, no model copy.
 
-The method's defaults follow the public code (Schuture/MetaLR, ``MetaLR_POCUS/train.py``):
-groups = stem, each residual block, head; α⁰ = backbone_lr_scale·lr = 0.1·lr for the backbone
-and lr for the head (:func:`initial_rates`); the multiplicative rule α ← clip(α·(1 − η·h), 1e-6,
-1e-2) with η = 0.1 and the raw (un-normalised) hyper-gradient h; head LR pinned to lr for the
-first 1/6 of the run (the code's ``if epoch <= 5`` of its 30 epochs; :func:`pinned_epochs`); the
-real step is the benchmark's optimizer (Adam, weight decay 1e-4, by default) with the learned α
-as each group's LR. Note the look-ahead is the SGD step of eq. 1 while the real step is Adam's; the
-paper and its code do the same, and we keep it.
+Defaults, the public code's (Schuture/MetaLR, ``MetaLR_POCUS/train.py``): groups = stem, each
+residual block, head; α⁰ = backbone_lr_scale·lr = 0.1·lr for the backbone and lr for the head
+(:func:`initial_rates`); α ← clip(α·(1 − η·h), 1e-6, 1e-2) with η = 0.1 and the raw h; the
+head's rate pinned to lr for the first 1/6 of the run (``head_pin_fraction``,
+:func:`pinned_epochs`); ``meta_source: train`` (:data:`META_REFERENCE` logs ``public_code`` or
+``paper``); the benchmark's optimizer (Adam, weight decay 1e-4). Tuned: lr in 1e-5..1e-2
+(:meth:`MetaLR.constrain_space`).
 
-The training settings are not the public code's. That code trains with lr 0.01, so the head
-starts at 0.01 and the backbone at 0.001, batch 128, 30 epochs, 64 px images, Adam with weight
-decay 1e-4. The suite's default config has lr 1e-3, so 1e-3 (head) and 1e-4 (backbone), batch
-64, 5 epochs, 28 px (Adam, weight decay 1e-4, as in the code). Those are the quick benchmark's
-CPU-sized defaults, shared by every strategy so that the comparison is fair: no strategy gets its
-own LR or epochs, unless every strategy is tuned with the same budget (``--tune``). The public
-code's settings are in ``configs/metalr-paper.yaml``. Tuned, MetaLR searches lr in 1e-5..1e-2
-(the others 1e-5..1e-1): its head starts at lr, and lr_max is 1e-2
-(:meth:`MetaLR.constrain_space` narrows it further for other fixed bounds or scales).
-
-**The head pin is a share of the run, not 5 epochs.** The code pins the head for its first 5
-epochs of 30. Pinned for 5 epochs, a 5-epoch run (the quick benchmark's) would never learn the
-head's rate. ``head_pin_fraction`` (default 1/6, the code's ratio) pins the first
-⌈fraction·epochs⌉ epochs (30 epochs: 5, as the code; 5 epochs: 1); ``head_pin_epochs`` sets an
-absolute count instead. Each epoch logs ``head_pinned`` (1: the head's rate was held at lr).
-``metalr_public`` keeps the code's absolute 5 epochs.
-
-**Which MetaLR runs: the meta batch.** The paper (Chen et al., MICCAI 2023, Algorithm 1)
-meta-learns the rates on a held-out *validation* batch; the public code (Schuture/MetaLR,
-``MetaLR_POCUS/train.py``, its ``meta_loader`` over the training folds) meta-learns on *training*
-images. ``meta_source: train`` (the default) is the public code's choice, ``holdout`` (a
-held-out 20 % of the training data, re-sampled), ``fixed`` (one held-out batch) and ``val`` (the
-validation split) are the paper's. Every run logs which as the MLflow param
-``metalr_meta_reference``: ``public_code`` or ``paper`` (:data:`META_REFERENCE`).
-
-Fixed relative to the public code: the look-ahead descends (θ − α·g; the code's
-``parameter.sub(-lr * grad)`` ascends), the meta batch is a fresh, un-augmented batch of the
-training data at each meta-step (``meta_source: train``, the code's source; the code re-creates
-its iterator each call and so always uses the *first* training batch), so MetaLR trains on the
-same images as every baseline (``meta_source: holdout``, the default until this version, held
-20 % of them out instead), the best epoch is chosen on validation data by the trainer (the code picks it on the
-test fold), and no model is rebuilt or state dict reloaded per iteration.
+Deviations from the public code: the look-ahead descends, the meta batch is a fresh batch, the
+epoch is chosen on validation, the head pin is a share of the run; the reasons, the training
+settings and the meta batch choices: docs/strategies.md, section ``metalr``.
 """
 
 from __future__ import annotations

@@ -8,54 +8,19 @@ Imaging", MICCAI 2023 (arXiv:2206.01408); code: github.com/Schuture/MetaLR,
 ``metalr`` (:mod:`metalr_bench.strategies.metalr`) fixes two defects of that code; this strategy
 keeps them, so the benchmark can measure what they cost:
 
-1. **The look-ahead ascends.** ``MetaSGD.meta_step`` sets each parameter to
-   ``parameter.sub(-lrs[j] * grad)``, i.e. θ̂ = θ + α·g instead of eq. 1's θ − α·g, and the
-   code differentiates the meta loss at that point: h_j = ∂L_val(θ + α·g)/∂α_j.
-2. **The meta batch is always the first training batch.** ``train_meta_step`` reads
-   ``next(meta_iterator)`` from a local name that never exists, the bare ``except`` re-creates
-   ``iter(meta_loader)`` on every call, and ``meta_loader`` is the training folds with the
-   un-augmented transform and ``shuffle=False``: every meta-step validates on the same first
-   batch (training batch size) of the un-shuffled training set. Here: meta source ``first``,
-   the trainer's first batch of the training split in its stored order, un-augmented.
+1. **The look-ahead ascends**: θ̂ = θ + α·g, and h_j = ∂L_val(θ + α·g)/∂α_j
+   = +⟨∇_j L_val(θ + α·g), g_j⟩ (``hypergradient`` called with −α, negated).
+2. **The meta batch is always the first training batch** (meta source ``first``: the first
+   batch of the training split in its stored order, un-augmented).
 
-Everything else is the public code's too, and fixed: the multiplicative update
-α ← clip(α·(1 − η·h), 1e-6, 1e-2) with the raw h and η = ``hyper_lr`` (0.1, the code's
-``--hyper-lr``), initial rates 0.1·lr (backbone groups) and lr (head), the head's rate pinned to
-lr for the first 5 epochs whatever the run's length (``if epoch <= 5`` with 1-based epochs, in a
-run of 30: ``metalr`` pins the same share, 1/6, of any run; here, as in the code, a run of 5
-epochs or fewer never learns the head's rate: its ``head_pinned`` metric stays 1), a meta-step
-every iteration,
-the real step being the optimizer (Adam with weight decay in the code; the benchmark's optimizer
-here, Adam with weight decay 1e-4 by default) with the new α as each group's rate. The code runs
-a second forward/backward of the training batch for that step; here g is reused: the same
-weights and batch give the same gradient, and BatchNorm's running statistics are updated once
-in both (the code's look-ahead runs on its throw-away ``meta_model``, ours on scratch buffers).
+Defaults, the code's: α ← clip(α·(1 − η·h), 1e-6, 1e-2) with the raw h and η = ``hyper_lr`` =
+0.1; initial rates 0.1·lr (backbone) and lr (head); the head pinned for the first 5 epochs
+whatever the run's length; a meta-step every iteration; the benchmark's optimizer. ``ascent:
+false`` and ``meta_source: train`` undo the two defects (then it is ``metalr`` with
+``head_pin_epochs: 5``).
 
-**The sign, derived.** :func:`~metalr_bench.strategies.core.hypergrad.hypergradient` called with
-rates a forms θ̂ = θ − a·g and returns H(a)_j = ∂L_val(θ − a·g)/∂a_j = −⟨∇_j L_val(θ − a·g), g_j⟩.
-The code's point is θ + α·g = θ − (−α)·g, and by the chain rule
-
-    h_j = ∂L_val(θ + α·g)/∂α_j = −H(−α)_j = +⟨∇_j L_val(θ + α·g), g_j⟩,
-
-so this strategy calls ``hypergradient`` with −α (the look-ahead moves the other way) and
-negates the result. ``metalr``'s h is H(α) = −⟨∇_j L_val(θ − α·g), g_j⟩: the two differ in
-sign, and in the point where the meta gradient is taken (±α·g, a difference of order α·‖g‖).
-When the training and meta gradients agree (⟨∇L_val, g⟩ > 0, the usual case, the more so with a
-meta batch of training images), ``metalr`` raises a rate and the public code lowers it by the
-factor 1 − η·h; it raises a rate only where the two gradients disagree. The logged
-``meta_loss`` is L_val at the ascended point θ + α·g, as in the code.
-
-Parameters beyond the code, for attributing the cost (defaults: the code's behaviour):
-``ascent: false`` descends as in the paper, ``meta_source: train`` draws fresh training batches;
-with both, the strategy is ``metalr`` with ``head_pin_epochs: 5`` (``metalr`` pins a share
-of the run).
-
-Deviation, and why: no ResNet is rebuilt and no state dict is reloaded per iteration (the code
-builds a new ``meta_model`` each step and differentiates through a second-order graph); the
-hyper-gradient is the same exact first-order one, g does not depend on α, so this changes only
-the time. Choices the code makes outside the method are the benchmark's, as for every strategy:
-the data and input pipeline, the starting weights, and model selection on the validation split
-(the code picks the best epoch on its test fold).
+Deviation: no model rebuilt per iteration (the same exact first-order hyper-gradient; only the
+time changes). The sign derivation and the rest: docs/strategies.md, section ``metalr_public``.
 """
 
 from __future__ import annotations

@@ -1,48 +1,22 @@
 """SAM (Foret, Kleiner, Mobahi & Neyshabur, ICLR 2021, "Sharpness-Aware Minimization for
-Efficiently Improving Generalization"), with ASAM (Kwon, Kim, Park & Choi, ICML 2021, "ASAM:
-Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks") as
-an option: minimise the loss in a neighbourhood of the weights, not only at them.
+Efficiently Improving Generalization"), with ASAM (Kwon, Kim, Park & Choi, ICML 2021) as an
+option: minimise the loss in a neighbourhood of the weights, not only at them.
 
-Each step, around the suite's base optimizer (Adam by default; SGD, AdamW):
-
-1. g = ∇L(w) on the batch;
-2. the worst-case perturbation of norm ρ, to first order:
+Each step, around the suite's base optimizer: g = ∇L(w); the worst-case perturbation of norm ρ
 
        SAM:   ε = ρ · g / ‖g‖                    (‖·‖ the global 2-norm over every trained tensor)
        ASAM:  ε = ρ · T²g / ‖T g‖,   T = |w| + η  (element-wise; T = 1 for biases)
 
-3. g_SAM = ∇L(w + ε) on the same batch, then the weights go back to w (restored from a copy, bit
-   for bit, as davda54/sam does) and the base optimizer steps from w with g_SAM (its own weight
-   decay, momentum or moments as usual).
+then g_SAM = ∇L(w + ε) on the same batch, the weights restored to w bit for bit, and the base
+optimizer steps from w with g_SAM. Two forward/backward passes per step; the second does not
+update BatchNorm's running statistics. Logged per epoch: ``sam/sharpness`` (the ``mechanism``)
+and ``sam/grad_norm``.
 
-So a step costs two forward/backward passes: about twice full fine-tuning's step time (the
-throughput benchmark measures it: ``bench_throughput --strategies sam``, and ``run-benchmark
-plan`` prices a SAM cell with that measured row).
+Defaults: ρ = 0.05 (SAM), ρ = 0.5 and η = 0.01 (ASAM); tuned ρ: 0.01..0.5 (SAM), 0.1..2 (ASAM),
+log-uniform.
 
-BatchNorm: the second forward runs in train mode (batch statistics, as the reference) but must
-not update the running statistics a second time: for that pass every BatchNorm layer that tracks
-them gets ``track_running_stats = False``, so it normalises with the batch's statistics and
-leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` alone; the flag is restored
-right after. The running statistics thus see each batch once, at w, as in every other strategy.
-(The reference's ``disable_running_stats`` sets the momentum to 0, which leaves the averages but
-still counts the batch in ``num_batches_tracked``.)
-
-Logged each epoch: ``sam/sharpness``, the epoch mean of L(w + ε) − L(w) (the loss rise at the
-perturbed point; positive once the perturbation acts: the mechanism's figure) and
-``sam/grad_norm``, the epoch mean of ‖g‖ (‖Tg‖ for ASAM).
-
-Defaults from the references: ρ = 0.05 for SAM (the paper's and davda54/sam's default; the paper
-searches {0.01, 0.02, 0.05, 0.1, 0.2, 0.5}), ρ = 0.5 and η = 0.01 for ASAM (SamsungLabs/ASAM's
-defaults, ``asam.py``; the paper searches ρ over {0.5, 1, 2} on CIFAR). The tuned range of ρ
-follows the variant: 0.01 .. 0.5 for SAM, 0.1 .. 2 for ASAM (log-uniform).
-
-Deviations, and why:
-
-* ε comes from the whole batch (the paper's m-sharpness, ε per sub-batch of m images, is not
-  implemented: with the small batches here the batch is one m-sized group);
-* ASAM's T follows the reference code (|w| + η on parameters named ``weight``, BatchNorm scales
-  included, 1 on biases), which the paper writes as T = |w| (η = 0 gives it);
-* the norm gets + 1e-12 (davda54/sam) so a zero gradient gives ε = 0 instead of NaN.
+Deviations (ε from the whole batch, ASAM's T as the reference code, + 1e-12 in the norm) and the
+BatchNorm handling: docs/strategies.md, section ``sam``.
 """
 
 from __future__ import annotations
@@ -116,8 +90,8 @@ class SAM(Strategy):
     w + ρ·g/‖g‖; two forward/backward passes per step (about 2× full fine-tuning's step)."""
 
     name = "sam"
-    summary = ("SAM (Foret et al., ICLR 2021; adaptive: ASAM, Kwon et al. 2021): the step uses "
-               "the gradient at w + ρ·g/‖g‖; TWO forward/backward passes per step (~2× full)")
+    description = ("SAM (Foret et al., ICLR 2021; adaptive: ASAM, Kwon et al. 2021): the step uses "
+                   "the gradient at w + ρ·g/‖g‖; TWO forward/backward passes per step (~2× full)")
     Params = SAMParams
     test_params = [{}, {"adaptive": True, "rho": 0.5}]
     search_space = {"lr": LR, "rho": SearchDim("float", 0.01, 2.0, log=True)}

@@ -40,7 +40,7 @@ class Scratch(Strategy):
     budget; the lower bound."""
 
     name = "scratch"
-    summary = ("From scratch: the same architecture from its random initialisation (seeded by "
-               "the cell's seed), every layer at the base LR, the same budget: the lower bound")
+    description = ("From scratch: the same architecture from its random initialisation (seeded by "
+                   "the cell's seed), every layer at the base LR, the same budget: the lower bound")
     search_space = {"lr": LR}
     pretrained_start = False

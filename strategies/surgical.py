@@ -2,53 +2,21 @@
 Fine-Tuning Improves Adaptation to Distribution Shifts"): fine-tune only a chosen block of
 layers and freeze the rest.
 
-The paper finds that which block is best depends on the shift: early layers for input-level
-shifts (corruptions), middle layers for feature-level shifts, the last layer for label-level
-shifts. So the block is a hyper-parameter, chosen on validation data. Here it is ``blocks``,
-and ``--tune`` searches it.
+Which block is best depends on the shift, so the block is a hyper-parameter, ``blocks``, chosen
+on validation data (``--tune`` searches it). ``blocks`` names layer groups
+(:mod:`metalr_bench.strategies.core.layers`): a position from the input starting at 1 (1 = the
+stem, the number of groups = the head), a group name or prefix (``layer1``), or a nested list for
+several groups in one cell (``blocks: [[stem, layer1]]``).
 
-``blocks`` names layer groups (:mod:`metalr_bench.strategies.core.layers`: ResNet: stem, each
-residual block, head). It is a position, a name, or a list of them:
+Frozen groups get ``requires_grad=False`` and stay in eval mode (weights and BatchNorm
+statistics kept, as in last-k); the chosen groups and the new head train at the base LR.
 
-* a position counts layer groups from the input, starting at 1: 1 is the stem, 2 the first
-  block after it (ResNet ``layer1.0``, SmallCNN ``block1``, the default), and the number of
-  groups is the head. It counts from 1 like last-k's ``k`` (which counts from the head), so the
-  searched range is ``1 .. groups`` and every point of it is a valid group;
-* a name selects the group of that name, or every group under it: ``layer1`` is ``layer1.0``
-  and ``layer1.1``;
-* a list selects several groups. In a config a list of values expands into a grid, so several
-  groups in *one* cell are a nested list: ``blocks: [[stem, layer1]]``.
+Defaults: ``blocks: 2`` (the first block after the stem, the paper's choice for input-level
+shifts; not chosen on our data); tuned over 1 .. groups with ``lr``. Logged per epoch:
+``trainable_params``, ``trainable_share`` (the ``mechanism``).
 
-Frozen groups get ``requires_grad=False`` and their modules stay in eval mode, as in last-k:
-their BatchNorm running statistics, like their weights, stay the pre-trained ones, and the
-trainer's PreciseBN leaves them alone. The chosen groups and the head train at the base LR.
-Logged every epoch: ``trainable_params`` (parameter elements trained) and ``trainable_share``
-(their share of all parameters), the strategy's ``mechanism``.
-
-Deviations from the paper and its code (``yoonholee/Surgical-finetuning``), and why:
-
-* The head always trains. The paper tunes the chosen block alone and keeps the source model's
-  head, because its source and target tasks share their labels (CIFAR-10 to CIFAR-10-C). The
-  suite gives every strategy a new, randomly initialised head for the target's classes, and a
-  frozen random head would leave nothing to learn from. So ``blocks`` is "the block(s) tuned
-  besides the new head". Choosing the head itself (the last position) is head-only training,
-  the paper's "last layer" option (``last_k`` with k=1).
-* The unit is the suite's layer group, which is finer than the paper's block. A paper block on
-  a ResNet is a stage (conv1 + ``layer1`` is its "first block", ``layer2`` its second, ...); a
-  layer group is one residual block. The same groups as the paper's are reachable by name,
-  e.g. ``blocks: [[stem, layer1]]`` or ``blocks: layer2``. Residual blocks share the unit of
-  last_k, layer_decay and MetaLR and of the report's per-layer drift.
-* Frozen layers keep their BatchNorm statistics. The reference puts the whole network in train
-  mode, so the running statistics of the frozen layers adapt to the target data while their
-  weights stay fixed. Here "frozen" means the whole layer, weights and statistics, as in
-  last_k, so the two strategies' "frozen" mean the same.
-* The untuned default, ``blocks: 2`` (the first block after the stem, ResNet ``layer1.0``), is
-  the paper's choice for input-level shifts (its "first block"), the kind a change of scanner
-  or dataset is closest to; it was not chosen on our data. The paper picks the block on
-  validation data, so ``--tune`` searches it over every layer group (1 .. groups, the same
-  trial budget as every strategy), and a tuned leaderboard is the one to read.
-* Optimizer and LR are the suite's shared settings (``--tune`` searches ``lr`` and ``blocks``).
-  The reference runs Adam on a small (lr, weight decay) grid per block.
+Deviations (the head always trains, the unit is a layer group, frozen layers keep their
+BatchNorm statistics, the suite's optimizer): docs/strategies.md, section ``surgical``.
 """
 
 from __future__ import annotations

@@ -4,36 +4,18 @@ ensembling of the starting model and the fine-tuned one,
 
     θ(α) = (1 − α)·θ₀ + α·θ₁,
 
-θ₀ the model fine-tuning starts from (the pre-trained backbone with its head), θ₁ the fine-tuned
-model (the trainer's selected checkpoint), α ∈ [0, 1] chosen on validation data from a grid.
-α = 0 is the starting model, α = 1 plain fine-tuning.
+θ₀ the model fine-tuning starts from (the pre-trained backbone with a converged linear-probe
+head, the suite's probe, as the zero-shot head's analogue), θ₁ the fine-tuned model (the
+selected checkpoint, ``full``'s fine-tuning), α ∈ [0, 1] chosen on validation data at the end of
+training (``on_train_end``, before the test split is read). Every floating-point state entry is
+interpolated; integer buffers are θ₁'s.
 
-How: fine-tuning itself is ``full``'s (every layer at the base LR). At the end of training
-(``on_train_end``: the selected checkpoint θ₁ loaded, before the test split is read) every α of
-the grid is tried: the model gets θ(α), its validation numbers are measured exactly as every
-epoch's (the trainer's PreciseBN re-estimation of the BatchNorm statistics first, then the
-validation split), and the α with the best selection metric (ties: the lower validation loss,
-then the smaller α) is kept; the run then tests θ(α*), and its ``best_val`` are θ(α*)'s. A
-tuning trial's objective stays the best per-epoch validation value (of θ₁): the LR is tuned for
-the fine-tuning, α is chosen inside every run. Every floating-point entry of the state dict is
-interpolated (weights, BatchNorm statistics); integer buffers (BatchNorm's batch counter) are
-θ₁'s. ``alpha`` fixes α instead (the paper's α = 0.5 when no validation data is at hand).
+Defaults: α chosen over {0, 0.1, ..., 1}; ``alpha`` fixes it (the paper's 0.5). Tuned: the base
+LR only. Logged once: ``wise_ft/alpha`` (the ``mechanism``), the validation curve over α and
+``wise_ft_alpha.png``; the probe's ``wise_ft/probe_*`` numbers.
 
-Logged once, with the final metrics: ``wise_ft/alpha`` (the chosen α, the mechanism's figure)
-and the validation curve over α, ``wise_ft/val_<metric>/alpha_<α>`` for the selection metric and
-the loss; a figure ``wise_ft_alpha.png`` draws the curve.
-
-θ₀'s head: WiSE-FT interpolates towards the zero-shot model, whose head is the zero-shot
-classifier, and fine-tunes from that head; here the analogue is the converged linear probe on
-the frozen pre-trained features (the suite's one probe, :mod:`..core.probe`, shared with
-``lp_ft`` and ``linear_probe``: L-BFGS, λ chosen on the validation loss or fixed by
-``probe_l2``). It is fitted before the first epoch (``before_fit``) and written into the head,
-so fine-tuning starts from θ₀ as in the paper (the fine-tuning phase is LP-FT's); logged as
-``wise_ft/probe_train_loss``, ``wise_ft/probe_val_loss``, ``wise_ft/probe_l2``.
-
-Defaults: α chosen over {0, 0.1, ..., 1} (the paper sweeps α in steps of 0.1 and reports the α
-that is best on held-out data as well as α = 0.5). Tuned: the base LR only (α is chosen inside
-each run).
+Deviation: θ₀'s head is a linear probe, not a zero-shot classifier. The selection rule, ties and
+the probe: docs/strategies.md, section ``wise_ft``.
 """
 
 from __future__ import annotations
@@ -86,8 +68,8 @@ class WiSEFT(ProbeOwner, Strategy):
     the fine-tuned model, α chosen on validation from a grid."""
 
     name = "wise_ft"
-    summary = ("WiSE-FT (Wortsman et al., CVPR 2022): fine-tune, then θ(α) = (1−α)·θ₀ + α·θ₁ "
-               "with α chosen on validation from a grid")
+    description = ("WiSE-FT (Wortsman et al., CVPR 2022): fine-tune, then θ(α) = (1−α)·θ₀ + α·θ₁ "
+                   "with α chosen on validation from a grid")
     Params = WiSEFTParams
     test_params = [{"alphas": [0.0, 0.5, 1.0]}, {"alpha": 0.5, "probe_l2": 1e-3}]
     search_space = {"lr": LR}

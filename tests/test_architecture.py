@@ -186,3 +186,19 @@ def test_every_package_docstring_says_what_it_holds_and_may_import() -> None:
         for p in packages:
             doc = p.__doc__ or ""
             assert "Holds" in doc and "May import" in doc, f"{p.__name__}: {doc[:80]!r}"
+
+
+# -- a strategy's module docstring is a screen; its full notes live in docs/strategies.md ---------
+def test_strategy_docstrings_fit_a_screen_and_docs_hold_the_full_notes() -> None:
+    """Each strategy module keeps its formula, defaults and a one-line deviations note (at most
+    30 lines); docs/strategies.md has a section for every strategy module."""
+    import metalr_bench.strategies as strategies_pkg
+
+    root = Path(strategies_pkg.__file__).parent
+    docs = (root.parent / "docs" / "strategies.md").read_text()
+    for mod in pkgutil.iter_modules([str(root)]):
+        if mod.ispkg:
+            continue
+        doc = importlib.import_module(f"metalr_bench.strategies.{mod.name}").__doc__ or ""
+        assert len(doc.strip().splitlines()) <= 30, f"{mod.name}: {len(doc.splitlines())} lines"
+        assert f"\n## {mod.name}\n" in docs, f"docs/strategies.md has no section {mod.name}"

@@ -55,7 +55,7 @@ def test_list_params_expand_to_grid_cells() -> None:
     })
     cells = cfg.cells()
     assert len(cells) == (1 + 3) * 2
-    assert sorted({c.label for c in cells}) == ["full", "last_k(k=1)", "last_k(k=2)",
+    assert sorted({c.strategy_label for c in cells}) == ["full", "last_k(k=1)", "last_k(k=2)",
                                                "last_k(k=3)"]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import TrainerOptions
 from metalr_bench.strategies import TrainSettings, available_strategies, get_strategy
 
@@ -38,7 +38,7 @@ def test_every_strategy_derives_its_tensors_where_the_model_trains(name, params)
     places the model before the strategy sees it; one training step must run there and every
     tensor the strategy keeps must live there too."""
     bundle = random_bundle(16, 64, channels=1)
-    built = build("smallcnn", 1, 2, name, params, TrainSettings(), bundle=bundle,
+    built = build_parts("smallcnn", 1, 2, name, params, TrainSettings(), bundle=bundle,
                   options=TrainerOptions(epochs=1, batch_size=8, device="meta", augment=False,
                                          precise_bn=False))
     assert built.trainer is not None
@@ -93,7 +93,7 @@ def test_an_augmented_batch_keeps_its_labels(override, flips) -> None:
     """Through the trainer's own loader: every augmented image keeps its blob on its label's
     side, unless the config forces flips (`datasets[].hflip: true`), which must then flip."""
     bundle = _sided(64)
-    built = build("smallcnn", 1, 2, "full", {}, TrainSettings(), bundle=bundle,
+    built = build_parts("smallcnn", 1, 2, "full", {}, TrainSettings(), bundle=bundle,
                   options=TrainerOptions(epochs=1, batch_size=16, augment=True, hflip=override))
     assert built.trainer is not None
     moved = 0
@@ -153,7 +153,7 @@ def test_metalr_trains_on_every_training_image_by_default(tiny_config) -> None:
     cfg = validate_config(tiny_config)
     outcome = run_benchmark(cfg, progress=False)
     client = MlflowClient(cfg.tracking_uri)
-    logged = {r.cell.label: client.get_run(r.run_id).data.params for r in outcome.results}
+    logged = {r.cell.strategy_label: client.get_run(r.run_id).data.params for r in outcome.results}
     n = {label: int(p["n_train_images"]) for label, p in logged.items()}
     assert n["metalr"] == n["full"] > n["metalr(meta_source=holdout)"]
     assert n["metalr(meta_source=holdout)"] < 0.9 * n["full"]
@@ -165,7 +165,7 @@ def test_train_meta_batches_are_fresh_and_unaugmented() -> None:
     """`meta_source: train` draws a new batch of training images at each meta-step (the public
     code's data source without its always-the-first-batch bug), never augmented."""
     bundle = _sided(64)
-    built = build("smallcnn", 1, 2, "metalr", {"meta_batch_size": 8}, TrainSettings(),
+    built = build_parts("smallcnn", 1, 2, "metalr", {"meta_batch_size": 8}, TrainSettings(),
                   bundle=bundle, options=TrainerOptions(epochs=1, batch_size=16, augment=True,
                                                         hflip=True))
     trainer = built.trainer
@@ -238,7 +238,7 @@ def test_metalr_public_input_pipeline(tiny_config) -> None:
 
     # the side-labelled images keep their labels through the trainer with this pipeline
     bundle = _sided(64)
-    built = build("smallcnn", 1, 2, "full", {}, TrainSettings(), bundle=bundle,
+    built = build_parts("smallcnn", 1, 2, "full", {}, TrainSettings(), bundle=bundle,
                   options=TrainerOptions(epochs=1, batch_size=16, augment=True,
                                          normalize="metalr_public", resized_crop=(0.8, 1.0)))
     assert built.trainer is not None

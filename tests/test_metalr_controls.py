@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import TrainerOptions, TrainResult, seed_everything
 from metalr_bench.strategies.core.base import TrainSettings
 from metalr_bench.strategies.core.registry import default_strategies, get_strategy
@@ -22,7 +22,7 @@ def _fit(strategy: str, params: dict, *, epochs: int = 5, lr: float = 1e-3,
          n: int = 64, seed: int = 0) -> tuple[TrainResult, object]:
     bundle = random_bundle(16, n, channels=1)
     seed_everything(seed)
-    built = build("smallcnn", 1, 2, strategy, params, TrainSettings(lr=lr, epochs=epochs),
+    built = build_parts("smallcnn", 1, 2, strategy, params, TrainSettings(lr=lr, epochs=epochs),
                   bundle=bundle, options=TrainerOptions(epochs=epochs, batch_size=16, seed=seed))
     assert built.trainer is not None
     return built.trainer.fit(), built.trainer

@@ -260,7 +260,7 @@ def test_pocus_runs_end_to_end_from_a_positional_checkpoint(tiny_config, tmp_pat
     cfg = validate_config(tiny_config)
     outcome = run_benchmark(cfg, progress=False)
     assert not outcome.failed and [r.status for r in outcome.results] == ["FINISHED"]
-    assert outcome.results[0].cell.dataset.display_name == "pocus-fold1"
+    assert outcome.results[0].cell.dataset.dataset_name == "pocus-fold1"
 
     torch.manual_seed(1)
     src = build_model("smallcnn", 3, 3)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from metalr_bench.benchmark.cli import main
 from metalr_bench.benchmark.config import CODE_VERSION, PretrainSpec, validate_config
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.pretrain import (
     PretrainSourceError,
     pretrain_key,
@@ -135,7 +135,7 @@ def test_imagefolder_source_trains_and_feeds_a_grey_target(tiny_config, tmp_path
     err = capsys.readouterr().err
     assert re.search(EPOCH_LINE.format(name=re.escape("imagefolder us@16"), k=1, n=1), err), err
     settings = TrainSettings(lr=1e-3, epochs=1)
-    built = build("smallcnn", target.in_channels, target.num_outputs, "full", None, settings,
+    built = build_parts("smallcnn", target.in_channels, target.num_outputs, "full", None, settings,
                   weights=state, weights_source=source)  # the RGB stem is summed to grey
     assert built.model.stem[0].weight.shape[1] == 1
 

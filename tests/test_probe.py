@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
-from metalr_bench.benchmark.training.cell import BuiltCell, build
+from metalr_bench.benchmark.training.cell import BuiltCell, build_parts
 from metalr_bench.benchmark.training.trainer import TrainerOptions
 from metalr_bench.strategies import TrainSettings, get_strategy
 from metalr_bench.strategies.core.probe import L2_GRID, fit_probe
@@ -24,7 +24,7 @@ def _cell(strategy: str, params: dict[str, Any], *, n_classes: int = 2, epochs: 
           lr: float = 1e-2) -> BuiltCell:
     torch.manual_seed(0)
     bundle = random_bundle(16, 96, channels=1, n_classes=n_classes, n_val=48)
-    built = build("smallcnn", 1, bundle.num_outputs, strategy, params,
+    built = build_parts("smallcnn", 1, bundle.num_outputs, strategy, params,
                   TrainSettings(lr=lr, epochs=epochs), bundle=bundle,
                   options=TrainerOptions(epochs=epochs, batch_size=16, augment=False,
                                          evaluate_test=False))

@@ -15,7 +15,7 @@ from metalr_bench.benchmark.config import validate_config
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.running.runner import run_benchmark
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import TrainerOptions, seed_everything
 from metalr_bench.strategies import StepContext, TrainSettings, get_strategy
 from metalr_bench.strategies.core.layers import layer_groups
@@ -49,7 +49,7 @@ def test_scratch_starts_from_a_fresh_model_of_the_seed_not_the_pretrained_one(ar
     state = {}
     for name in ("scratch", "full"):
         seed_everything(7)  # what build_cell does with the cell's seed
-        built = build(arch, 1, 2, name, None, TrainSettings(), weights=pre,
+        built = build_parts(arch, 1, 2, name, None, TrainSettings(), weights=pre,
                       weights_source="pretrain")
         state[name] = {k: v.clone() for k, v in built.model.state_dict().items()}
     torch.manual_seed(7)
@@ -399,7 +399,7 @@ def test_new_strategy_trains_through_the_cell_builder(name: str, arch: str) -> N
         pytest.importorskip("peft")
     bundle = random_bundle(16, 32, channels=1, n_val=16)
     seed_everything(0)
-    built = build(arch, 1, 2, name, get_strategy(name).test_params[0],
+    built = build_parts(arch, 1, 2, name, get_strategy(name).test_params[0],
                   TrainSettings(lr=1e-3, epochs=1), weights=_pretrained(arch),
                   weights_source="pretrain", bundle=bundle,
                   options=TrainerOptions(epochs=1, batch_size=8, precise_bn_batches=2))

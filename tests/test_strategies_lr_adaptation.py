@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from metalr_bench.benchmark.models.zoo import SmallCNN
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import TrainerOptions
 from metalr_bench.datasets.core.tensors import to_float
 from metalr_bench.strategies.core.base import StepContext, TrainSettings
@@ -171,7 +171,7 @@ def test_hd_rates_move_at_the_defaults() -> None:
 
     bundle = load_dataset("synthetic", size=16, options={"n_patients": 48})
     seed_everything(0)
-    built = build("smallcnn", 1, 2, "hd", {}, TrainSettings(lr=1e-3, epochs=5), bundle=bundle,
+    built = build_parts("smallcnn", 1, 2, "hd", {}, TrainSettings(lr=1e-3, epochs=5), bundle=bundle,
                   options=TrainerOptions(epochs=5, batch_size=16, seed=0))
     assert built.trainer is not None
     last = built.trainer.fit().history[-1]
@@ -279,7 +279,7 @@ def test_public_meta_batches_are_always_the_first_training_batch() -> None:
     """Through the real trainer (augmented, shuffled training batches): every meta-step gets
     the first 8 stored training images, un-augmented, and nothing is held out."""
     bundle = random_bundle(16, 64, channels=1)
-    built = build("smallcnn", 1, 2, "metalr_public", {}, TrainSettings(), bundle=bundle,
+    built = build_parts("smallcnn", 1, 2, "metalr_public", {}, TrainSettings(), bundle=bundle,
                   options=TrainerOptions(epochs=1, batch_size=8))
     trainer = built.trainer
     assert trainer is not None and trainer.strategy.meta_source == "first"

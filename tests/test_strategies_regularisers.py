@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
-from metalr_bench.benchmark.training.cell import BuiltCell, build
+from metalr_bench.benchmark.training.cell import BuiltCell, build_parts
 from metalr_bench.benchmark.training.trainer import TrainerOptions
 from metalr_bench.strategies import StepContext, TrainSettings
 from torch import nn
@@ -28,7 +28,7 @@ STAGES = {"smallcnn": ["block1", "block2", "block3"],
 def _cell(arch: str, strategy: str, params: dict[str, Any], size: int = 16) -> BuiltCell:
     torch.manual_seed(0)
     bundle = random_bundle(size, 32, channels=1)
-    built = build(arch, 1, 2, strategy, params, TrainSettings(), bundle=bundle,
+    built = build_parts(arch, 1, 2, strategy, params, TrainSettings(), bundle=bundle,
                   options=TrainerOptions(epochs=1, batch_size=8, augment=False,
                                          precise_bn=False))
     assert built.trainer is not None

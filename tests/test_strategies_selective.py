@@ -12,14 +12,14 @@ import pytest
 import torch
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
-from metalr_bench.benchmark.training.cell import build
-from metalr_bench.benchmark.training.trainer import EpochCallback, TrainerOptions
+from metalr_bench.benchmark.training.cell import build_parts
+from metalr_bench.benchmark.training.trainer import TrainerCallback, TrainerOptions
 from metalr_bench.strategies import StepContext, TrainSettings, get_strategy
 from metalr_bench.strategies.core.layers import layer_groups
 from torch import nn
 
 
-class Snapshots(EpochCallback):
+class Snapshots(TrainerCallback):
     """The model's full state (weights and BatchNorm buffers) at the end of every epoch."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -36,7 +36,7 @@ def _trainer(strategy: str, params: dict[str, Any], *, epochs: int, optimizer: s
     bundle = random_bundle(16, 64, channels=1)
     settings = TrainSettings(lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              epochs=epochs)
-    built = build("smallcnn", 1, 2, strategy, params, settings, bundle=bundle,
+    built = build_parts("smallcnn", 1, 2, strategy, params, settings, bundle=bundle,
                   options=TrainerOptions(epochs=epochs, batch_size=16, augment=False,
                                          precise_bn=precise_bn, evaluate_test=False))
     assert built.trainer is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions
 from metalr_bench.datasets.core.base import DatasetBundle, Split, TaskType
 from metalr_bench.strategies import TrainSettings
@@ -39,7 +39,7 @@ def _ids(x: torch.Tensor) -> list[int]:
 
 
 def _trainer(epochs: int) -> Trainer:
-    built = build(
+    built = build_parts(
         "smallcnn", 1, 2, "metalr", {"meta_source": "holdout"}, TrainSettings(lr=1e-2),
         bundle=_bundle(),
         options=TrainerOptions(epochs=epochs, batch_size=BATCH, augment=False, device="cpu"),

@@ -47,7 +47,7 @@ class ModelCard:
     """
 
     name: str
-    summary: str
+    description: str
     build: Callable[[int, int, int | None], nn.Module]
     imagenet: Callable[[int, int | None], State] | None = None
     normalize: str = "imagenet"
@@ -116,7 +116,7 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _torchvision(arch: str, plan_of_model: Callable[[nn.Module], LayerPlan], weights: str,
-                 summary: str) -> ModelCard:
+                 description: str) -> ModelCard:
     """A torchvision classifier with its stem convolution taking ``in_channels`` and a new
     linear head."""
 
@@ -146,7 +146,7 @@ def _torchvision(arch: str, plan_of_model: Callable[[nn.Module], LayerPlan], wei
                 "`weights: pretrain`."
             ) from exc
 
-    return ModelCard(arch, summary, build, imagenet)
+    return ModelCard(arch, description, build, imagenet)
 
 
 def _smallcnn(in_channels: int, num_outputs: int, image_size: int | None) -> nn.Module:

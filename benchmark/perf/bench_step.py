@@ -3,7 +3,7 @@
     python -m metalr_bench.benchmark.perf.bench_step --arch resnet18 --size 28 64 --batch 128 \\
         --device cuda --amp --channels-last
 
-Both modes run the real code paths, built as a run builds them (:func:`training.cell.build`)
+Both modes run the real code paths, built as a run builds them (:func:`training.cell.build_parts`)
 and stepped through :meth:`Trainer.train_step`: full FT is the trainer's default step
 (zero_grad, forward, backward, optimizer step); MetaLR is :meth:`MetaLR.train_step` (train
 forward/backward, look-ahead forward/backward on a meta batch drawn by the trainer, LR update,
@@ -21,7 +21,7 @@ its peak RSS (``VmHWM``) and the peak RSS *above* the RSS measured just before t
 step (which removes the interpreter, torch and the input batches); the second is the figure to
 compare, and it still includes allocator slack.
 
-Prints one human-readable line per size and, last, a one-line JSON summary.
+Prints one human-readable line per size and, last, one JSON line of all figures.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from metalr_bench.benchmark.models.zoo import get_card
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions
 from metalr_bench.strategies.core.base import TrainSettings
 from metalr_bench.strategies.core.optim import optimizer_names
@@ -65,7 +65,7 @@ class Bench:
     """One model/batch setup; ``step(mode)`` runs one iteration of that mode.
 
     Each mode is a real run's trainer, built by the one cell builder
-    (:func:`training.cell.build`), and an iteration is :meth:`Trainer.train_step`, the step
+    (:func:`training.cell.build_parts`), and an iteration is :meth:`Trainer.train_step`, the step
     every run takes: the default step for full fine-tuning, MetaLR's own step (its meta batch
     drawn by the trainer from the held-out meta split) for MetaLR. Only the training batch is
     fixed (resident on the device), so the figure is the step and not the data loading.
@@ -98,7 +98,7 @@ class Bench:
         torch.manual_seed(0)  # both modes start from the same weights
         params = ({"head_pin_epochs": 0, "meta_interval": self.meta_interval,
                    "meta_batch_size": self.meta} if mode == "metalr" else {})
-        built = build(self.args.arch, self.args.in_channels, 2, mode, params, self.settings,
+        built = build_parts(self.args.arch, self.args.in_channels, 2, mode, params, self.settings,
                       bundle=self.bundle, options=self.options)
         assert built.trainer is not None
         built.strategy.set_train_mode(built.trainer.model)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from metalr_bench.benchmark.training.cell import build
+from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions, seed_everything
 from metalr_bench.datasets.core.base import DatasetBundle, Split, TaskType
 from metalr_bench.strategies.core.base import TrainSettings
@@ -52,7 +52,7 @@ def random_bundle(size: int, n_train: int, channels: int = 1, n_classes: int = 2
 def _trainer(arch: str, bundle: DatasetBundle, strategy: str, settings: TrainSettings,
              options: TrainerOptions) -> Trainer:
     """A run's trainer, built by the one cell builder (what a run trains is what is timed)."""
-    built = build(arch, bundle.in_channels, bundle.num_outputs, strategy, {}, settings,
+    built = build_parts(arch, bundle.in_channels, bundle.num_outputs, strategy, {}, settings,
                   bundle=bundle, options=options)
     assert built.trainer is not None
     return built.trainer

@@ -85,7 +85,7 @@ def _match(cfg: BenchmarkConfig, runs: list[Run]) -> list[tuple[Cell, Run]]:
         by_hash = {cfg.config_hash(c): c for c in cells}
         return [(by_hash[r.data.tags["config_hash"]], r) for r in runs
                 if r.data.tags["config_hash"] in by_hash]
-    by_key = {(c.dataset.display_name, str(c.dataset.size), c.strategy): c for c in cells}
+    by_key = {(c.dataset.dataset_name, str(c.dataset.size), c.strategy): c for c in cells}
     pairs = []
     for r in runs:
         t = r.data.tags

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from metalr_bench.benchmark.config import BenchmarkConfig, ConfigError
 from metalr_bench.benchmark.models.zoo import WeightsMismatch, read_checkpoint
-from metalr_bench.benchmark.training.cell import build, train_settings
+from metalr_bench.benchmark.training.cell import build_parts, train_settings
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -72,7 +72,7 @@ def check_tracking(uri: str, timeout_s: float = 3.0) -> None:
                 )
 
 
-def _dataset_label(spec: Any) -> str:
+def _describe_dataset(spec: Any) -> str:
     root = f", root={spec.root}" if spec.root else ""
     return f"dataset {spec.name!r} (size={spec.size}{root})"
 
@@ -89,7 +89,7 @@ def check_datasets(cfg: BenchmarkConfig, data: Any) -> None:
             data.get(cell)
         except (FileNotFoundError, ValueError, OSError, KeyError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            raise InputError(f"{_dataset_label(cell.dataset)}: {msg}") from None
+            raise InputError(f"{_describe_dataset(cell.dataset)}: {msg}") from None
 
 
 def check_pretrain_source(cfg: BenchmarkConfig) -> None:
@@ -105,7 +105,7 @@ def check_pretrain_source(cfg: BenchmarkConfig) -> None:
             (cfg.pretrain_for(d), d) for d in cfg.dataset_specs()}
     for (_, size), (spec, d) in sorted(jobs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if not checkpoint_path(cfg.model.arch, spec, size, cache).is_file():
-            key = "model.pretrain" if d.pretrain is None else f"datasets[{d.display_name}].pretrain"
+            key = "model.pretrain" if d.pretrain is None else f"datasets[{d.dataset_name}].pretrain"
             try:
                 load_source(spec, size, keep=True)
             except ConfigError as exc:  # PretrainSourceError: names the source and the key
@@ -114,7 +114,7 @@ def check_pretrain_source(cfg: BenchmarkConfig) -> None:
 
 def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
     """Build every (model shape, strategy, params) of the grid once, as a cell would be built
-    (:func:`training.cell.build`, without data loaders), and its optimizer."""
+    (:func:`training.cell.build_parts`, without data loaders), and its optimizer."""
     weights = cfg.model.weights
     state = None
     if weights not in ("none", "imagenet", "pretrain"):
@@ -131,7 +131,7 @@ def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
             continue
         checked.add(key)
         try:
-            built = build(cfg.model.arch, bundle.in_channels, bundle.num_outputs,
+            built = build_parts(cfg.model.arch, bundle.in_channels, bundle.num_outputs,
                           cell.strategy, cell.params,
                           train_settings(cfg.effective(cell), epochs=cfg.epochs),
                           weights=state, weights_source=weights,
@@ -144,7 +144,7 @@ def check_model_and_strategies(cfg: BenchmarkConfig, data: Any) -> None:
             raise InputError(f"`model.weights`: {exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(
-                f"strategy {cell.label} cannot run on model {cfg.model.arch!r}: {exc}"
+                f"strategy {cell.strategy_label} cannot run on model {cfg.model.arch!r}: {exc}"
             ) from None
 
 

@@ -58,10 +58,10 @@ class BenchmarkOutcome:
 
 def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
     """How a run names its dataset: display name, adapter, size, and its fold when it is one."""
-    tags: dict[str, Any] = {T.DATASET: dataset.display_name, T.DATASET_ADAPTER: dataset.name,
+    tags: dict[str, Any] = {T.DATASET: dataset.dataset_name, T.DATASET_ADAPTER: dataset.name,
                             T.IMAGE_SIZE: dataset.size}
     if dataset.fold is not None:
-        tags |= {T.FOLD: dataset.fold, T.CV_GROUP: dataset.group_name}
+        tags |= {T.FOLD: dataset.fold, T.CV_GROUP: dataset.cv_group}
     return tags
 
 
@@ -71,7 +71,7 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
         T.KIND: T.KIND_CELL,
         **dataset_tags(cell.dataset),
         T.STRATEGY: cell.strategy,
-        T.STRATEGY_LABEL: cell.label,
+        T.STRATEGY_LABEL: cell.strategy_label,
         T.SEED: cell.seed,
         T.MODEL: cfg.model.arch,
         T.CONFIG_HASH: cfg.config_hash(cell),
@@ -82,16 +82,18 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
 
 def run_cell(
     cfg: BenchmarkConfig,
-    cell: Cell,
     tracker: Tracker,
-    parent_id: str,
     data: DataCache,
+    cell: Cell,
+    parent_id: str,
 ) -> CellResult:
-    """Train one cell inside its own child run."""
+    """Train one cell inside its own child run (resume, params, metrics, artifacts). The
+    arguments are in an executor's order for a unit of work, ``fn(cfg, tracker, data, *call)``,
+    so the executors call it directly."""
     cfg = cfg.effective(cell)
     h = cfg.config_hash(cell)
     bundle = data.get(cell)
-    name = f"{cell.dataset_label}/{cell.label}/seed{cell.seed}"
+    name = f"{cell.dataset_key}/{cell.strategy_label}/seed{cell.seed}"
     result = CellResult(cell, "", h, "RUNNING")
     ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", h)
     plan = plan_cell(tracker, h, ckpt, force=cfg.force)
@@ -114,7 +116,7 @@ def run_cell(
             if plan.run_id is None:  # a new run (a reopened one has all this already)
                 tracker.log_params(run_id, {**cfg.cell_params(cell), "weights_source": source})
                 tracker.log_inputs(run_id, dataset_inputs(
-                    cell.dataset_label, bundle.info, cell.dataset.model_dump(mode="json"),
+                    cell.dataset_key, bundle.info, cell.dataset.model_dump(mode="json"),
                     {"train": len(bundle.train), "val": len(bundle.val),
                      "test": len(bundle.test)}))
                 tracker.log_dict(run_id, {
@@ -174,12 +176,6 @@ def run_cell(
         ckpt.delete()  # a failure starts over next time (same inputs fail the same way)
         result.status, result.error = "FAILED", f"{type(exc).__name__}: {exc}"
     return result
-
-
-def run_cell_call(cfg: BenchmarkConfig, tracker: Tracker, data: DataCache, cell: Cell,
-                  parent_id: str) -> CellResult:
-    """:func:`run_cell` as an executor's unit of work (``fn(cfg, tracker, data, *call)``)."""
-    return run_cell(cfg, cell, tracker, parent_id, data)
 
 
 def environment_tags() -> dict[str, str]:
@@ -251,7 +247,7 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
             for cell in {c.dataset.model_dump_json(): c for c in cells}.values():
                 starting_weights(cfg, data.get(cell), tracker, parent, progress=progress,
                                  dataset=cell.dataset)
-        results += executor.map_cells(run_cell_call, cfg, cells, parent, tracking_uri,
+        results += executor.map_cells(run_cell, cfg, cells, parent, tracking_uri,
                                       tracker=tracker,
                                       data=data, progress=progress)
         board = leaderboard(results)
@@ -278,7 +274,7 @@ LEADERBOARD_METRICS = ("test_auc", "test_acc", "test_balanced_acc", "test_f1",
 
 def leaderboard(results: list[CellResult]) -> pd.DataFrame:
     """Mean and std over seeds per (dataset, strategy), sorted by test AUC."""
-    rows = [{"dataset": r.cell.dataset_label, "strategy": r.cell.label, "seed": r.cell.seed,
+    rows = [{"dataset": r.cell.dataset_key, "strategy": r.cell.strategy_label, "seed": r.cell.seed,
              **r.summary} for r in results if r.status == "FINISHED"]
     if not rows:
         return pd.DataFrame()

@@ -323,7 +323,7 @@ class Tracker:
 
 
 class MetricsLogger:
-    """A trainer callback (``training.trainer.EpochCallback``'s two methods; tracking does not
+    """A trainer callback (``training.trainer.TrainerCallback``'s three methods; tracking does not
     import the trainer, so reports can read MLflow without torch): buffers per-epoch and per-step numbers, one ``log_batch`` per epoch."""
 
     def __init__(self, tracker: Tracker, run_id: str) -> None:
@@ -331,7 +331,7 @@ class MetricsLogger:
         self.run_id = run_id
         self._buffer: list[Metric] = []
 
-    def on_step(self, step: int, values: dict[str, float]) -> None:
+    def on_log_step(self, step: int, values: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
         self._buffer += [Metric(f"step/{k}", float(v), ts, step) for k, v in values.items()]
 

@@ -5,7 +5,7 @@ inputs; a tag or param holding a path does not show there. Each cell run logs on
 :class:`~mlflow.entities.Dataset` per split it reads (``mlflow.log_input``'s equivalent for an
 explicit run id: :meth:`MlflowClient.log_inputs` with :class:`DatasetInput` s):
 
-* ``name``: the dataset's label (``pneumoniamnist@28``, the folder's name, ...);
+* ``name``: the dataset key (``pneumoniamnist@28``, ``busi@64``: the dataset name at its size);
 * ``digest``: the content of what was read, combined with the split's name (MLflow keeps one
   input per name and digest; the content's own digest is ``content_digest`` in the profile). A MedMNIST file: its MD5 (the loader computed it
   already); another file (a CSV manifest, a POCUS file) or a folder (an image folder): a SHA-256
@@ -72,9 +72,9 @@ def _location(info: dict[str, str]) -> str | None:
     return None
 
 
-def dataset_inputs(label: str, info: dict[str, str], spec: dict[str, Any],
+def dataset_inputs(dataset_key: str, info: dict[str, str], spec: dict[str, Any],
                    split_sizes: dict[str, int]) -> list[DatasetInput]:
-    """The inputs of a run that reads ``split_sizes``' splits of the dataset labelled ``label``.
+    """The inputs of a run that reads ``split_sizes``' splits of the dataset ``dataset_key``.
 
     ``info``: the loader's :attr:`DatasetBundle.info`; ``spec``: the dataset entry (its
     settings decide generated data).
@@ -94,7 +94,7 @@ def dataset_inputs(label: str, info: dict[str, str], spec: dict[str, Any],
                             default=str)
     profile = json.dumps({f"num_{k}": n for k, n in split_sizes.items()}
                          | {"content_digest": digest})
-    return [DatasetInput(Dataset(name=label, digest=split_digest(digest, split),
+    return [DatasetInput(Dataset(name=dataset_key, digest=split_digest(digest, split),
                                  source_type=source_type, source=source, profile=profile),
                          tags=[InputTag(CONTEXT_TAG, split)])
             for split in split_sizes]

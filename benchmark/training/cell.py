@@ -30,8 +30,8 @@ from metalr_bench.benchmark.models.zoo import build_model, input_normalisation, 
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.trainer import (
-    EpochCallback,
     Trainer,
+    TrainerCallback,
     TrainerOptions,
     TrainResult,
     place_model,
@@ -83,7 +83,7 @@ class BuiltCell:
     trainer: Trainer | None = None
 
 
-def build(
+def build_parts(
     arch: str,
     in_channels: int,
     num_outputs: int,
@@ -101,11 +101,13 @@ def build(
     channels_last: bool = False,
     bundle: DatasetBundle | None = None,
     options: TrainerOptions | None = None,
-    callbacks: list[EpochCallback] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
     checkpoint: CellCheckpoint | None = None,
 ) -> BuiltCell:
-    """Build a cell in the one order of the module docstring; with ``bundle`` and ``options``
-    also its trainer (whose device and memory format then win over ``device``/``channels_last``).
+    """Build a cell's parts from explicit arguments, in the one order of the module docstring
+    (the pre-training stage, the pre-flight check and the speed benchmarks, which have no grid
+    cell, call this; :func:`build_cell` is the same for a config's grid cell); with ``bundle``
+    and ``options`` also its trainer (whose device and memory format then win over ``device``/``channels_last``).
     ``image_size`` (default: the bundle's) sizes models with a fixed input size (a timm ViT).
     """
     if image_size is None and bundle is not None:
@@ -173,7 +175,7 @@ def build_cell(
     cell: Cell,
     bundle: DatasetBundle,
     weights: dict[str, torch.Tensor] | None,
-    callbacks: list[EpochCallback] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
     *,
     epochs: int | None = None,
     checkpoint: CellCheckpoint | None = None,
@@ -186,7 +188,7 @@ def build_cell(
     cfg = cfg.effective(cell)
     seed_everything(cell.seed)
     epochs = epochs or cfg.epochs
-    return build(
+    return build_parts(
         cfg.model.arch, bundle.in_channels, bundle.num_outputs, cell.strategy, cell.params,
         train_settings(cfg, epochs=epochs, n_train=len(bundle.train)),
         weights=weights, weights_source=cfg.model.weights, keep_head=cfg.model.keep_head,
@@ -210,7 +212,7 @@ def train_cell(
     cell: Cell,
     bundle: DatasetBundle,
     weights: dict[str, torch.Tensor] | None,
-    callbacks: list[EpochCallback] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
     *,
     resume: dict[str, Any] | None = None,
     artifacts: bool = True,

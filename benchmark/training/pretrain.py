@@ -38,8 +38,8 @@ from metalr_bench.benchmark.config import (
 from metalr_bench.benchmark.models.zoo import imagenet_state, read_checkpoint
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
-from metalr_bench.benchmark.training.cell import build
-from metalr_bench.benchmark.training.trainer import EpochCallback, TrainerOptions, seed_everything
+from metalr_bench.benchmark.training.cell import build_parts
+from metalr_bench.benchmark.training.trainer import TrainerCallback, TrainerOptions, seed_everything
 from metalr_bench.datasets.core.base import DatasetBundle
 from metalr_bench.datasets.core.medmnist_info import INFO as MEDMNIST
 from metalr_bench.datasets.core.registry import load_dataset
@@ -120,7 +120,7 @@ def load_source(spec: PretrainSpec, size: int, *, keep: bool = False) -> Dataset
         ) from None
 
 
-class EpochLines(EpochCallback):
+class EpochLines(TrainerCallback):
     """One stderr line per epoch, written through ``tqdm.write`` so an active bar stays whole."""
 
     def __init__(self, label: str, epochs: int) -> None:
@@ -196,13 +196,13 @@ def pretrained_checkpoint(
     name = spec.dataset if bundle.name in ("", spec.dataset) else f"{spec.dataset} {bundle.name}"
     lines = EpochLines(f"pretrain {arch} on {name}@{size}", spec.epochs) if progress else None
 
-    def train(callbacks: list[EpochCallback]) -> dict[str, float]:
+    def train(callbacks: list[TrainerCallback]) -> dict[str, float]:
         if lines is not None:
             lines.write(f"{spec.epochs} epoch(s) on {len(bundle.train)} training images, "
                         f"then cached in {cache_dir}")
             callbacks = [*callbacks, lines]
         t0 = time.perf_counter()
-        built = build(arch, bundle.in_channels, bundle.num_outputs, "full", None, settings,
+        built = build_parts(arch, bundle.in_channels, bundle.num_outputs, "full", None, settings,
                       bundle=bundle, options=options, callbacks=callbacks)
         assert built.trainer is not None
         result = built.trainer.fit()

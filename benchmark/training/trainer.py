@@ -66,16 +66,19 @@ class TrainerOptions:
     evaluate_test: bool = True
 
 
-class EpochCallback(Protocol):
-    """Receives per-epoch (and optional per-step) numbers; tracking and tuning implement it.
+class TrainerCallback(Protocol):
+    """Receives the trainer's numbers; tracking, tuning and the pre-training's progress lines
+    implement it. Named for when each is called: ``on_epoch_end`` after each epoch,
+    ``on_log_step`` on every ``log_every_n_steps``-th training step, ``on_step_values`` at the
+    end of each epoch with every step's values.
 
-    A protocol: any object with these two methods is one (tracking's ``MetricsLogger`` does not
-    import the trainer); subclassing it inherits no-op defaults."""
+    A protocol: any object with these three methods is one (tracking's ``MetricsLogger`` does
+    not import the trainer); subclassing it inherits no-op defaults."""
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         """``metrics``: train/val losses and metrics, epoch time and the strategy's values."""
 
-    def on_step(self, step: int, values: dict[str, float]) -> None:
+    def on_log_step(self, step: int, values: dict[str, float]) -> None:
         """Every ``log_every_n_steps`` steps: the strategy's values."""
 
     def on_step_values(self, step: int, values: dict[str, float]) -> None:  # noqa: B027
@@ -169,7 +172,7 @@ def _check_placed(model: nn.Module, device: torch.device) -> None:
     if wrong is not None:
         raise ValueError(
             f"the model's parameter {wrong!r} is not on the trainer's device {device}; build the "
-            "cell with training.cell.build (or call place_model before the strategy is built)"
+            "cell with training.cell.build_parts (or call place_model before the strategy is built)"
         )
 
 
@@ -187,7 +190,7 @@ class Trainer:
         groups: list[LayerGroup],
         strategy: Strategy,
         options: TrainerOptions,
-        callbacks: list[EpochCallback] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
         checkpoint: CellCheckpoint | None = None,
     ) -> None:
         self.bundle = bundle
@@ -407,7 +410,7 @@ class Trainer:
                 if n and step % n == 0:
                     values = self.strategy.log_values()
                     for cb in self.callbacks:
-                        cb.on_step(step, values)
+                        cb.on_log_step(step, values)
             train_loss = float(loss_sum) / max(n_batches, 1)  # the epoch's one sync
             check_finite(epoch, {"train_loss": train_loss})
             self._send_step_values(step_values)

@@ -52,7 +52,7 @@ from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
 from metalr_bench.benchmark.training.cell import CellResult, strategy_tags, train_cell
 from metalr_bench.benchmark.training.pretrain import starting_weights
-from metalr_bench.benchmark.training.trainer import EpochCallback
+from metalr_bench.benchmark.training.trainer import TrainerCallback
 from metalr_bench.benchmark.tuning import stale_trials
 from metalr_bench.benchmark.tuning import storage as study_storage
 from metalr_bench.benchmark.tuning.space import SearchDim, search_space, split_params, suggest
@@ -131,8 +131,8 @@ class StudyTarget:
     name: str
 
     @property
-    def dataset_label(self) -> str:
-        return f"{self.dataset.display_name}@{self.dataset.size}"
+    def dataset_key(self) -> str:
+        return f"{self.dataset.dataset_name}@{self.dataset.size}"
 
 
 def study_name(
@@ -152,7 +152,7 @@ def study_name(
         "space": {k: asdict(v) for k, v in sorted(space.items())},
         "metric": cfg.tune.metric,
     }
-    return (f"{cfg.name}-{dataset.display_name}@{dataset.size}-{strategy}-"
+    return (f"{cfg.name}-{dataset.dataset_name}@{dataset.size}-{strategy}-"
             f"{stable_hash(payload)[:8]}")
 
 
@@ -190,7 +190,7 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
 
 
 # -- the objective --------------------------------------------------------------------------------
-class PruningReporter(EpochCallback):
+class PruningReporter(TrainerCallback):
     """Report the epoch's validation metric to the trial; raise TrialPruned when told to."""
 
     def __init__(self, trial: optuna.Trial, key: str) -> None:
@@ -274,7 +274,7 @@ class StudyRunner:
                     seed=cfg.tune.seed, overrides=overrides)
         worker = stale_trials.worker_id()
         tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
-                "optuna.state": "RUNNING", T.DATASET: t.dataset.display_name,
+                "optuna.state": "RUNNING", T.DATASET: t.dataset.dataset_name,
                 T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.SEED: cfg.tune.seed,
                 T.MODEL: cfg.model.arch, "worker": worker}
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
@@ -322,12 +322,12 @@ class StudyRunner:
         t, cfg = self.target, self.cfg
         tags = {T.KIND: T.KIND_STUDY, T.STUDY_NAME: t.name, "optuna.storage": self.storage_label,
                 "optuna.direction": direction(cfg.tune.metric),
-                T.DATASET: t.dataset.display_name,
+                T.DATASET: t.dataset.dataset_name,
                 T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.MODEL: cfg.model.arch,
                 "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
                 "pruner": cfg.tune.pruner}
         reopen = self._find_study_run()
-        with self.tracker.run(f"{t.dataset_label}/{t.strategy}/study", tags,
+        with self.tracker.run(f"{t.dataset_key}/{t.strategy}/study", tags,
                               parent_id=parent_id, reopen=reopen) as run_id:
             self.tracker.log_params(run_id, {
                 "metric": cfg.tune.metric, "tune_epochs": self.epochs,
@@ -361,9 +361,9 @@ class StudyRunner:
             study_storage.fill_study(study, self.objective, n_trials=cfg.tune.n_trials,
                                      url=self.storage_label, timeout=cfg.tune.timeout,
                                      on_trial=on_trial)
-            return self.summarize(study, run_id)
+            return self.record_outcome(study, run_id)
 
-    def summarize(self, study: optuna.Study, run_id: str) -> StudyOutcome:
+    def record_outcome(self, study: optuna.Study, run_id: str) -> StudyOutcome:
         """Trial counts and the best trial, logged on the study's MLflow run."""
         trials = study.get_trials(deepcopy=False)
         counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
@@ -454,7 +454,7 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
         for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
             bundle = data.get(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
                                    seed=cfg.tune.seed))
-            bar.set_postfix_str(f"{t.dataset_label} {t.strategy}: loading {cfg.model.weights} "
+            bar.set_postfix_str(f"{t.dataset_key} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress,
                                                dataset=t.dataset)
@@ -486,7 +486,7 @@ def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id
             studies.append((r, study, run_id))
             for w in range(cfg.tune.workers_per_study):
                 calls.append((r.target, r.storage_label, run_id, parent_id, w))
-                labels.append(f"{r.target.dataset_label} {r.target.strategy} worker {w}")
+                labels.append(f"{r.target.dataset_key} {r.target.strategy} worker {w}")
         names = [r.target.name for r in runners]
         bar.n = study_storage.count_finished(runners[0].storage, names)
         bar.refresh()
@@ -498,7 +498,7 @@ def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id
             if isinstance(res, BaseException):
                 log.error("tuning %s: worker failed (%s); its study may miss trials",
                           label, res)
-        return [r.summarize(optuna.load_study(study_name=r.target.name, storage=r.storage),
+        return [r.record_outcome(optuna.load_study(study_name=r.target.name, storage=r.storage),
                             run_id) for r, _, run_id in studies]
 
 

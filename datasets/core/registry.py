@@ -35,11 +35,11 @@ class DatasetEntry:
     description: str
     #: ``(root, options) -> str | None``: how a dataset of this adapter is named by default
     #: (imagefolder/csv: the root folder's name); None or returning None: the adapter's name
-    label: Callable[[Path | None, dict[str, Any]], str | None] | None = None
+    naming: Callable[[Path | None, dict[str, Any]], str | None] | None = None
 
-    def default_label(self, root: str | Path | None, options: dict[str, Any]) -> str:
+    def default_name(self, root: str | Path | None, options: dict[str, Any]) -> str:
         """The name runs, tags, leaderboards and reports use when the config gives none."""
-        named = self.label(Path(root) if root else None, options) if self.label else None
+        named = self.naming(Path(root) if root else None, options) if self.naming else None
         return named or self.name
 
 
@@ -52,11 +52,11 @@ _discovered = False
 
 def register_dataset(
     name: str, *, options_model: type[BaseModel] = NoOptions, description: str = "",
-    label: Callable[[Path | None, dict[str, Any]], str | None] | None = None,
+    naming: Callable[[Path | None, dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., DatasetBundle]], Callable[..., DatasetBundle]]:
     def deco(fn: Callable[..., DatasetBundle]) -> Callable[..., DatasetBundle]:
         DATASETS[name] = DatasetEntry(name, fn, options_model, description or (fn.__doc__ or ""),
-                                      label)
+                                      naming)
         return fn
 
     return deco

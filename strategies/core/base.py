@@ -138,7 +138,7 @@ class Strategy:
     #: position in the quick benchmark's default grid; None: only when a config names it
     default_rank: ClassVar[int | None] = None
     #: one line for `run-benchmark list` (default: the first line of the class docstring)
-    summary: ClassVar[str] = ""
+    description: ClassVar[str] = ""
     #: where ``StepContext.meta_batch`` should draw from, or None when not needed
     meta_source: ClassVar[str | None] = None
     #: images per meta batch; None: the training batch size
@@ -196,7 +196,7 @@ class Strategy:
     def describe(cls) -> str:
         """One line for `run-benchmark list`."""
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        return cls.summary or (doc[0] if doc else cls.name)
+        return cls.description or (doc[0] if doc else cls.name)
 
     # -- 1. parameter groups / optimizer ------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
