@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, str] = {
     "pretrain": "run (or reuse) the pre-training stage only",
     "replay-metrics": "send metrics saved while the tracking server was down",
     "report": "rebuild the report notebook/HTML from MLflow",
+    "race": "which strategy for a new dataset: one study across strategies, the top k "
+            "confirmed on seeds, the winner's model registered",
 }
 
 
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     handlers = {"list": cmd_list, "plan": cmd_plan, "pretrain": cmd_pretrain,
-                "replay-metrics": cmd_replay, "report": cmd_report}
+                "replay-metrics": cmd_replay, "report": cmd_report, "race": cmd_race}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])
@@ -395,6 +397,97 @@ def cmd_replay(argv: list[str]) -> int:
         n = replay_unlogged(Path(f), client)
         print(f"{f}: {n} metric(s) logged")
     return 0
+
+
+def cmd_race(argv: list[str]) -> int:
+    """`run-benchmark race`: the config's flags plus the race's own (the module
+    :mod:`..racing.race` says what it does); stage lines on stderr, the summary on stdout."""
+    p = _run_parser()
+    p.prog = "run-benchmark race"
+    p.description = (SUBCOMMANDS["race"] + ". Per dataset: one Optuna study whose first choice "
+                     "is the strategy, then that strategy's own search space (the grid's), "
+                     "Hyperband-pruned on the per-epoch validation metric; then the best "
+                     "configuration of each of the top k strategies on 5 seeds (the config's "
+                     "seeds when it sets them), paired tests with Holm's correction against the "
+                     "best, the compute spent next to `run-benchmark plan`'s price of the full "
+                     "grid, and the winner (chosen on validation) logged as an MLflow model. "
+                     "A killed race re-run with the same command continues the same study.")
+    p.epilog = ("e.g. run-benchmark race --config configs/medmnist-real3.yaml --n-trials 60 "
+                "--register pick  (the --tune, --sampler, --pruner and --workers-per-study "
+                "flags do not apply: the race is one TPE study per dataset, Hyperband-pruned)")
+    for action in p._actions:  # the grid's --n-trials means something else here
+        if "--n-trials" in action.option_strings:
+            action.help = ("trials of the race's one study per dataset (default: "
+                           "4 per strategy); raising it later extends the same study")
+    g = p.add_argument_group("race")
+    g.add_argument("--top-k", type=int, default=3, metavar="K",
+                   help="strategies confirmed on seeds, best first (default 3)")
+    g.add_argument("--register", metavar="NAME",
+                   help="register the winner's model in the MLflow Model Registry as NAME "
+                   "(NAME-<dataset> per dataset when the config has several)")
+    g.add_argument("--min-epochs", type=int, default=1, metavar="E",
+                   help="Hyperband's smallest budget: epochs every trial gets (default 1)")
+    g.add_argument("--trial-epochs", type=int, metavar="E",
+                   help="epochs of a search trial, Hyperband's largest budget (config "
+                   "`tune.epochs`, else `epochs`); --epochs sets the confirmation runs'")
+    g.add_argument("--timings", nargs="+", metavar="JSON",
+                   help="bench_throughput --json files: price the full grid as `run-benchmark "
+                   "plan --timings` does (default: at the race's own measured time per iteration)")
+    g.add_argument("--seconds-per-iter", type=float, metavar="S",
+                   help="instead of --timings: one training-step time for the grid's price")
+    args = p.parse_args(argv)
+    if args.timings and args.seconds_per_iter:
+        p.error("give --timings or --seconds-per-iter, not both")
+    if args.trial_epochs is not None and args.trial_epochs < 1:
+        p.error(f"--trial-epochs {args.trial_epochs}: a trial trains at least 1 epoch")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    n_trials, args.n_trials = args.n_trials, None  # the race's, not `tune.n_trials`
+    cfg = resolve_config(args)
+    if args.trial_epochs is not None:
+        cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(
+            update={"epochs": args.trial_epochs})})
+    # 5 confirmation seeds unless the flags or the YAML file set them
+    seeds_given = args.seeds is not None or (
+        args.config is not None and "seeds" in load_config(args.config).model_fields_set)
+    from metalr_bench.benchmark.planning.plan import StepTimings
+    from metalr_bench.benchmark.racing.race import (
+        DEFAULT_SEEDS,
+        RaceSettings,
+        format_race,
+        run_race,
+    )
+    from metalr_bench.benchmark.tuning.studies import storage_url
+
+    timings = None
+    if args.timings:
+        timings = StepTimings.from_files(args.timings)
+    elif args.seconds_per_iter:
+        timings = StepTimings(uniform_s_per_iter=args.seconds_per_iter,
+                              uniform_batch=cfg.batch_size,
+                              device=f"{args.seconds_per_iter:g} s/iteration")
+    settings = RaceSettings(n_trials=n_trials, top_k=args.top_k, min_epochs=args.min_epochs,
+                            register=args.register, timings=timings,
+                            seeds=None if seeds_given else DEFAULT_SEEDS)
+
+    def announce(rcfg: Any, targets: list[Any]) -> None:
+        print(f"run-benchmark race: {len(targets)} dataset(s) x {len(rcfg.strategies)} "
+              f"strateg(ies), {rcfg.tune.n_trials} trial(s) per dataset of up to "
+              f"{rcfg.tune.epochs or rcfg.epochs} epoch(s) (Hyperband from {args.min_epochs}), "
+              f"objective validation {rcfg.tune.metric}; then the top {args.top_k} on "
+              f"{len(rcfg.seeds)} seed(s) x {rcfg.epochs} epoch(s); model {rcfg.model.arch}, "
+              f"device {rcfg.resolved_device()}, tracking {rcfg.tracking_uri}, studies "
+              f"{storage_url(rcfg)}", file=sys.stderr, flush=True)
+
+    with quiet_progress(args.no_progress):
+        outcome = run_race(cfg, settings, progress=not args.no_progress, announce=announce)
+    print()
+    print(format_race(outcome.races))
+    print(f"\nSummary: {outcome.summary_path}. MLflow: experiment {cfg.name!r}, race run "
+          f"{outcome.parent_run_id}. " + mlflow_ui_hint(cfg.tracking_uri, outcome.experiment_id))
+    for line in outcome.failed:
+        print(f"FAILED {line}", file=sys.stderr)
+    return 1 if outcome.failed else 0
 
 
 def cmd_report(argv: list[str]) -> int:

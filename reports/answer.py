@@ -182,8 +182,12 @@ def _list(items: Sequence[str]) -> str:
 
 
 def dataset_answer(block: pd.DataFrame, dataset: str, metric: str,
-                   alpha: float = ALPHA) -> DatasetAnswer:
-    """The sentences for one block (one dataset; a cross-validated one with its folds pooled)."""
+                   alpha: float = ALPHA, race: str | None = None) -> DatasetAnswer:
+    """The sentences for one block (one dataset; a cross-validated one with its folds pooled).
+
+    ``race``: the block is a race's confirmation (``run-benchmark race``: only the top strategies
+    of one study across strategies, re-run on seeds); the answer says so and ends with ``race``,
+    the sentence on what the race spent next to the full grid's price."""
     name = METRIC_NAMES.get(metric, metric)
     means = block.groupby("strategy_label")[metric].mean().sort_values(ascending=False)
     best = str(means.index[0])
@@ -191,8 +195,8 @@ def dataset_answer(block: pd.DataFrame, dataset: str, metric: str,
     testable = bool(len(comp)) and int(comp["n_pairs"].max()) >= MIN_PAIRS
     n_runs = int((block["strategy_label"] == best).sum())
     out = DatasetAnswer(dataset, best, means, comp, testable)
-    text = [f"**{dataset}**: {_code(best)} is best on {name} ({means.iloc[0]:.3f}, mean of "
-            f"{n_runs} run{'s' if n_runs != 1 else ''})."]
+    text = [f"**{dataset}**{' (a race)' if race else ''}: {_code(best)} is best on {name} "
+            f"({means.iloc[0]:.3f}, mean of {n_runs} run{'s' if n_runs != 1 else ''})."]
     if comp.empty:
         text.append("It is the only strategy.")
     elif not testable:
@@ -217,6 +221,8 @@ def dataset_answer(block: pd.DataFrame, dataset: str, metric: str,
     if cost:
         text.append(cost)
     text += _planned(block, metric)
+    if race:
+        text.append(race)
     out.sentences = text
     return out
 

@@ -35,6 +35,7 @@ from metalr_bench.benchmark.training.cell import (
     train_cell,
 )
 from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
+from metalr_bench.benchmark.training.export import save_selected
 from metalr_bench.benchmark.training.faults import explain_oom
 from metalr_bench.benchmark.training.pretrain import starting_weights
 from metalr_bench.benchmark.training.transferability import run_transferability
@@ -86,10 +87,13 @@ def run_cell(
     data: DataCache,
     cell: Cell,
     parent_id: str,
+    *,
+    keep_weights: bool = False,
 ) -> CellResult:
     """Train one cell inside its own child run (resume, params, metrics, artifacts). The
     arguments are in an executor's order for a unit of work, ``fn(cfg, tracker, data, *call)``,
-    so the executors call it directly."""
+    so the executors call it directly. ``keep_weights``: keep its selected checkpoint on disk
+    (:func:`export.save_selected`, the race's confirmation cells: the winner's model)."""
     cfg = cfg.effective(cell)
     h = cfg.config_hash(cell)
     bundle = data.get(cell)
@@ -140,6 +144,8 @@ def run_cell(
                 train_result = train_cell(cfg, cell, bundle, weights, [logger],
                                           checkpoint=ckpt, resume=plan.payload)
             logger.flush(final=True)
+            if keep_weights:
+                save_selected(cfg.output_dir, h, train_result.final_state)
             tracker.log_params(run_id, train_result.data_params())
             tracker.set_tags(run_id, strategy_tags(cell.strategy))
             if train_result.test_predictions is not None:

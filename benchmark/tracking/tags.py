@@ -15,6 +15,8 @@ KIND_CELL = "cell"  # one (dataset, strategy, params, seed) of the grid
 KIND_STUDY = "study"  # one Optuna study (dataset, strategy)
 KIND_TRIAL = "trial"  # one Optuna trial, under its study run
 KIND_PRETRAIN = "pretrain"  # the pre-training stage
+KIND_RACE = "race"  # the parent run of one `run-benchmark race` call
+KIND_MODEL = "model"  # a race's winning model (an MLflow model), under the race's run
 #: the key older versions wrote on pre-training runs (read, never written)
 LEGACY_STAGE = "stage"
 

@@ -272,13 +272,19 @@ class StudyRunner:
         params, overrides = suggest(trial, t.space)
         cell = Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
                     seed=cfg.tune.seed, overrides=overrides)
+        return self.train_trial(trial, cell)
+
+    def train_trial(self, trial: optuna.Trial, cell: Cell) -> float:
+        """Train ``cell`` as ``trial`` in its MLflow trial run; the objective's value. (The
+        race's study, :mod:`.race`, samples the strategy first and trains through here too.)"""
+        t, cfg = self.target, self.cfg
         worker = stale_trials.worker_id()
         tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
                 "optuna.state": "RUNNING", T.DATASET: t.dataset.dataset_name,
-                T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.SEED: cfg.tune.seed,
+                T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: cell.strategy, T.SEED: cfg.tune.seed,
                 T.MODEL: cfg.model.arch, "worker": worker}
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
-        with self.tracker.run(f"{t.strategy} trial {trial.number}", tags,
+        with self.tracker.run(f"{cell.strategy} trial {trial.number}", tags,
                               parent_id=self.study_run_id,
                               beat=lambda run_id: stale_trials.beat(trial, self.tracker, run_id),
                               finished_on=(optuna.TrialPruned,)) as run_id:

@@ -1,0 +1,251 @@
+"""`run-benchmark race`: one study across strategies, confirmation on seeds, the model registered."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+import optuna
+import pytest
+import torch
+from metalr_bench.benchmark.cli import main
+from metalr_bench.benchmark.config import Cell, load_config, validate_config
+from metalr_bench.benchmark.racing.race import (
+    RaceError,
+    RaceSettings,
+    check_settings,
+    race_config,
+    run_race,
+)
+from metalr_bench.benchmark.training.cell import DataCache
+from metalr_bench.benchmark.training.metrics import compute_metrics
+from metalr_bench.benchmark.tuning import race as race_study
+from metalr_bench.benchmark.tuning import studies as tuning
+from metalr_bench.strategies.core.base import STRATEGIES, Strategy
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Inverted(Strategy):
+    """Deliberately crippled: fine-tunes every layer on shifted labels (class c trained as
+    c + 1), so it learns a wrong mapping (validation AUC below 0.5)."""
+
+    name = "inverted"
+
+    def train_step(self, ctx, batch):
+        x, y = batch
+        ctx.optimizer.zero_grad(set_to_none=True)
+        forward = ctx.model if ctx.forward is None else ctx.forward
+        with ctx.autocast():
+            logits = forward(x)
+            loss = ctx.loss_fn(logits, (y + 1) % logits.shape[1])
+        loss.backward()
+        ctx.optimizer.step()
+        return loss.detach()
+
+
+@contextlib.contextmanager
+def inverted_registered() -> Iterator[None]:
+    STRATEGIES[Inverted.name] = Inverted
+    try:
+        yield
+    finally:
+        STRATEGIES.pop(Inverted.name, None)
+
+
+def race_data(tiny: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Two strategies, one clearly best, on the easy 4-class synthetic source domain (the
+    lesion task does not learn from scratch in 2 epochs); 2-epoch trials, 1-epoch runs."""
+    return {**tiny, "datasets": [{"name": "synthetic-source", "size": 16,
+                                  "options": {"n_images": 200}}],
+            "strategies": ["full", "inverted"], "seeds": [0, 1], "epochs": 1,
+            "batch_size": 32, "precise_bn": False, "system_metrics": False,
+            "tune": {"epochs": 2, "params": {"full": {"lr": {"low": 1e-3, "high": 1e-2}},
+                                             "inverted": {"lr": {"low": 1e-3, "high": 1e-2}}}},
+            **extra}
+
+
+def test_race_picks_the_clearly_best_strategy_registers_it_and_the_model_reproduces_its_test_metric(
+    tiny_config: dict[str, Any],
+) -> None:
+    with inverted_registered():
+        cfg = validate_config(race_data(tiny_config))
+        settings = RaceSettings(n_trials=4, top_k=2, register="race-pick")
+        outcome = run_race(cfg, settings, progress=False)
+    assert not outcome.failed, outcome.failed
+    (race,) = outcome.races
+    assert race.board[0].strategy == "full"  # the search ranks it first on validation
+    assert race.winner == "full" and race.best_on_test == "full"
+    assert "(a race)" in race.answer[0] and "`full` is best" in race.answer[0]
+    assert "training iterations" in race.answer[-1] and "full grid" in race.answer[-1]
+    rcfg = race_config(cfg, settings)
+    assert rcfg.seeds == [0, 1] and rcfg.tune.n_trials == 4  # the config's seeds, given
+
+    # the search: one study, every trial one MLflow child run of the study's run
+    study = optuna.load_study(study_name=race.study_name, storage=tuning.storage_url(rcfg))
+    trials = study.get_trials()
+    assert len(trials) == 4 and {t.params["strategy"] for t in trials} <= {"full", "inverted"}
+    assert all(set(t.params) - {"strategy"} == {f"{t.params['strategy']}.lr"} for t in trials)
+    client = MlflowClient(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_kind: dict[str, list[Any]] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags["kind"], []).append(r)
+    (parent,) = by_kind["race"]
+    assert parent.info.run_id == outcome.parent_run_id
+    (study_run,) = by_kind["study"]
+    assert study_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert len(by_kind["trial"]) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id
+               for r in by_kind["trial"])
+    # the confirmation: ordinary cells of the confirmed strategies on every seed
+    cells = by_kind["cell"]
+    assert len(cells) == 2 * len(race.confirmed)
+    assert {r.data.tags["optuna.study_name"] for r in cells} == {race.study_name}
+    assert all("test_auc" in r.data.metrics for r in cells)
+    assert race.compute is not None and 0 < race.compute.race_iters < race.compute.grid_iters
+    summary = json.loads(outcome.summary_path.read_text())
+    assert summary["datasets"][0]["winner"]["strategy"] == "full"
+    assert summary["datasets"][0]["compute"]["share_iters"] < 1
+    assert parent.data.tags["race.winner.synthetic-source_16"] == "full"
+
+    # the model: registered under the name, tagged with the race's run, loads by name and
+    # reproduces the winner's logged test metric on the test split
+    version = client.get_model_version("race-pick", "1")
+    assert version.tags["race_parent_run_id"] == outcome.parent_run_id
+    winner_run = client.get_run(race.winner_run_id)
+    assert winner_run.data.tags["strategy"] == "full"
+    (model_run,) = by_kind["model"]
+    pre = json.loads(Path(client.download_artifacts(model_run.info.run_id,
+                                                    "preprocessing.json")).read_text())
+    assert pre["image_size"] == 16 and pre["channels"] == 1 and pre["mean"] == [0.5]
+    assert pre["source_run_id"] == race.winner_run_id and len(pre["class_names"]) == 4
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    try:
+        model = mlflow.pytorch.load_model("models:/race-pick/1")
+    finally:
+        mlflow.set_tracking_uri("")
+    bundle = DataCache().get(Cell(dataset=cfg.datasets[0], strategy="full", params={}, seed=0))
+    with torch.no_grad():
+        scores = model(bundle.test.images.float() / 255).numpy()
+    metrics = compute_metrics(bundle.task, bundle.test.labels.numpy(), scores)
+    assert metrics["auc"] == pytest.approx(winner_run.data.metrics["test_auc"], abs=1e-6)
+    assert metrics["acc"] == pytest.approx(winner_run.data.metrics["test_acc"], abs=1e-6)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, json
+    sys.path.insert(0, sys.argv[2])
+    from test_race import Inverted
+    from metalr_bench.strategies.core.base import STRATEGIES
+    STRATEGIES[Inverted.name] = Inverted
+    from metalr_bench.benchmark.tuning import studies as tuning
+    from metalr_bench.benchmark.config import validate_config
+    from metalr_bench.benchmark.racing.race import RaceSettings, run_race
+
+    orig = tuning.PruningReporter.on_epoch_end
+    def on_epoch_end(self, epoch, metrics):
+        orig(self, epoch, metrics)
+        if self.trial.number == 2:  # trials 0 and 1 finished; die hard in trial 2
+            os.kill(os.getpid(), signal.SIGKILL)
+    tuning.PruningReporter.on_epoch_end = on_epoch_end
+    run_race(validate_config(json.loads(sys.argv[1])), RaceSettings(n_trials=4, top_k=1),
+             progress=False)
+""")
+
+
+def test_a_killed_race_rerun_continues_the_same_study_no_trial_lost_or_repeated(
+    tiny_config: dict[str, Any],
+) -> None:
+    data = race_data(tiny_config, seeds=[0])
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(data),
+                           str(Path(__file__).parent)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    with inverted_registered():
+        cfg = validate_config(data)
+        settings = RaceSettings(n_trials=4, top_k=1)
+        storage = tuning.storage_url(race_config(cfg, settings))
+        (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        before = optuna.load_study(study_name=name, storage=storage).get_trials()
+        assert [t.state for t in before][2:] == [TrialState.RUNNING]
+        assert all(t.state in tuning.FINISHED_STATES for t in before[:2])
+        outcome = run_race(cfg, settings, progress=False)  # the same command again
+    assert not outcome.failed, outcome.failed
+    assert outcome.races[0].study_name == name  # the same study
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    states = [t.state for t in trials]
+    # kept: the two finished trials (same params and values); the killed one is FAIL and does
+    # not count; two new ones make the 4 finished trials asked for, and no more
+    assert states[2] == TrialState.FAIL and len(trials) == 5
+    assert sum(s in tuning.FINISHED_STATES for s in states) == 4
+    for old, new in zip(before[:2], trials[:2], strict=True):
+        assert (old.params, old.value, old.state) == (new.params, new.value, new.state)
+    client = MlflowClient(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    studies = [r for r in runs if r.data.tags["kind"] == "study"]
+    assert len(studies) == 1  # the study's MLflow run is reused
+    trial_runs = [r for r in runs if r.data.tags["kind"] == "trial"]
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs)
+    assert numbers == [0, 1, 2, 3, 4]  # one run per trial, none repeated
+    killed = next(r for r in trial_runs if r.data.tags["optuna.trial_number"] == "2")
+    assert killed.info.status == "KILLED" and killed.data.tags["optuna.state"] == "FAIL"
+    assert all(r.data.tags["mlflow.parentRunId"] == studies[0].info.run_id for r in trial_runs)
+
+
+def test_race_help_flags_and_bad_inputs(tiny_config: dict[str, Any],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["race", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--n-trials", "--top-k", "--register", "--min-epochs",
+                 "--trial-epochs", "--timings", "--seeds", "--epochs"):
+        assert flag in out
+    cfg = validate_config(tiny_config)
+    for settings, words in (
+        (RaceSettings(top_k=0), "`--top-k` 0"),
+        (RaceSettings(n_trials=0), "`--n-trials` 0"),
+        (RaceSettings(min_epochs=5), "`--min-epochs` 5 is more than a trial's 2 epoch(s)"),
+        (RaceSettings(register="bad name!"), "`--register` 'bad name!'"),
+    ):
+        with pytest.raises(RaceError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            check_settings(cfg, settings)
+    file_store = validate_config({**tiny_config, "tracking_uri": "mlruns"})
+    with pytest.raises(RaceError, match="Model Registry"):
+        check_settings(file_store, RaceSettings(register="x"))
+    # through the door: one error line, exit 2, nothing run
+    code = main(["race", "--dataset", "synthetic", "--tracking-uri", tiny_config["tracking_uri"],
+                 "--top-k", "0", "--no-progress"])
+    assert code == 2 and "run-benchmark: error: `--top-k` 0" in capsys.readouterr().err
+
+
+def test_a_real_config_is_a_valid_race_command() -> None:
+    """`run-benchmark race --config configs/medmnist-real3.yaml --n-trials N --register X`:
+    its config, its own per-dataset pre-training sources and the race's settings validate (the
+    data is not loaded here)."""
+    cfg = load_config(ROOT / "configs" / "medmnist-real3.yaml")
+    settings = RaceSettings(n_trials=40, top_k=3, register="X")
+    check_settings(cfg, settings)
+    rcfg = race_config(cfg, settings)
+    assert rcfg.seeds == [0, 1, 2, 3, 4] and rcfg.tune.n_trials == 40
+    assert rcfg.tune.pruner == "hyperband" and rcfg.tune.epochs == 3
+    assert cfg.datasets[0].pretrain is not None  # a dataset with its own source
+    assert race_config(validate_config({}), RaceSettings()).seeds == [0, 1, 2, 3, 4]
+    assert race_study.arm_values({"strategy": "l2sp", "l2sp.lr": 0.1, "l2sp.alpha": 0.2,
+                                  "full.lr": 0.3}, "l2sp") == {"lr": 0.1, "alpha": 0.2}
