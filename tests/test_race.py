@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from metalr_bench.benchmark.tuning import studies as tuning
 from metalr_bench.strategies.core.base import STRATEGIES, Strategy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from test_tuning import ListHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,11 +82,18 @@ def race_data(tiny: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def test_race_picks_the_clearly_best_strategy_registers_it_and_the_model_reproduces_its_test_metric(
     tiny_config: dict[str, Any],
 ) -> None:
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default, whatever ran before
+    said = ListHandler()  # what Optuna's own stderr handler would print
+    logging.getLogger("optuna").addHandler(said)
     with inverted_registered():
         cfg = validate_config(race_data(tiny_config))
         settings = RaceSettings(n_trials=4, top_k=2, register="race-pick")
         outcome = run_race(cfg, settings, progress=False)
+    logging.getLogger("optuna").removeHandler(said)
     assert not outcome.failed, outcome.failed
+    # quiet without a bar too (--no-progress): no Optuna INFO line per study and trial
+    assert not [m for m in said.messages if "study created" in m or "finished with" in m], \
+        said.messages[:3]
     (race,) = outcome.races
     assert race.board[0].strategy == "full"  # the search ranks it first on validation
     assert race.winner == "full" and race.best_on_test == "full"

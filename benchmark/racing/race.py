@@ -248,8 +248,9 @@ def run_race(cfg: BenchmarkConfig, settings: RaceSettings, *, progress: bool = T
     executor = get_executor(rcfg)
     url = storage_url(rcfg)
     storage = open_storage(url)
-    if progress:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar says it
+    # Optuna's INFO line for the study and every trial: the bar says it, and --no-progress
+    # asks for silence; warnings still print
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with executor.tracking(rcfg.tracking_uri) as uri:
         tracker = Tracker(uri, rcfg.name, retry=RetryPolicy(max_total_s=rcfg.tracking_retry_s),
                           fallback_dir=Path(rcfg.output_dir) / "unlogged-metrics")
