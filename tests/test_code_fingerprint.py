@@ -133,3 +133,19 @@ def _parents(uri: str, name: str) -> list[str]:
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'benchmark'")
     return [r.info.run_id for r in runs]
+
+
+def test_a_cached_pretraining_is_not_reused_by_changed_code(tree: Path) -> None:
+    """The pre-training cache follows the code too: a checkpoint the old trainer wrote is not
+    the one the new code would write, so a re-run after an upgrade must not start every cell
+    from it (the old key held ``CODE_VERSION`` only, which nobody bumps). Code that trains no
+    number (reports) keeps it."""
+    from metalr_bench.benchmark.config import PretrainSpec
+    from metalr_bench.benchmark.training.pretrain import pretrain_key
+
+    spec = PretrainSpec(dataset="pneumoniamnist")
+    before = pretrain_key("resnet18", spec, 28)
+    _edit(tree / "reports" / "tables.py")
+    assert pretrain_key("resnet18", spec, 28) == before
+    _edit(tree / "benchmark" / "training" / "trainer.py")
+    assert pretrain_key("resnet18", spec, 28) != before

@@ -35,6 +35,7 @@ from metalr_bench.benchmark.config import (
     DatasetSpec,
     PretrainSpec,
 )
+from metalr_bench.benchmark.fingerprint import shared_fingerprint
 from metalr_bench.benchmark.models.zoo import imagenet_state, read_checkpoint
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
@@ -73,13 +74,17 @@ def pretrain_key(arch: str, spec: PretrainSpec, size: int) -> str:
 
     ``download`` is left out (it only fetches a missing file, which is then MD5-checked), and so
     is ``spec.size`` (the ``size`` argument is the resolved side). ``allow_md5_mismatch`` and the
-    location enter only when they matter, so checkpoints cached by earlier versions keep their
-    key.
+    location enter only when they matter. The code enters as the fingerprint of the code the
+    pre-training runs (:func:`fingerprint.shared_fingerprint`: the trainer, the models, the
+    datasets, the strategies' core), as a cell's identity does: a checkpoint the old code wrote
+    is not reused after an upgrade that would train another one (``CODE_VERSION`` alone, the
+    earlier key, was never bumped); edits to reports, the CLI or tracking keep it.
     """
     fields = spec.model_dump(mode="json", exclude={"root", "size", "download"})
     if not spec.allow_md5_mismatch:
         del fields["allow_md5_mismatch"]
-    payload = {"arch": arch, "spec": fields, "size": size, "code": CODE_VERSION}
+    payload = {"arch": arch, "spec": fields, "size": size, "code": CODE_VERSION,
+               "code_fingerprint": shared_fingerprint()}
     location = _source_location(spec)
     if location is not None:
         payload["root"] = location
