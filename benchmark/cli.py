@@ -485,6 +485,13 @@ def cmd_race(argv: list[str]) -> int:
     print(format_race(outcome.races))
     print(f"\nSummary: {outcome.summary_path}. MLflow: experiment {cfg.name!r}, race run "
           f"{outcome.parent_run_id}. " + mlflow_ui_hint(cfg.tracking_uri, outcome.experiment_id))
+    if cfg.report:  # the report of the race's run: its answers marked as races
+        from metalr_bench.reports.build import report_after_benchmark
+
+        report = report_after_benchmark(cfg, outcome.parent_run_id,
+                                        progress=not args.no_progress)
+        if report is not None:
+            print(f"Report: {report.html} (notebook, results.csv/.parquet alongside)")
     for line in outcome.failed:
         print(f"FAILED {line}", file=sys.stderr)
     return 1 if outcome.failed else 0

@@ -28,7 +28,7 @@ each is a single comparison planned before the run, not a search over strategies
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -393,10 +393,14 @@ class Answer:
         return "\n\n".join(parts)
 
 
-def the_answer(results: pd.DataFrame, metric: str, alpha: float = ALPHA) -> Answer:
-    """The report's opening paragraph from its finished runs (see the module docstring)."""
+def the_answer(results: pd.DataFrame, metric: str, alpha: float = ALPHA,
+               races: Mapping[str, str] | None = None) -> Answer:
+    """The report's opening paragraph from its finished runs (see the module docstring).
+    ``races``: per dataset key, what a race spent (``results.race_notes``): those datasets'
+    answers are marked as races."""
     blocked = with_blocks(results)
-    per = {str(ds): dataset_answer(b, str(ds), metric, alpha)
+    races = races or {}
+    per = {str(ds): dataset_answer(b, str(ds), metric, alpha, race=races.get(str(ds)))
            for ds, b in blocked.groupby("block", sort=True)}
     across = cross_answer(per, block_scores(results, metric), alpha)
     return Answer(per, across, gains_over_full(results, metric, alpha))

@@ -112,9 +112,24 @@ def load_runs(tracking_uri: str | MlflowClient, experiment: str,
         found = _search_all(client, exp.experiment_id,
                             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{p.info.run_id}'",
                             order_by=["attributes.start_time ASC"])
+        # result runs only: a study run or a race's model run names a strategy too (the model's
+        # run logs its cell's test metrics again); runs older than the ``kind`` tag are cells
         children += [r for r in found if not T.is_pretrain(r.data.tags)
-                     and "strategy" in r.data.tags]
+                     and "strategy" in r.data.tags
+                     and r.data.tags.get(T.KIND, T.KIND_CELL) == T.KIND_CELL]
     return BenchmarkRuns(exp.experiment_id, exp.name, parents, children)
+
+
+def race_notes(runs: BenchmarkRuns) -> dict[str, str]:
+    """Per dataset key, what a race spent (the sentence its parent run carries in tag
+    :data:`tags.RACE_COMPUTE`), for the parents that are races (``run-benchmark race``); empty
+    for a grid."""
+    notes: dict[str, str] = {}
+    for p in runs.parents:
+        raw = p.data.tags.get(T.RACE_COMPUTE)
+        if p.data.tags.get(T.KIND) == T.KIND_RACE and raw:
+            notes |= {str(k): str(v) for k, v in json.loads(raw).items()}
+    return notes
 
 
 def _as_number(value: str) -> Any:

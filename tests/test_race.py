@@ -130,6 +130,25 @@ def test_race_picks_the_clearly_best_strategy_registers_it_and_the_model_reprodu
     assert summary["datasets"][0]["winner"]["strategy"] == "full"
     assert summary["datasets"][0]["compute"]["share_iters"] < 1
     assert parent.data.tags["race.winner.synthetic-source_16"] == "full"
+    # the report of the race's run: its rows are the confirmation cells (not the model's run,
+    # which logs the winner's test metrics again), its answer is marked as a race with the
+    # compute sentence
+    from metalr_bench.reports.answer import the_answer
+    from metalr_bench.reports.results import load_runs, race_notes, results_table
+
+    report_runs = load_runs(cfg.tracking_uri, cfg.name, outcome.parent_run_id)
+    rows = results_table(report_runs)
+    assert sorted(rows["run_id"]) == sorted(r.info.run_id for r in cells)
+    notes = race_notes(report_runs)
+    assert set(notes) == {"synthetic-source@16"} and "full grid" in notes["synthetic-source@16"]
+    text = the_answer(rows, "test_auc", races=notes).markdown()
+    assert "(a race)" in text and notes["synthetic-source@16"] in text
+    from metalr_bench.reports.build import build_report  # the notebook, executed by a kernel
+
+    paths = build_report(cfg.tracking_uri, cfg.name, parent_run_id=outcome.parent_run_id,
+                         output_dir=cfg.output_dir, log_artifacts=False, progress=False)
+    html = Path(paths.html).read_text()
+    assert "(a race)" in html and "full grid" in html
 
     # the model: registered under the name, tagged with the race's run, loads by name and
     # reproduces the winner's logged test metric on the test split

@@ -278,6 +278,9 @@ def run_race(cfg: BenchmarkConfig, settings: RaceSettings, *, progress: bool = T
             tracker.log_text(parent, format_race(races), "race/summary.txt")
             tracker.set_tags(parent, {f"race.winner.{_key(r.dataset)}": r.winner or "none"
                                       for r in races})
+            # the report of this run (`run-benchmark report --parent-run-id`) marks its answers
+            tracker.set_tags(parent, {T.RACE_COMPUTE: json.dumps(
+                {r.dataset: r.compute.sentence() for r in races if r.compute is not None})})
         out = Path(rcfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{rcfg.name}-race.json"

@@ -17,6 +17,8 @@ KIND_TRIAL = "trial"  # one Optuna trial, under its study run
 KIND_PRETRAIN = "pretrain"  # the pre-training stage
 KIND_RACE = "race"  # the parent run of one `run-benchmark race` call
 KIND_MODEL = "model"  # a race's winning model (an MLflow model), under the race's run
+#: on a race's parent run: JSON {dataset key: what the race spent, a sentence of the answer}
+RACE_COMPUTE = "race.compute"
 #: the key older versions wrote on pre-training runs (read, never written)
 LEGACY_STAGE = "stage"
 

@@ -90,7 +90,7 @@ display(Markdown(
 # %%
 from metalr_bench.reports import answer as answer_mod
 
-the_answer = answer_mod.the_answer(results, primary_metric)
+the_answer = answer_mod.the_answer(results, primary_metric, races=res.race_notes(runs))
 display(Markdown(the_answer.markdown()))
 if not the_answer.gains.empty:
     show(answer_mod.gain_heatmap(the_answer.gains, primary_metric),
