@@ -141,3 +141,15 @@ def test_cost_table_shows_trainable_parameters_next_to_time_and_memory() -> None
     old = _frame([{k: v for k, v in r.items() if k != "param.n_trainable_params"} for r in rows])
     assert "trainable parameters" not in cost.cost_table(old)  # older runs: no such param
     assert math.isclose(cost.cost_table(old)["peak memory (MiB)"].iloc[0], 100.5)
+
+
+@pytest.mark.parametrize("dataset", ["breastmnist", "retinamnist", "pneumoniamnist"])
+def test_the_per_dataset_real3_configs_are_the_grid_restricted_to_one_dataset(dataset) -> None:
+    """configs/medmnist-real3-<dataset>.yaml (how BENCHMARKS ran the grid, a dataset at a
+    time) are medmnist-real3.yaml with that dataset's entry only: the same cells."""
+    import yaml
+
+    whole = yaml.safe_load((CONFIGS / "medmnist-real3.yaml").read_text())
+    part = yaml.safe_load((CONFIGS / f"medmnist-real3-{dataset}.yaml").read_text())
+    (entry,) = [d for d in whole["datasets"] if d["name"] == dataset]
+    assert part == {**whole, "datasets": [entry]}
