@@ -147,8 +147,6 @@ def test_cost_table_shows_trainable_parameters_next_to_time_and_memory() -> None
 def test_the_per_dataset_real3_configs_are_the_grid_restricted_to_one_dataset(dataset) -> None:
     """configs/medmnist-real3-<dataset>.yaml (how BENCHMARKS ran the grid, a dataset at a
     time) are medmnist-real3.yaml with that dataset's entry only: the same cells."""
-    import yaml
-
     whole = yaml.safe_load((CONFIGS / "medmnist-real3.yaml").read_text())
     part = yaml.safe_load((CONFIGS / f"medmnist-real3-{dataset}.yaml").read_text())
     (entry,) = [d for d in whole["datasets"] if d["name"] == dataset]
