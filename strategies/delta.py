@@ -2,7 +2,7 @@
 for convolutional networks"): keep the fine-tuned network's feature maps close to the pre-trained
 network's on the same images, weighting each channel by how much the task needs it.
 
-    L = L_task + α · Σ_l ½ · c_l/(h_l·w_l) · Σ_b Σ_j W_lj · ‖FM_lj(w, x_b) − FM_lj(w⁰, x_b)‖²
+    L = L_task + α · Σ_l ½ · c_l/(h_l·w_l) · (1/B) Σ_b Σ_j W_lj · ‖FM_lj(w, x_b) − FM_lj(w⁰, x_b)‖²
                + β · ½ · ‖w_head‖²
 
 FM_lj is channel j of feature map l (c_l channels of h_l × w_l: the output of each *stage* of the
@@ -17,7 +17,8 @@ replace it), every layer at the base LR, ``attention: true``, ``attention_batche
 Logged: ``delta/penalty`` and ``delta/task_loss`` per step, ``delta/penalty_share`` per epoch
 (the ``mechanism``).
 
-Deviations (stage outputs as feature maps, 1/(h·w) kept without attention, the attention's head
+Deviations (the penalty a mean over the batch's images, not the reference's sum; stage outputs
+as feature maps, 1/(h·w) kept without attention, the attention's head
 fitted by Adam on its batches, un-augmented attention batches, the frozen copy's BatchNorm
 following the fine-tuned model's mode), each with its reason, the cost, and how it is built:
 docs/strategies.md, section ``delta``.
@@ -96,8 +97,8 @@ def _frozen_head_input(store: dict[Any, Any]) -> Any:
 
 def feature_distance(live: list[torch.Tensor], ref: list[torch.Tensor],
                      weights: list[torch.Tensor] | None) -> torch.Tensor:
-    """Σ_l ½ · c_l/(h_l·w_l) · Σ_b Σ_j W_lj ‖Δ_lbj‖² (W_lj = 1/c_l when ``weights`` is None), in
-    float32."""
+    """Σ_l ½ · c_l/(h_l·w_l) · (1/B) Σ_b Σ_j W_lj ‖Δ_lbj‖² (W_lj = 1/c_l when ``weights`` is
+    None), in float32: a mean over the B images, as the task loss is."""
     total = torch.zeros((), device=live[0].device)
     for i, (a, b) in enumerate(zip(live, ref, strict=True)):
         d = (a.float() - b.float()).flatten(2) if a.ndim > 2 else (a.float() - b.float())[..., None]
@@ -107,7 +108,7 @@ def feature_distance(live: list[torch.Tensor], ref: list[torch.Tensor],
             total = total + 0.5 / hw * per_channel.sum()
         else:
             total = total + 0.5 * c / hw * (per_channel * weights[i]).sum()
-    return total
+    return total / live[0].shape[0]
 
 
 @register
