@@ -275,14 +275,14 @@ def test_theta_r_is_the_pretrainings_first_state(tiny_config: dict[str, Any],
     from metalr_bench.benchmark.training import pretrain
 
     first: dict[str, torch.Tensor] = {}
-    real_build = pretrain.build
+    real_build = pretrain.build_parts
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         built = real_build(*args, **kwargs)
         first.update({k: v.detach().clone() for k, v in built.model.state_dict().items()})
         return built
 
-    monkeypatch.setattr(pretrain, "build", spy)
+    monkeypatch.setattr(pretrain, "build_parts", spy)
     cfg = _pretrain_config(tiny_config)
     bundle = DataCache().get(Cell(cfg.datasets[0], "full", {}, 0))
     weights, _ = starting_weights(cfg, bundle, None, None, progress=False)
