@@ -150,10 +150,7 @@ class RaceRunner(StudyRunner):
     def record_outcome(self, study: optuna.Study, run_id: str) -> StudyOutcome:
         """Trial counts, the best trial and each strategy's leader on the study's run (the
         grid's summary would log the categorical ``strategy`` as a number)."""
-        trials = study.get_trials(deepcopy=False)
-        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-        self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
-                                 step=len(trials))
+        n_trials, counts = self.log_counts(study, run_id)
         board = leaders(study, self.cfg.tune.metric)
         if not board:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
@@ -165,7 +162,7 @@ class RaceRunner(StudyRunner):
             "best_value": top.value,
             **{f"leader.{b.strategy}.value": b.value for b in board},
             **{f"n_complete.{s}": c for s, c in
-               ((b.strategy, b.n_complete) for b in board)}}, step=len(trials))
+               ((b.strategy, b.n_complete) for b in board)}}, step=n_trials)
         return StudyOutcome(self.target, run_id, dict(top.values), top.value,  # type: ignore[arg-type]
                             counts)
 

@@ -369,12 +369,18 @@ class StudyRunner:
                                      on_trial=on_trial)
             return self.record_outcome(study, run_id)
 
-    def record_outcome(self, study: optuna.Study, run_id: str) -> StudyOutcome:
-        """Trial counts and the best trial, logged on the study's MLflow run."""
+    def log_counts(self, study: optuna.Study, run_id: str) -> tuple[int, dict[str, int]]:
+        """The study's trial count per state, logged on its MLflow run as ``n_<state>``; returns
+        (number of trials, the counts). Shared with the race's study (:mod:`.race`)."""
         trials = study.get_trials(deepcopy=False)
         counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
         self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
                                  step=len(trials))
+        return len(trials), counts
+
+    def record_outcome(self, study: optuna.Study, run_id: str) -> StudyOutcome:
+        """Trial counts and the best trial, logged on the study's MLflow run."""
+        n_trials, counts = self.log_counts(study, run_id)
         best = _best(study)
         if best is None:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
@@ -384,7 +390,7 @@ class StudyRunner:
         self.tracker.log_metrics(run_id, {"best_value": best.value,
                                           **{f"best.{k}": float(v)
                                              for k, v in best.params.items()}},
-                                 step=len(trials))
+                                 step=n_trials)
         return StudyOutcome(self.target, run_id, dict(best.params), best.value, counts)
 
 
