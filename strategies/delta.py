@@ -72,16 +72,19 @@ def _keep_output(store: dict[Any, Any], key: int) -> Any:
 
 
 def _frozen_output(store: dict[Any, Any], key: int, channel_axis: int = 1) -> Any:
-    """Forward hook for the frozen copy: keep the output, zeroing the channels (on
-    ``channel_axis``) of ``store["mask"]`` when ``store["ablate"] == key`` (channel
-    importance)."""
+    """Forward hook for the frozen copy: keep the output; while ``store["ablate"] == key``
+    (channel importance), return ``k`` copies of it, copy ``i`` with the channels (on
+    ``channel_axis``) that ``store["mask"][i]`` zeroes removed, so that only the layers after
+    this map run on the ``k`` copies (the layers before it ran once, on the plain batch)."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
         if store.get("ablate") == key:
-            mask = store["mask"]  # (batch, channels)
-            shape = [1] * output.ndim
-            shape[0], shape[channel_axis] = mask.shape
-            output = output * mask.view(shape).to(output.dtype)
+            mask = store["mask"]  # (k, channels)
+            k, b = mask.shape[0], output.shape[0]
+            shape = [1] * (output.ndim + 1)
+            shape[0], shape[1 + channel_axis % output.ndim] = mask.shape
+            output = (output.unsqueeze(0) * mask.view(shape).to(output.dtype)).reshape(
+                k * b, *output.shape[1:])
         store[key] = output
         return output
 
@@ -297,7 +300,12 @@ class Delta(Strategy):
     def _channel_losses(self, stage: int, x: torch.Tensor, y: torch.Tensor,
                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         autocast: Callable[[], AbstractContextManager[Any]]) -> torch.Tensor:
-        """The task loss on (x, y) with each channel of feature map ``stage`` zeroed in turn."""
+        """The task loss on (x, y) with each channel of feature map ``stage`` zeroed in turn.
+
+        The frozen copy runs the layers before the map once on the batch; the map's hook then
+        hands the layers after it ``k`` masked copies at a time (``_frozen_output``), so
+        ablating a late map costs a few late layers, not ``k`` whole networks (ResNet-18 at
+        28 px: 960 channels, most of them in ``layer3``/``layer4``)."""
         assert self.probe is not None
         b = x.shape[0]
         with torch.no_grad(), autocast():
@@ -312,8 +320,13 @@ class Delta(Strategy):
                 k = len(idx)
                 mask = torch.ones(k, channels, device=x.device)
                 mask[torch.arange(k, device=x.device), idx] = 0
-                self._ref["ablate"], self._ref["mask"] = stage, mask.repeat_interleave(b, 0)
-                feats = self._frozen_features(x.repeat(k, *([1] * (x.ndim - 1))), autocast)
+                self._ref["ablate"], self._ref["mask"] = stage, mask
+                feats = self._frozen_features(x, autocast)
+                if feats.shape[0] != k * b:
+                    raise RuntimeError(
+                        f"delta: the layers after feature map {self.stages[stage][0]!r} did not "
+                        f"carry its {k} ablated copies through to the head ({feats.shape[0]} "
+                        f"rows, expected {k * b}); the model mixes images across the batch")
                 logits = self.probe(feats)
                 # one task loss per copy of the batch, in one call
                 losses.append(torch.func.vmap(loss_fn)(logits.view(k, b, *logits.shape[1:]),

@@ -447,3 +447,38 @@ def test_delta_penalty_is_a_mean_over_the_batch_like_the_task_loss() -> None:
     _, twice = delta.forward_with_penalty(model, torch.cat([x, x]))
     assert float(once) > 0
     torch.testing.assert_close(twice, once, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["smallcnn", "resnet18", "timm:test_vit", "timm:convnext_atto"])
+def test_delta_channel_ablation_equals_one_whole_forward_per_removed_channel(arch: str) -> None:
+    """The attention's loss rises come from the layers *after* each map run on masked copies of
+    it (the layers before it run once): the same losses as the definition, one whole forward of
+    the pre-trained network per removed channel, on every feature map (a ViT's channels last)."""
+    built = _cell(arch, "delta", {"attention": True, "attention_batches": 1}, size=32)
+    delta = built.strategy
+    (x, y), = _batches(built, 1)
+    x, y = x[:3], y[:3]
+    reference = copy.deepcopy(delta.frozen).eval()
+    head = delta.groups[-1].modules[0]
+    delta.probe = copy.deepcopy(reference.get_submodule(head)).eval()
+    axis = delta.channel_axis
+
+    def loss_without(path: str, j: int) -> float:
+        def zero(m: nn.Module, a: Any, o: torch.Tensor) -> torch.Tensor:
+            o = o.clone()
+            o.select(axis, j).zero_()
+            return o
+        handle = reference.get_submodule(path).register_forward_hook(zero)
+        try:
+            with torch.no_grad():
+                return float(F.cross_entropy(reference(x), y))
+        finally:
+            handle.remove()
+
+    for i, (name, path) in enumerate(delta.stages):
+        fast = delta._channel_losses(i, x, y, F.cross_entropy, contextlib.nullcontext)
+        c = fast.shape[0]
+        channels = range(c) if c <= 48 else [*range(8), *range(c - 8, c)]
+        slow = torch.tensor([loss_without(path, j) for j in channels])
+        torch.testing.assert_close(fast[list(channels)], slow, rtol=1e-4, atol=1e-5,
+                                   msg=f"{arch} {name}")
