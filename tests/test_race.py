@@ -236,6 +236,42 @@ def test_a_killed_race_rerun_continues_the_same_study_no_trial_lost_or_repeated(
     assert all(r.data.tags["mlflow.parentRunId"] == studies[0].info.run_id for r in trial_runs)
 
 
+def test_a_race_on_the_local_executor_shares_its_study_between_the_workers(
+    tiny_config: dict[str, Any],
+) -> None:
+    """``--executor local --workers 2``: the search's trials run in the two worker processes
+    (not in the driver), which share the one study and fill ``n_trials`` exactly: no trial lost
+    or run twice, each trial one MLflow run under the study's run; then the confirmation."""
+    from metalr_bench.benchmark.tuning import stale_trials
+
+    lr = {"lr": {"low": 1e-3, "high": 1e-2}}
+    data = race_data(tiny_config, strategies=["full", "last_k"], seeds=[0], executor="local",
+                     workers=2)
+    data["tune"] = {**data["tune"], "params": {"full": lr, "last_k": lr}}
+    cfg = validate_config(data)
+    settings = RaceSettings(n_trials=6, top_k=1)
+    outcome = run_race(cfg, settings, progress=False)
+    assert not outcome.failed, outcome.failed
+    (race,) = outcome.races
+    storage = tuning.storage_url(race_config(cfg, settings))
+    assert storage.endswith("optuna-journal.log")  # the parallel workers' storage
+    trials = optuna.load_study(study_name=race.study_name,
+                               storage=tuning.open_storage(storage)).get_trials()
+    assert [t.number for t in trials] == list(range(6))
+    assert all(t.state in tuning.FINISHED_STATES for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2 and stale_trials.worker_id() not in workers
+    client = MlflowClient(cfg.tracking_uri if "://" in cfg.tracking_uri else None)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    (study_run,) = [r for r in runs if r.data.tags["kind"] == "study"]
+    trial_runs = [r for r in runs if r.data.tags["kind"] == "trial"]
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs) == list(range(6))
+    assert all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id for r in trial_runs)
+    assert study_run.data.metrics["n_complete"] + study_run.data.metrics["n_pruned"] == 6
+    assert race.winner in {"full", "last_k"} and len(race.results) == 1
+
+
 def test_race_help_flags_and_bad_inputs(tiny_config: dict[str, Any],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -70,7 +70,7 @@ from metalr_bench.benchmark.tuning.race import (
     race_targets,
     trial_epochs,
 )
-from metalr_bench.benchmark.tuning.studies import open_storage, storage_url
+from metalr_bench.benchmark.tuning.studies import open_storage, storage_url, tune_in_workers
 from metalr_bench.reports.answer import ALPHA, dataset_answer
 from metalr_bench.reports.stats import mean_ci
 from tqdm.auto import tqdm
@@ -293,16 +293,21 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
                   data: DataCache, executor: Any, uri: str, progress: bool,
                   n_races: int) -> DatasetRace:
     label = t.dataset_key
-    first = next(iter(t.arms))
-    bundle = data.get(Cell(dataset=t.dataset, strategy=first, params={}, seed=rcfg.tune.seed))
+    bundle = data.get(t.data_cell(rcfg.tune.seed))
+    # the pretrain stage runs (once, cached) here, never in the search's workers
     weights, source = starting_weights(rcfg, bundle, tracker, parent, progress=progress,
                                        dataset=t.dataset)
-    # 1. the search
+    # 1. the search: in this process, or on the executor's workers sharing the study
     runner = RaceRunner(rcfg, t, tracker, storage, url, bundle, weights, source,
                         min_epochs=settings.min_epochs)
+    workers = search_workers(rcfg, executor)
     with tqdm(total=rcfg.tune.n_trials, desc=f"race {label}", unit="trial",
               disable=not progress) as bar:
-        outcome = runner.run(parent, bar)
+        if workers == 1:
+            outcome = runner.run(parent, bar)
+        else:
+            outcome, = tune_in_workers(rcfg, [runner], parent, executor, uri, bar,
+                                       workers=workers)
     study = optuna.load_study(study_name=t.name, storage=storage)
     board = leaders(study, rcfg.tune.metric)
     race = DatasetRace(label, t.name, outcome.counts, board)
@@ -333,6 +338,18 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
         race.model = log_winner_model(rcfg, race, bundle, weights, tracker, parent, uri,
                                       registered_name(settings.register, t, n_races))
     return race
+
+
+def search_workers(rcfg: BenchmarkConfig, executor: Any) -> int:
+    """How many workers share a race's study: one with the serial executor; else
+    ``--workers-per-study`` when given, or the executor's workers (``--workers``): a race has
+    one study per dataset, so the grid's default of one worker per study would leave the
+    others idle."""
+    if executor.name == "serial":
+        return 1
+    if "workers_per_study" in rcfg.tune.model_fields_set:
+        return rcfg.tune.workers_per_study
+    return max(1, rcfg.workers or executor.n_workers)
 
 
 def _key(label: str) -> str:

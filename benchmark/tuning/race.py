@@ -22,8 +22,10 @@ tuning reports (:class:`studies.PruningReporter`, through :meth:`StudyRunner.tra
   :meth:`StudyRunner.recover_interrupted` (they do not count) and the exact trial loop
   (:func:`storage.fill_study`) runs only the missing ones. Its MLflow study run is reused.
 
-May run only serially (one process per study): the sampler's ``group`` decomposition and the
-strategy choice are cheap next to a trial, and the race's point is to spend less compute.
+* **Parallel**: with ``executor: local|ray`` the study's trials run on the executor's workers
+  (:func:`studies.tune_in_workers`, the grid's own parallel tuning): each worker reserves its
+  trials under the storage's quota lock and samples with its own seed, so ``n_trials`` is
+  filled exactly once; serially, in this process.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class RaceTarget:
     @property
     def dataset_key(self) -> str:
         return f"{self.dataset.dataset_name}@{self.dataset.size}"
+
+    def data_cell(self, seed: int) -> Cell:
+        """The cell whose data (and starting weights) every arm trains on: the first arm's
+        (the arms of one dataset share both)."""
+        return Cell(dataset=self.dataset, strategy=next(iter(self.arms)), params={}, seed=seed)
 
 
 def race_name(cfg: BenchmarkConfig, dataset: DatasetSpec, arms: dict[str, StudyTarget]) -> str:
@@ -127,17 +134,17 @@ class RaceRunner(StudyRunner):
                               "or raise `--trial-epochs` (tune.epochs)")
         self.min_epochs = min_epochs
 
-    def create_study(self) -> optuna.Study:
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=self.cfg.tune.seed, multivariate=True,
-                                                 group=True)
-        return optuna.create_study(
-            storage=self.storage, study_name=self.target.name, load_if_exists=True,
-            direction=direction(self.cfg.tune.metric), sampler=sampler,
-            pruner=optuna.pruners.HyperbandPruner(min_resource=self.min_epochs,
-                                                  max_resource=self.epochs),
-        )
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.HyperbandPruner(min_resource=self.min_epochs,
+                                              max_resource=self.epochs)
+
+    def worker_options(self) -> dict[str, Any]:
+        return {"min_epochs": self.min_epochs}
 
     def objective(self, trial: optuna.Trial) -> float:
         t = self.target

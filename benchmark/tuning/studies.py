@@ -134,6 +134,10 @@ class StudyTarget:
     def dataset_key(self) -> str:
         return f"{self.dataset.dataset_name}@{self.dataset.size}"
 
+    def data_cell(self, seed: int) -> Cell:
+        """The cell whose data (and starting weights) the study's trials train on."""
+        return Cell(dataset=self.dataset, strategy=self.strategy, params=self.fixed, seed=seed)
+
 
 def study_name(
     cfg: BenchmarkConfig, dataset: DatasetSpec, strategy: str, fixed: dict[str, Any],
@@ -235,12 +239,32 @@ class StudyRunner:
         self.epochs = cfg.tune.epochs or cfg.epochs
         self.study_run_id = ""
 
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        """The study's sampler, seeded with ``seed`` (each parallel worker has its own)."""
+        return make_sampler(self.cfg.tune.model_copy(update={"seed": seed}))
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return make_pruner(self.cfg.tune, self.epochs)
+
     def create_study(self) -> optuna.Study:
         return optuna.create_study(
             storage=self.storage, study_name=self.target.name, load_if_exists=True,
-            direction=direction(self.cfg.tune.metric), sampler=make_sampler(self.cfg.tune),
-            pruner=make_pruner(self.cfg.tune, self.epochs),
+            direction=direction(self.cfg.tune.metric), sampler=self.sampler(self.cfg.tune.seed),
+            pruner=self.pruner(),
         )
+
+    def load_study(self, worker_index: int) -> optuna.Study:
+        """The (existing) study as parallel worker ``worker_index`` opens it: the study's
+        pruner, and a sampler seeded apart from the other workers' (``tune.seed + 1000·i``),
+        so that two workers do not propose the same parameters."""
+        return optuna.load_study(study_name=self.target.name, storage=self.storage,
+                                 sampler=self.sampler(self.cfg.tune.seed + 1000 * worker_index),
+                                 pruner=self.pruner())
+
+    def worker_options(self) -> dict[str, Any]:
+        """Keyword arguments a worker process passes to this runner's class to build its twin
+        (:func:`study_worker`); a subclass adds its own."""
+        return {}
 
     def recover_interrupted(self, study: optuna.Study) -> int:
         """Mark trials left RUNNING by a dead worker as FAIL (and their MLflow runs KILLED).
@@ -395,27 +419,27 @@ class StudyRunner:
 
 
 def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: StudyTarget,
-                 url: str, study_run_id: str, parent_id: str, worker_index: int) -> int:
+                 url: str, study_run_id: str, parent_id: str, worker_index: int,
+                 runner_cls: type[StudyRunner] | None = None,
+                 options: dict[str, Any] | None = None) -> int:
     """One tuning worker (a local process or a Ray task): fill the study up to ``n_trials``.
 
     Several workers may share a study: each reserves its trials under the storage's quota lock
     (:func:`study_storage.fill_study`), samples with its own seed, and logs its trial runs
-    under the study's MLflow run. Returns the number of trials this worker ran.
+    under the study's MLflow run. ``runner_cls`` (default :class:`StudyRunner`; the race's
+    :class:`~.race.RaceRunner`) built with ``options`` (:meth:`StudyRunner.worker_options`)
+    runs the trials. Returns the number of trials this worker ran.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    bundle = data.get(Cell(dataset=target.dataset, strategy=target.strategy,
-                           params=target.fixed, seed=cfg.tune.seed))
+    bundle = data.get(target.data_cell(cfg.tune.seed))
     weights, source = starting_weights(cfg, bundle, tracker, parent_id,
                                        dataset=target.dataset)
     storage = open_storage(url)
-    runner = StudyRunner(cfg, target, tracker, storage, url, bundle, weights, source)
+    runner = (runner_cls or StudyRunner)(cfg, target, tracker, storage, url, bundle, weights,
+                                         source, **(options or {}))
     runner.study_run_id = study_run_id
-    tune = cfg.tune.model_copy(update={"seed": cfg.tune.seed + 1000 * worker_index})
-    study = optuna.load_study(study_name=target.name, storage=storage,
-                              sampler=make_sampler(tune),
-                              pruner=make_pruner(cfg.tune, runner.epochs))
-    return study_storage.fill_study(study, runner.objective, n_trials=cfg.tune.n_trials,
-                                    url=url, timeout=cfg.tune.timeout)
+    return study_storage.fill_study(runner.load_study(worker_index), runner.objective,
+                                    n_trials=cfg.tune.n_trials, url=url, timeout=cfg.tune.timeout)
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -464,8 +488,7 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
                disable=not progress)
     try:
         for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
-            bundle = data.get(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
-                                   seed=cfg.tune.seed))
+            bundle = data.get(t.data_cell(cfg.tune.seed))
             bar.set_postfix_str(f"{t.dataset_key} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress,
@@ -476,16 +499,20 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
         if executor is not None and executor.name != "serial":
             runners = [StudyRunner(cfg, t, tracker, storage, url, None, None, "")
                        for t in targets]
-            studies = _tune_in_workers(cfg, runners, parent_id, executor,
-                                       tracking_uri or cfg.tracking_uri, bar)
+            studies = tune_in_workers(cfg, runners, parent_id, executor,
+                                      tracking_uri or cfg.tracking_uri, bar)
     finally:
         bar.close()
     return _outcome(cfg, studies)
 
 
-def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id: str,
-                     executor: Any, tracking_uri: str, bar: Any) -> list[StudyOutcome]:
-    """Create the studies and their MLflow runs here, run the workers through ``executor``."""
+def tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id: str,
+                    executor: Any, tracking_uri: str, bar: Any, *,
+                    workers: int | None = None) -> list[StudyOutcome]:
+    """Create the studies and their MLflow runs here, run the workers through ``executor``:
+    ``workers`` per study (default ``tune.workers_per_study``), each a :func:`study_worker`
+    building a twin of its runner (same class, :meth:`StudyRunner.worker_options`)."""
+    per_study = workers or cfg.tune.workers_per_study
     if executor.name == "ray" and study_storage.is_journal(runners[0].storage_label):
         log.warning("tuning on Ray with a journal file: every node must see %s (shared file "
                     "system), or pass an RDB URL with --tune-storage", runners[0].storage_label)
@@ -496,8 +523,9 @@ def _tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id
             run_id = stack.enter_context(r.study_run(parent_id))
             r.recover_interrupted(study)  # before any worker starts: RUNNING means killed
             studies.append((r, study, run_id))
-            for w in range(cfg.tune.workers_per_study):
-                calls.append((r.target, r.storage_label, run_id, parent_id, w))
+            for w in range(per_study):
+                calls.append((r.target, r.storage_label, run_id, parent_id, w, type(r),
+                              r.worker_options()))
                 labels.append(f"{r.target.dataset_key} {r.target.strategy} worker {w}")
         names = [r.target.name for r in runners]
         bar.n = study_storage.count_finished(runners[0].storage, names)
