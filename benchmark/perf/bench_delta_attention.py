@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from metalr_bench.benchmark.perf.bench_throughput import random_bundle
+from metalr_bench.benchmark.perf.bench_throughput import device_name, random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
 from metalr_bench.benchmark.training.trainer import TrainerOptions, seed_everything
 from metalr_bench.strategies.core.base import TrainSettings
@@ -51,7 +51,8 @@ def measure(arch: str, size: int, batch_size: int, batches: int, device: str,
         times.append(time.perf_counter() - t0)
     channels = sum(len(w) for w in weights)
     return {"arch": arch, "size": size, "batch_size": batch_size, "batches": batches,
-            "channels": channels, "device": device, "threads": torch.get_num_threads(),
+            "channels": channels, "device": device, "device_name": device_name(device),
+            "threads": torch.get_num_threads(),
             "seconds": min(times), "host": platform.node()}
 
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     out = measure(args.arch, args.size, args.batch_size, args.batches, args.device,
                   args.repeats)
     print(f"delta attention: {out['arch']} at {out['size']} px, {out['channels']} channels x "
-          f"{out['batches']} batch(es) of {out['batch_size']} on {out['device']} "
+          f"{out['batches']} batch(es) of {out['batch_size']} on {out['device_name']} "
           f"({out['threads']} thread(s)): {out['seconds']:.2f} s")
     if args.json:
         with open(args.json, "w") as f:
