@@ -413,12 +413,16 @@ def cmd_race(argv: list[str]) -> int:
                      "grid, and the winner (chosen on validation) logged as an MLflow model. "
                      "A killed race re-run with the same command continues the same study.")
     p.epilog = ("e.g. run-benchmark race --config configs/medmnist-real3.yaml --n-trials 60 "
-                "--register pick  (the --tune, --sampler, --pruner and --workers-per-study "
-                "flags do not apply: the race is one TPE study per dataset, Hyperband-pruned)")
+                "--register pick --executor local --workers 2  (the --tune, --sampler and "
+                "--pruner flags do not apply: the race is one TPE study per dataset, "
+                "Hyperband-pruned)")
     for action in p._actions:  # the grid's --n-trials means something else here
         if "--n-trials" in action.option_strings:
             action.help = ("trials of the race's one study per dataset (default: "
                            "4 per strategy); raising it later extends the same study")
+        if "--workers-per-study" in action.option_strings:
+            action.help = ("with --executor local/ray: workers sharing the race's study "
+                           "(default: the executor's workers, --workers)")
     g = p.add_argument_group("race")
     g.add_argument("--top-k", type=int, default=3, metavar="K",
                    help="strategies confirmed on seeds, best first (default 3)")

@@ -279,8 +279,9 @@ def test_race_help_flags_and_bad_inputs(tiny_config: dict[str, Any],
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--config", "--n-trials", "--top-k", "--register", "--min-epochs",
-                 "--trial-epochs", "--timings", "--seeds", "--epochs"):
+                 "--trial-epochs", "--timings", "--seeds", "--epochs", "--workers-per-study"):
         assert flag in out
+    assert "workers sharing the race's study" in " ".join(out.split())
     cfg = validate_config(tiny_config)
     for settings, words in (
         (RaceSettings(top_k=0), "`--top-k` 0"),
