@@ -75,7 +75,7 @@ def _frozen_output(store: dict[Any, Any], key: int, channel_axis: int = 1) -> An
     """Forward hook for the frozen copy: keep the output; while ``store["ablate"] == key``
     (channel importance), return ``k`` copies of it, copy ``i`` with the channels (on
     ``channel_axis``) that ``store["mask"][i]`` zeroes removed, so that only the layers after
-    this map run on the ``k`` copies (the layers before it ran once, on the plain batch)."""
+    this map run on the ``k`` copies (the layers before it ran on the plain batch only)."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
         if store.get("ablate") == key:
@@ -302,8 +302,8 @@ class Delta(Strategy):
                         autocast: Callable[[], AbstractContextManager[Any]]) -> torch.Tensor:
         """The task loss on (x, y) with each channel of feature map ``stage`` zeroed in turn.
 
-        The frozen copy runs the layers before the map once on the batch; the map's hook then
-        hands the layers after it ``k`` masked copies at a time (``_frozen_output``), so
+        Per group of ``k`` channels the frozen copy runs the layers before the map on the plain
+        batch, and the map's hook hands the layers after it ``k`` masked copies (``_frozen_output``), so
         ablating a late map costs a few late layers, not ``k`` whole networks (ResNet-18 at
         28 px: 960 channels, most of them in ``layer3``/``layer4``)."""
         assert self.probe is not None

@@ -452,7 +452,7 @@ def test_delta_penalty_is_a_mean_over_the_batch_like_the_task_loss() -> None:
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18", "timm:test_vit", "timm:convnext_atto"])
 def test_delta_channel_ablation_equals_one_whole_forward_per_removed_channel(arch: str) -> None:
     """The attention's loss rises come from the layers *after* each map run on masked copies of
-    it (the layers before it run once): the same losses as the definition, one whole forward of
+    it (the layers before it run on the plain batch): the same losses as the definition, one whole forward of
     the pre-trained network per removed channel, on every feature map (a ViT's channels last)."""
     built = _cell(arch, "delta", {"attention": True, "attention_batches": 1}, size=32)
     delta = built.strategy
