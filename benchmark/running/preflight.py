@@ -6,9 +6,8 @@ half-written runs in MLflow. Here, in order and cheaply:
 
 1. the tracking URI answers (HTTP: one request with a short timeout; SQLite: the folder exists
    and the file, if any, is an SQLite database);
-2. the output folder is a folder this user can write (or can be created as one), and a
-   ``tune.storage`` file's folder exists;
-   the device exists;
+2. the output folder is a folder this user can write (or can be created as one), a
+   ``tune.storage`` file's folder exists, and the device exists;
 3. every dataset loads (missing/corrupt files, bad keys, empty classes raise here), and so does
    the pre-training source (``model.weights: pretrain``) at every size the grid pre-trains at,
    unless its checkpoint is already cached: a bad source used to pass here and then fail every
