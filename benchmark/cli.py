@@ -292,6 +292,10 @@ def cmd_plan(argv: list[str]) -> int:
         p.error("give --timings or --seconds-per-iter, not both")
     if args.seconds_per_run < 0 or args.devices < 1:
         p.error("--seconds-per-run must be >= 0 and --devices >= 1")
+    if args.seconds_per_iter is not None and not args.seconds_per_iter > 0:  # NaN too
+        raise ConfigError(f"`--seconds-per-iter`: a step time must be greater than 0 (got "
+                          f"{args.seconds_per_iter}); measure it with bench_throughput, or "
+                          "give --timings")
     cfg = resolve_config(args)
     from metalr_bench.benchmark.planning.plan import StepTimings, format_plan, plan_rows
 
@@ -330,9 +334,15 @@ def quiet_progress(quiet: bool) -> Iterator[None]:
 
     before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
+    # MLflow's INFO lines when it creates a new store ("Creating initial MLflow database
+    # tables...", "Updating database tables") are progress too
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    level = db_log.level
+    db_log.setLevel(logging.WARNING)
     try:
         yield
     finally:
+        db_log.setLevel(level)
         if before is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
@@ -373,11 +383,9 @@ def _main(argv: list[str]) -> int:
               file=sys.stderr)
         return 3
     except KeyboardInterrupt as exc:
-        from metalr_bench.benchmark.running.signals import exit_code_for
+        from metalr_bench.benchmark.running.signals import exit_code_for, interrupted_message
 
-        print("run-benchmark: interrupted; finished runs are in MLflow, the interrupted run is "
-              "marked KILLED and its last epoch is checkpointed: run the same command again to "
-              "resume", file=sys.stderr)
+        print(interrupted_message(exc), file=sys.stderr)
         return exit_code_for(exc)
 
 
@@ -389,12 +397,25 @@ def cmd_replay(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from pathlib import Path
 
-    from metalr_bench.benchmark.tracking.retry import replay_unlogged
+    from metalr_bench.benchmark.tracking.reach import TrackingURIError, check_tracking
+    from metalr_bench.benchmark.tracking.retry import (
+        UnloggedFileError,
+        read_unlogged,
+        replay_unlogged,
+    )
+
+    # every file read (and the tracking URI checked) before the store is opened: a typo used to
+    # leave a traceback and a new ./mlflow.db behind
+    try:
+        batches = {f: read_unlogged(Path(f)) for f in args.files}
+        check_tracking(args.tracking_uri)
+    except (UnloggedFileError, TrackingURIError) as exc:
+        raise ConfigError(str(exc)) from None
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=args.tracking_uri)
-    for f in args.files:
-        n = replay_unlogged(Path(f), client)
+    for f, metrics in batches.items():
+        n = replay_unlogged(Path(f), client, metrics)
         print(f"{f}: {n} metric(s) logged")
     return 0
 
@@ -503,8 +524,16 @@ def cmd_race(argv: list[str]) -> int:
 
 def cmd_report(argv: list[str]) -> int:
     # imported here: the reports pull in papermill and nbconvert, which a run does not need
+    from metalr_bench.benchmark.tracking.reach import TrackingURIError, check_tracking
+    from metalr_bench.reports.cli import _parser
     from metalr_bench.reports.cli import cmd_report as report
 
+    # the tracking server answers, as a run checks it (3 s): `report` used to hang on one
+    # that is down (urllib3's retries; killed at 120 s with nothing printed)
+    try:
+        check_tracking(_parser().parse_args(argv).tracking_uri)
+    except TrackingURIError as exc:
+        raise ConfigError(str(exc)) from None
     return report(argv)
 
 

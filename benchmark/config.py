@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN/inf in any float: `--lr nan` used to read "should be less than or equal to 10"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_dataset(name: str, options: dict[str, Any]) -> None:
@@ -132,7 +133,8 @@ class StrategySpec(_Strict):
             try:
                 cls.Params(**combo)
             except ValidationError as exc:
-                raise ValueError(f"params of strategy {self.name!r}: {_explain(exc)}") from None
+                raise ValueError(f"params of strategy {self.name!r}: "
+                                 f"{_explain(exc, sep=', ')}") from None
         return self
 
     def expand(self) -> list[dict[str, Any]]:
@@ -581,8 +583,10 @@ class Cell:
         return f"{self.dataset.dataset_name}@{self.dataset.size}"
 
 
-def _explain(exc: ValidationError) -> str:
-    """One line per problem: ``field: message (got value)``."""
+def _explain(exc: ValidationError, sep: str = "; ") -> str:
+    """One line per problem: ``field: message (got value)``. Several problems are numbered,
+    each under its own heading (``(1) `strategies[0]`: ... (2) `lr`: ...``), so a top-level
+    error never reads as part of a strategy's params' (``sep``: how a nested list joins)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
@@ -597,7 +601,10 @@ def _explain(exc: ValidationError) -> str:
             got, dict | list
         )
         lines.append(f"`{loc}`: {msg}" + (f" (got {got!r})" if show_got else "") if loc else msg)
-    return "; ".join(lines)
+    if len(lines) > 1 and sep == "; ":
+        return f"{len(lines)} problems: " + " ".join(f"({i}) {ln}"
+                                                    for i, ln in enumerate(lines, 1))
+    return sep.join(lines)
 
 
 def _allowed_keys(model: type[BaseModel]) -> str:

@@ -15,6 +15,7 @@ are decoded once into a uint8 tensor, larger ones stay as paths for the DataLoad
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,13 +155,20 @@ def _split(rec: Records, opts: FolderOptions, seed: int) -> tuple[Split, Split, 
     )
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def decode_split(split: Split, size: int, channels: int, workers: int = 4) -> Split:
     """Decode a path split into a uint8 (N, C, size, size) split (threads: PIL frees the GIL)."""
     assert split.paths is not None
     with ThreadPoolExecutor(workers) as ex:
         it = ex.map(lambda p: decode_image(p, size, channels), split.paths)
         images = list(
-            tqdm(it, total=len(split), desc="decode", leave=False, disable=len(split) < 2000)
+            # an explicit `disable=` overrides tqdm's TQDM_DISABLE (what --no-progress sets),
+            # so it is read here: the pre-training source's bar printed under --no-progress
+            tqdm(it, total=len(split), desc="decode", leave=False,
+                 disable=len(split) < 2000 or _env_flag("TQDM_DISABLE"))
         )
     return Split(labels=split.labels, images=torch.stack(images), groups=split.groups)
 
@@ -247,10 +255,13 @@ def load_csv(
     if manifest is None:
         if root is None:
             raise DatasetError("csv needs options.manifest (or root holding manifest.csv)")
-        manifest = Path(root) / "manifest.csv"
-    manifest = Path(manifest).expanduser()
-    if not manifest.is_absolute() and root is not None:
-        manifest = Path(root) / manifest
+        manifest = Path(root).expanduser() / "manifest.csv"  # root is in it already
+    else:
+        # only a relative `manifest` option starts at root: the default one above has root in
+        # it, and a relative root used to be prefixed twice (data/data/manifest.csv)
+        manifest = Path(manifest).expanduser()
+        if not manifest.is_absolute() and root is not None:
+            manifest = Path(root).expanduser() / manifest
     rec = read_manifest(manifest, opts)
     return build_bundle(
         manifest.parent.name or "csv", rec, opts, size=size, seed=seed, source=str(manifest)

@@ -105,6 +105,8 @@ def export_results(tracking_uri: str, experiment: str, parent_run_id: str | None
 
     runs = load_runs(tracking_uri, experiment, parent_run_id)
     table = results_table(runs)
+    out.mkdir(parents=True, exist_ok=True)  # once there is something to report: a bad
+    # experiment or parent run id leaves no folder behind
     csv, parquet = out / "results.csv", out / "results.parquet"
     table.to_csv(csv, index=False)
     table.to_parquet(parquet, index=False)
@@ -135,7 +137,6 @@ def build_report(
 
     tracking_uri = absolute_tracking_uri(tracking_uri)  # the kernel runs in another folder
     out = Path(output_dir) / "reports" / experiment
-    out.mkdir(parents=True, exist_ok=True)
     csv, parquet, parents = export_results(tracking_uri, experiment, parent_run_id, out)
     nb = jupytext.read(Path(template) if template else template_path())
     with tempfile.TemporaryDirectory(prefix="metalr-report-") as tmp:

@@ -45,7 +45,7 @@ def cmd_report(argv: list[str]) -> int:
                              output_dir=args.output_dir, log_artifacts=not args.no_log,
                              progress=True)
     except ReportDataError as exc:
-        print(f"run-benchmark report: {exc}", file=sys.stderr)
+        print(f"run-benchmark: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except PapermillExecutionError as exc:
         print(f"run-benchmark report: a report cell failed ({exc.ename}: {exc.evalue}); the "

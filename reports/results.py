@@ -79,7 +79,18 @@ def find_parents(client: MlflowClient, experiment_id: str,
                  parent_run_ids: Sequence[str] | None = None) -> list[Run]:
     """The given parent runs, or the most recent benchmark parent run (tag ``kind=benchmark``)."""
     if parent_run_ids:
-        return [client.get_run(r) for r in parent_run_ids]
+        from mlflow.exceptions import MlflowException
+
+        runs = []
+        for r in parent_run_ids:
+            try:
+                runs.append(client.get_run(r))
+            except MlflowException:  # used to escape as a traceback
+                raise ReportDataError(
+                    f"`--parent-run-id` {r}: no such run at {client.tracking_uri}; leave the "
+                    "flag out for the latest benchmark, or copy a parent run's id from the "
+                    "MLflow UI (tag kind=benchmark)") from None
+        return runs
     latest = client.search_runs([experiment_id], filter_string="tags.kind = 'benchmark'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
     if not latest:

@@ -149,3 +149,25 @@ def test_a_cached_pretraining_is_not_reused_by_changed_code(tree: Path) -> None:
     assert pretrain_key("resnet18", spec, 28) == before
     _edit(tree / "benchmark" / "training" / "trainer.py")
     assert pretrain_key("resnet18", spec, 28) != before
+
+
+def test_every_run_names_the_code_it_came_from(mlflow_uri):
+    """`mlflow.source.name` and, in a git checkout (this test runs from one), the commit: the
+    MLflow UI's Source column read "-" for every run (issue 39)."""
+    import subprocess
+
+    from metalr_bench.benchmark.tracking.client import Tracker
+    from mlflow import MlflowClient
+
+    here = Path(__file__).resolve().parent
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=here).stdout.strip()
+    tracker = Tracker(mlflow_uri, "source")
+    with tracker.run("parent", {"kind": "benchmark"}) as parent, \
+            tracker.run("child", {"kind": "cell"}, parent_id=parent) as child:
+        pass
+    for run_id in (parent, child):
+        tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert Path(tags["mlflow.source.name"]) == here.parent  # the checkout's root
+        assert tags["mlflow.source.git.commit"] == commit

@@ -154,6 +154,17 @@ def test_race_picks_the_clearly_best_strategy_registers_it_and_the_model_reprodu
     # reproduces the winner's logged test metric on the test split
     version = client.get_model_version("race-pick", "1")
     assert version.tags["race_parent_run_id"] == outcome.parent_run_id
+    # ... and says what it is on its page (issue 39: the description was empty)
+    d = version.description
+    assert "**full**" in d and "synthetic-source@16" in d and "smallcnn" in d, d
+    assert "Optuna study" in d and "validation" in d and "Test data played no part" in d, d
+    conf = race.table.set_index("strategy").loc["full"]
+    assert f"test auc {conf['test_auc_mean']:.3f}, 95 % CI [{conf['ci_low']:.3f}, " in d, d
+    assert 'mlflow.pytorch.load_model("models:/race-pick/1")' in d, d
+    # every run names the code it came from (the UI's Source column read "-")
+    assert all(r.data.tags.get("mlflow.source.name") for r in runs)
+    assert all(r.data.tags.get("mlflow.source.git.commit") for r in runs), \
+        "this test runs from a git checkout"
     winner_run = client.get_run(race.winner_run_id)
     assert winner_run.data.tags["strategy"] == "full"
     (model_run,) = by_kind["model"]

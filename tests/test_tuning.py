@@ -275,6 +275,7 @@ def test_keyboard_interrupt_marks_trial_and_run(
 
 def test_journal_storage_and_study_name(tiny_config: dict[str, Any], tmp_path: Path) -> None:
     journal = tmp_path / "studies" / "optuna.log"
+    journal.parent.mkdir()  # a missing folder is refused, as the tracking URI's (issue 39)
     cfg = validate_config({**tune_config(tiny_config, storage=str(journal), n_trials=1),
                            "strategies": ["l2sp"], "seeds": [0]})
     assert not run_benchmark(cfg, progress=False).failed

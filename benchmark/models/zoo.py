@@ -498,7 +498,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or not a torch file
-        raise ValueError(f"checkpoint {p} could not be read as a PyTorch file: {exc}") from exc
+        # PyTorch's weights_only error runs to six lines of advice ("Please file an issue",
+        # "weights_only=False ... arbitrary code execution") that fit a pickle of classes, not a
+        # text file: keep its last specific line (e.g. "Unsupported operand 103") only
+        reason = next((ln.strip() for ln in reversed(str(exc).splitlines()) if ln.strip()
+                       and "weights_only" not in ln and "Please file" not in ln
+                       and not ln.strip().endswith("error:")), type(exc).__name__)
+        raise ValueError(f"checkpoint {p} could not be read as a PyTorch file ({reason}); pass "
+                         "a state dict saved with torch.save(model.state_dict(), path)") from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict):

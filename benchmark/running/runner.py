@@ -171,8 +171,11 @@ def run_cell(
                 tracker.log_figure(run_id, figure, path)
         result.status, result.summary = "FINISHED", train_result.summary()
         ckpt.delete()
-    except KeyboardInterrupt:  # the checkpoint stays: the next call resumes from it
+    except KeyboardInterrupt as exc:  # the checkpoint stays: the next call resumes from it
         result.status = "KILLED"
+        # whether there is one: stopped before its first epoch ended, there is none, and the
+        # CLI must not say "its last epoch is checkpointed" (:func:`signals.interrupted_message`)
+        exc.checkpointed = ckpt.exists()  # type: ignore[attr-defined]
         raise
     except TrackingError:  # the server stayed away: every next cell would fail the same way, so
         result.status = "KILLED"  # the grid stops; the checkpoint stays for the next call

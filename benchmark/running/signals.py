@@ -26,6 +26,22 @@ def exit_code_for(exc: KeyboardInterrupt) -> int:
     return getattr(exc, "exit_code", 130)
 
 
+def interrupted_message(exc: KeyboardInterrupt) -> str:
+    """What the CLI says after Ctrl-C / SIGTERM. ``exc.checkpointed`` (set by the runner's
+    cell when it was the one interrupted) tells whether the run has a checkpoint: one stopped
+    before its first epoch ended has none, and the message used to claim one anyway."""
+    checkpointed = getattr(exc, "checkpointed", None)
+    head = "run-benchmark: interrupted; finished runs are in MLflow, the interrupted run is marked KILLED"
+    if checkpointed is True:
+        return (f"{head} and its last epoch is checkpointed: run the same command again to "
+                "resume")
+    if checkpointed is False:
+        return (f"{head}; it was stopped before its first epoch ended, so it has no checkpoint "
+                "and starts over: run the same command again to go on with the grid")
+    return (f"{head}: run the same command again to resume (from the last epoch's checkpoint "
+            "where one was written)")
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (main thread only; else no-op)."""

@@ -30,6 +30,7 @@ from metalr_bench.benchmark.tracking.retry import (
     retry_call,
     save_unlogged,
 )
+from metalr_bench.benchmark.tracking.source import source_tags
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
@@ -226,7 +227,7 @@ class Tracker:
         ``system_metrics``: the sampling interval (s) of MLflow's system metrics for this run
         (:meth:`system_metrics`), None for none (a benchmark's parent run, a study).
         """
-        all_tags = {**(tags or {}), **owner_tags()}
+        all_tags = {**source_tags(), **(tags or {}), **owner_tags()}
         if reopen:
             run_id = self.reopen_run(reopen, {**all_tags, **(
                 {MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {})})

@@ -86,16 +86,37 @@ def describe_metrics(metrics: Sequence[Any], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def replay_unlogged(path: Path, client: Any) -> int:
-    """Send the metrics of a fallback JSONL file to MLflow (after the server is back)."""
+class UnloggedFileError(ValueError):
+    """A fallback metrics file that is missing or not what :class:`MetricsLogger` writes."""
+
+
+def read_unlogged(path: Path) -> dict[str, list[Any]]:
+    """The metrics of a fallback JSONL file, by run id; a missing or malformed file is a
+    :class:`UnloggedFileError` naming it and the line (the CLI prints one line, exit 2)."""
     from mlflow.entities import Metric
 
+    fix = "pass a file from <output_dir>/unlogged-metrics/"
+    if not path.is_file():
+        raise UnloggedFileError(f"replay-metrics: {path} does not exist; {fix}")
     by_run: dict[str, list[Metric]] = {}
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
-            d = json.loads(line)
-            by_run.setdefault(d["run_id"], []).append(
-                Metric(d["key"], d["value"], d["timestamp"], d["step"]))
+            try:
+                d = json.loads(line)
+                by_run.setdefault(d["run_id"], []).append(
+                    Metric(d["key"], d["value"], d["timestamp"], d["step"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UnloggedFileError(f"replay-metrics: {path}:{i} is not a metric record of "
+                                  f"run_id, key, value, timestamp, step ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())}); {fix}") from None
+    return by_run
+
+
+def replay_unlogged(path: Path, client: Any, by_run: dict[str, list[Any]] | None = None) -> int:
+    """Send the metrics of a fallback JSONL file to MLflow (after the server is back);
+    ``by_run``: the file already read (:func:`read_unlogged`)."""
+    if by_run is None:
+        by_run = read_unlogged(path)
     for run_id, items in by_run.items():
         for i in range(0, len(items), 1000):
             client.log_batch(run_id, metrics=items[i : i + 1000])
