@@ -314,3 +314,43 @@ def test_a_real_config_is_a_valid_race_command() -> None:
     assert race_config(validate_config({}), RaceSettings()).seeds == [0, 1, 2, 3, 4]
     assert race_study.arm_values({"strategy": "l2sp", "l2sp.lr": 0.1, "l2sp.alpha": 0.2,
                                   "full.lr": 0.3}, "l2sp") == {"lr": 0.1, "alpha": 0.2}
+
+
+# -- issue 38: rungs at the epochs they name, a fair gate -------------------------------------------
+def _epochs_loop(study: optuna.Study, curves: list[list[float]]) -> None:
+    """Run one trial per curve through the real :class:`PruningReporter`, epoch by epoch as
+    the trainer calls it (0-based ``epoch``)."""
+    for curve in curves:
+        trial = study.ask()
+        reporter = tuning.PruningReporter(trial, "val_auc")
+        try:
+            for epoch, v in enumerate(curve):
+                reporter.on_epoch_end(epoch, {"val_auc": v})
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        study.tell(trial, max(curve))
+
+
+def test_a_hyperband_pruned_trial_can_stop_after_exactly_min_resource_epochs() -> None:
+    """``HyperbandPruner(min_resource=1, max_resource=3)`` counts the steps it is told: with
+    epochs reported 1-based, its first rung is after epoch 1 (0-based, it fired after epoch 2
+    and every pruned trial trained 2 epochs)."""
+    from metalr_bench.benchmark.config import TuneSpec
+
+    study = optuna.create_study(direction="maximize",
+                                pruner=tuning.make_pruner(TuneSpec(pruner="hyperband"), 3),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    good = [[0.9, 0.92, 0.95]] * 6
+    bad = [[0.5, 0.55, 0.6]] * 30
+    _epochs_loop(study, good + bad)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned, "nothing pruned"
+    assert min(len(t.intermediate_values) for t in pruned) == 1
+    assert all(min(t.intermediate_values) == 1 for t in study.get_trials())  # epoch 1 is step 1
+    # the grid's median pruner reads the same steps: it may still prune after the first epoch
+    median = optuna.create_study(direction="maximize",
+                                 pruner=tuning.make_pruner(TuneSpec(pruner="median"), 3))
+    _epochs_loop(median, good + bad)
+    assert {len(t.intermediate_values) for t in
+            median.get_trials(states=(TrialState.PRUNED,))} == {1}

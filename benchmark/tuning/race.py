@@ -45,6 +45,7 @@ from metalr_bench.benchmark.config import (
 )
 from metalr_bench.benchmark.tuning.space import SearchDim, split_params
 from metalr_bench.benchmark.tuning.studies import (
+    REPORT_STEPS,
     StudyOutcome,
     StudyRunner,
     StudyTarget,
@@ -85,7 +86,8 @@ class RaceTarget:
 def race_name(cfg: BenchmarkConfig, dataset: DatasetSpec, arms: dict[str, StudyTarget]) -> str:
     """``<benchmark>-<dataset>@<size>-race-<hash>``; the hash covers every arm's study name
     (which hashes its trial identity, space and metric), in order: the categorical's choices."""
-    payload = {"race": [arms[s].name for s in arms], "metric": cfg.tune.metric}
+    payload = {"race": [arms[s].name for s in arms], "metric": cfg.tune.metric,
+               "steps": REPORT_STEPS}
     return f"{cfg.name}-{dataset.dataset_name}@{dataset.size}-race-{stable_hash(payload)[:8]}"
 
 
