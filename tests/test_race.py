@@ -354,3 +354,47 @@ def test_a_hyperband_pruned_trial_can_stop_after_exactly_min_resource_epochs() -
     _epochs_loop(median, good + bad)
     assert {len(t.intermediate_values) for t in
             median.get_trials(states=(TrialState.PRUNED,))} == {1}
+
+
+def _told(study: optuna.Study, strategy: str, curve: list[float], complete: bool) -> None:
+    """A trial of ``strategy`` told by hand with its per-epoch values (1-based steps)."""
+    dists = {"strategy": optuna.distributions.CategoricalDistribution(["linear_probe", "full"]),
+             f"{strategy}.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    study.add_trial(optuna.trial.create_trial(
+        params={"strategy": strategy, f"{strategy}.lr": 1e-3 * (1 + len(study.trials))},
+        distributions=dists, intermediate_values={e + 1: v for e, v in enumerate(curve)},
+        value=max(curve) if complete else None,
+        state=TrialState.COMPLETE if complete else TrialState.PRUNED))
+
+
+def test_the_gate_compares_strategies_at_the_same_rung_a_flat_strategy_does_not_win_by_promotion(
+    tmp_path: Path,
+) -> None:
+    """``linear_probe`` is flat from epoch 1 (0.80), so Hyperband promotes it to the last rung
+    7 times; ``full`` climbs, and its trials were stopped at epoch 2 (0.84 there). The old gate
+    ranked only COMPLETE trials: ``full`` was not on the board at all (dropped on fewer rungs).
+    At the same rung (2 epochs, the deepest both reached) ``full`` leads."""
+    study = optuna.create_study(direction="maximize",
+                                storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    for _ in range(7):
+        _told(study, "linear_probe", [0.80, 0.80, 0.80], complete=True)
+    _told(study, "full", [0.70, 0.84], complete=False)
+    _told(study, "full", [0.65], complete=False)
+    _told(study, "full", [0.72, 0.83], complete=False)
+    board = race_study.leaders(study, "auc")
+    assert [b.strategy for b in board] == ["full", "linear_probe"]
+    assert [b.rung for b in board] == [2, 2] and [b.depth for b in board] == [2, 3]
+    assert board[0].value == pytest.approx(0.84) and board[0].trial_number == 7
+    assert (board[0].n_complete, board[0].n_pruned) == (0, 3)
+    assert board[1].value == pytest.approx(0.80) and board[1].n_complete == 7
+    # once `full` has a trial at full resource, the gate's rung is the last one
+    _told(study, "full", [0.70, 0.84, 0.86], complete=True)
+    board = race_study.leaders(study, "auc")
+    assert [(b.strategy, b.rung, b.value) for b in board] == [
+        ("full", 3, pytest.approx(0.86)), ("linear_probe", 3, pytest.approx(0.80))]
+    # and a loss is minimised: the best within the rung is the smallest
+    loss = optuna.create_study(direction="minimize")
+    _told(loss, "linear_probe", [0.5, 0.5, 0.5], complete=True)
+    _told(loss, "full", [0.9, 0.4], complete=False)
+    assert [(b.strategy, b.value) for b in race_study.leaders(loss, "val_loss")] == [
+        ("full", pytest.approx(0.4)), ("linear_probe", pytest.approx(0.5))]

@@ -309,7 +309,7 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
             outcome, = tune_in_workers(rcfg, [runner], parent, executor, uri, bar,
                                        workers=workers)
     study = optuna.load_study(study_name=t.name, storage=storage)
-    board = leaders(study, rcfg.tune.metric)
+    board = leaders(study, rcfg.tune.metric, rcfg.tune.epochs or rcfg.epochs)
     race = DatasetRace(label, t.name, outcome.counts, board)
     if not board:
         race.error = (f"no trial of race {t.name} completed ({outcome.counts}); see the trial "

@@ -160,7 +160,7 @@ class RaceRunner(StudyRunner):
         """Trial counts, the best trial and each strategy's leader on the study's run (the
         grid's summary would log the categorical ``strategy`` as a number)."""
         n_trials, counts = self.log_counts(study, run_id)
-        board = leaders(study, self.cfg.tune.metric)
+        board = leaders(study, self.cfg.tune.metric, self.epochs)
         if not board:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
             return StudyOutcome(self.target, run_id, None, None, counts)  # type: ignore[arg-type]
@@ -178,7 +178,13 @@ class RaceRunner(StudyRunner):
 
 @dataclass(frozen=True)
 class Leader:
-    """A strategy's best COMPLETE trial in the race."""
+    """A strategy's standing in the race at the gate's rung.
+
+    ``value`` is the best validation value its trials reached within ``rung`` epochs (the
+    checkpoint a trial stopped there would keep), over its trials that trained at least
+    ``rung`` epochs; ``trial_number``/``values`` are that trial and its params; ``depth`` is
+    the most epochs any of its trials trained.
+    """
 
     strategy: str
     value: float
@@ -186,29 +192,70 @@ class Leader:
     values: dict[str, Any]  # the trial's params, namespaced, with ``strategy``
     n_complete: int
     n_pruned: int
+    rung: int = 0
+    depth: int = 0
 
 
-def leaders(study: optuna.Study, metric: str) -> list[Leader]:
-    """Each strategy's best COMPLETE trial, best first (a strategy whose trials were all
-    pruned or failed has none and is out of the race)."""
-    trials = study.get_trials(deepcopy=False)
-    sign = -1.0 if direction(metric) == "maximize" else 1.0
-    best: dict[str, optuna.trial.FrozenTrial] = {}
-    counts: dict[str, list[int]] = {}
-    for t in trials:
+def _curves(study: optuna.Study, full: int | None,
+            ) -> dict[str, list[tuple[optuna.trial.FrozenTrial, dict[int, float]]]]:
+    """Per strategy, its finished (COMPLETE or PRUNED) trials with their finite per-epoch
+    values (steps are 1-based epochs). A COMPLETE trial without reported values (none in a
+    race; a hand-told one) counts as its objective at ``full`` epochs."""
+    out: dict[str, list[tuple[optuna.trial.FrozenTrial, dict[int, float]]]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         s = t.params.get(STRATEGY_PARAM)
         if s is None:
             continue
-        c = counts.setdefault(s, [0, 0])
-        c[0] += t.state == TrialState.COMPLETE
-        c[1] += t.state == TrialState.PRUNED
-        if t.state != TrialState.COMPLETE or t.value is None or math.isnan(t.value):
-            continue
-        if s not in best or sign * t.value < sign * best[s].value:  # type: ignore[operator]
-            best[s] = t
-    ranked = sorted(best.values(), key=lambda t: (sign * t.value, t.number))  # type: ignore[operator]
-    return [Leader(str(t.params[STRATEGY_PARAM]), float(t.value), t.number,  # type: ignore[arg-type]
-                   dict(t.params), *counts[t.params[STRATEGY_PARAM]]) for t in ranked]
+        curve = {int(k): float(v) for k, v in t.intermediate_values.items()
+                 if v is not None and not math.isnan(v)}
+        if not curve and t.state == TrialState.COMPLETE and t.value is not None \
+                and not math.isnan(t.value):
+            curve = {full or 1: float(t.value)}
+        if curve:
+            out.setdefault(str(s), []).append((t, curve))
+    return out
+
+
+def leaders(study: optuna.Study, metric: str, full: int | None = None) -> list[Leader]:
+    """The race's gate: every strategy ranked at the same rung, best first.
+
+    Why not each strategy's best COMPLETE trial (the gate before issue 38): that compared
+    strategies over unequal numbers of trials and dropped outright every strategy Hyperband
+    had stopped short of the last rung, so a strategy whose value is final after one epoch
+    (``linear_probe``) beat one that climbs simply by being promoted. Here the rung is the
+    deepest one *every* strategy reached (the fewest epochs the least-trained strategy's best
+    trial got); each strategy is scored by its trials that trained that far, on their best
+    value within that many epochs. No strategy is ranked on fewer completed rungs than the
+    others; the race tops up (:meth:`RaceRunner.top_up`) each strategy without a trial at
+    full resource, so that in a finished race the rung is the full trial length.
+    """
+    sign = -1.0 if direction(metric) == "maximize" else 1.0
+    counts: dict[str, list[int]] = {}
+    for t in study.get_trials(deepcopy=False):
+        s = t.params.get(STRATEGY_PARAM)
+        if s is not None:
+            c = counts.setdefault(str(s), [0, 0])
+            c[0] += t.state == TrialState.COMPLETE
+            c[1] += t.state == TrialState.PRUNED
+    curves = _curves(study, full)
+    if not curves:
+        return []
+    depth = {s: max(max(c) for _, c in tc) for s, tc in curves.items()}
+    rung = min(depth.values())
+    board = []
+    for s, tc in curves.items():
+        scored = []
+        for t, c in tc:
+            if max(c) < rung:
+                continue
+            within = [v for k, v in c.items() if k <= rung]
+            if not within:
+                continue
+            scored.append((sign * min(sign * v for v in within), t))
+        value, best = min(((sign * v, t) for v, t in scored), key=lambda p: (p[0], p[1].number))
+        board.append(Leader(s, sign * value, best.number, dict(best.params), *counts[s],
+                            rung=rung, depth=depth[s]))
+    return sorted(board, key=lambda b: (sign * b.value, b.trial_number))
 
 
 def trial_epochs(study: optuna.Study) -> list[tuple[str, int, TrialState]]:
