@@ -398,3 +398,32 @@ def test_the_gate_compares_strategies_at_the_same_rung_a_flat_strategy_does_not_
     _told(loss, "full", [0.9, 0.4], complete=False)
     assert [(b.strategy, b.value) for b in race_study.leaders(loss, "val_loss")] == [
         ("full", pytest.approx(0.4)), ("linear_probe", pytest.approx(0.5))]
+
+
+def test_every_named_strategy_is_raced_to_full_resource_and_listed(
+    tiny_config: dict[str, Any],
+) -> None:
+    """Three strategies, two search trials: at least one strategy is never sampled and the
+    others may be pruned. The old race confirmed what had a COMPLETE trial and said nothing of
+    the rest; now each named strategy gets a trial at full resource (a top-up, unpruned, with
+    its best params so far) and the summary lists every one of them."""
+    from metalr_bench.benchmark.racing.race import format_race
+
+    names = ["full", "inverted", "last_k"]
+    with inverted_registered():
+        cfg = validate_config(race_data(tiny_config, strategies=names, seeds=[0]))
+        outcome = run_race(cfg, RaceSettings(n_trials=2, top_k=3), progress=False)
+    (race,) = outcome.races
+    study = optuna.load_study(study_name=race.study_name,
+                              storage=tuning.storage_url(race_config(cfg, RaceSettings())))
+    complete = {t.params["strategy"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert complete == set(names)
+    assert all(max(t.intermediate_values) == 2
+               for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    assert sorted(race.confirmed) == names and {b.rung for b in race.board} == {2}
+    text = format_race(outcome.races)
+    print(text)
+    for s in names:
+        assert f"  {s} " in text, text
+    assert "It is the only strategy" not in text
+    assert {r["strategy"] for r in race.as_dict()["strategies"]} == set(names)

@@ -68,6 +68,7 @@ from metalr_bench.benchmark.tuning.race import (
     arm_cell,
     leaders,
     race_targets,
+    standings,
     trial_epochs,
 )
 from metalr_bench.benchmark.tuning.studies import open_storage, storage_url, tune_in_workers
@@ -191,11 +192,14 @@ class DatasetRace:
     model: dict[str, Any] = field(default_factory=dict)
     compute: Compute | None = None
     error: str | None = None
+    #: every named strategy's line (:func:`tuning.race.standings`)
+    strategies: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset, "study_name": self.study_name, "trials": self.counts,
             "search": [asdict(b) for b in self.board],
+            "strategies": self.strategies,
             "confirmed": self.confirmed,
             "confirmation": json.loads(self.table.to_json(orient="records"))
             if not self.table.empty else [],
@@ -308,9 +312,14 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
         else:
             outcome, = tune_in_workers(rcfg, [runner], parent, executor, uri, bar,
                                        workers=workers)
+    # every named strategy to full resource (a trial each that Hyperband left short), serially
+    topped = runner.top_up(parent)
+    if topped is not None:
+        outcome = topped
     study = optuna.load_study(study_name=t.name, storage=storage)
     board = leaders(study, rcfg.tune.metric, rcfg.tune.epochs or rcfg.epochs)
     race = DatasetRace(label, t.name, outcome.counts, board)
+    race.strategies = standings(study, list(t.arms), board, [], settings.top_k)
     if not board:
         race.error = (f"no trial of race {t.name} completed ({outcome.counts}); see the trial "
                       f"runs under MLflow run {outcome.run_id}")
@@ -319,6 +328,7 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
     # 2. the confirmation
     top = board[:settings.top_k]
     race.confirmed = [b.strategy for b in top]
+    race.strategies = standings(study, list(t.arms), board, race.confirmed, settings.top_k)
     cells = [arm_cell(rcfg, t, b.values, seed) for b in top for seed in rcfg.seeds]
     if progress:
         tqdm.write(f"race {label}: confirming {', '.join(race.confirmed)} on "
@@ -548,6 +558,18 @@ def format_race(races: list[DatasetRace]) -> str:
         out.append(f"Race {r.dataset}: {sum(c.values())} trial(s) (complete "
                    f"{c.get('complete', 0)}, pruned {c.get('pruned', 0)}, failed "
                    f"{c.get('fail', 0)}), study {r.study_name}")
+        if r.strategies:
+            rung = next((row["rung"] for row in r.strategies if "rung" in row), None)
+            out.append("  search, every strategy named"
+                       + (f" (its best validation value within {rung} epoch(s), the rung "
+                          "every strategy reached)" if rung else "") + ":")
+            out.append(f"  {'strategy':16s} {'trials':>6s} {'done/pruned/failed':>18s} "
+                       f"{'epochs':>6s} {'value':>7s}  what the race did")
+            for row in r.strategies:
+                value = f"{row['value']:.4f}" if "value" in row else "-"
+                done = f"{row['complete']}/{row['pruned']}/{row['failed']}"
+                out.append(f"  {row['strategy']:16s} {row['trials']:6d} {done:>18s} "
+                           f"{row['epochs']:6d} {value:>7s}  {row['status']}")
         if r.error:
             out.append(f"  FAILED: {r.error}")
             continue

@@ -30,6 +30,7 @@ tuning reports (:class:`studies.PruningReporter`, through :meth:`StudyRunner.tra
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ from metalr_bench.benchmark.tuning.studies import (
     study_targets,
 )
 from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
 
 #: the study's first parameter: which strategy a trial trains
 STRATEGY_PARAM = "strategy"
@@ -156,6 +159,54 @@ class RaceRunner(StudyRunner):
             values[f"{strategy}.{name}"] = dim.suggest(trial, f"{strategy}.{name}")
         return self.train_trial(trial, arm_cell(self.cfg, t, values, self.cfg.tune.seed))
 
+    def top_up(self, parent_id: str) -> StudyOutcome | None:
+        """Race every named strategy to full resource: each strategy without a COMPLETE trial
+        gets one more trial, unpruned, at the full trial length, with the params of its best
+        trial at its deepest rung (sampled, when it never had a trial). None when nothing was
+        missing.
+
+        Why: Hyperband stops a strategy at its first rungs on a few trials; a strategy the user
+        named would otherwise leave the race without ever training as long as the others
+        (issue 38: three strategies named, one complete trial, "It is the only strategy").
+        Serial, in this process (a few trials). A top-up trial that fails leaves its strategy
+        out of the race, and the summary says so (:func:`standings`). On a re-run the strategies
+        that have a COMPLETE trial are not topped up again.
+        """
+        study = optuna.load_study(study_name=self.target.name, storage=self.storage,
+                                  sampler=self.sampler(self.cfg.tune.seed + 7919),
+                                  pruner=optuna.pruners.NopPruner())
+        complete = {t.params.get(STRATEGY_PARAM) for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,))}
+        missing = [s for s in self.target.arms if s not in complete]
+        if not missing:
+            return None
+        curves = _curves(study, self.epochs)
+        with self.study_run(parent_id) as run_id:
+            for s in missing:
+                params: dict[str, Any] = {STRATEGY_PARAM: s}
+                if s in curves:  # its best trial at its deepest rung
+                    deepest = max(max(c) for _, c in curves[s])
+                    sign = -1.0 if direction(self.cfg.tune.metric) == "maximize" else 1.0
+                    best = min(((t, c) for t, c in curves[s] if max(c) == deepest),
+                               key=lambda p: (min(sign * v for v in p[1].values()),
+                                              p[0].number))
+                    params = dict(best[0].params)
+                study.enqueue_trial(params, user_attrs={"race.top_up": True})
+                trial = study.ask()
+                try:
+                    value = self.objective(trial)
+                except KeyboardInterrupt:
+                    study.tell(trial, state=TrialState.FAIL)
+                    raise
+                except Exception as exc:
+                    log.warning("race %s: the full-resource trial %d of %s failed (%s); it "
+                                "leaves the race", self.target.name, trial.number, s, exc)
+                    trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    study.tell(trial, value)
+            return self.record_outcome(study, run_id)
+
     def record_outcome(self, study: optuna.Study, run_id: str) -> StudyOutcome:
         """Trial counts, the best trial and each strategy's leader on the study's run (the
         grid's summary would log the categorical ``strategy`` as a number)."""
@@ -256,6 +307,40 @@ def leaders(study: optuna.Study, metric: str, full: int | None = None) -> list[L
         board.append(Leader(s, sign * value, best.number, dict(best.params), *counts[s],
                             rung=rung, depth=depth[s]))
     return sorted(board, key=lambda b: (sign * b.value, b.trial_number))
+
+
+def standings(study: optuna.Study, strategies: list[str], board: list[Leader],
+              confirmed: list[str], top_k: int) -> list[dict[str, Any]]:
+    """Every named strategy's line in the summary: its trials by state, the most epochs one
+    trained, its value at the gate's rung, and what the race did with it (confirmed, not
+    confirmed with its rank, or dropped with the evidence: no trial finished an epoch, and
+    the failures' reasons)."""
+    trials = study.get_trials(deepcopy=False)
+    ranked = {b.strategy: (i + 1, b) for i, b in enumerate(board)}
+    out = []
+    for s in strategies:
+        mine = [t for t in trials if t.params.get(STRATEGY_PARAM) == s]
+        n = {k: sum(t.state == st for t in mine) for k, st in
+             (("complete", TrialState.COMPLETE), ("pruned", TrialState.PRUNED),
+              ("failed", TrialState.FAIL))}
+        row: dict[str, Any] = {"strategy": s, "trials": len(mine), **n,
+                               "epochs": max((len(t.intermediate_values) for t in mine),
+                                             default=0)}
+        if s in ranked:
+            i, b = ranked[s]
+            row |= {"rank": i, "rung": b.rung, "value": b.value, "trial": b.trial_number}
+            row["status"] = ("confirmed" if s in confirmed else
+                             f"not confirmed: rank {i} of {len(board)} at {b.rung} epoch(s) "
+                             f"(the top {top_k} are confirmed)")
+        else:
+            reasons = sorted({str(t.user_attrs.get("fail_reason") or
+                                  t.system_attrs.get("fail_reason") or "no reason recorded")
+                              for t in mine if t.state == TrialState.FAIL})
+            row["status"] = ("dropped: no trial of it ran" if not mine else
+                             f"dropped: none of its {len(mine)} trial(s) finished an epoch"
+                             + (f" ({'; '.join(reasons)[:200]})" if reasons else ""))
+        out.append(row)
+    return out
 
 
 def trial_epochs(study: optuna.Study) -> list[tuple[str, int, TrialState]]:
