@@ -427,3 +427,23 @@ def test_every_named_strategy_is_raced_to_full_resource_and_listed(
         assert f"  {s} " in text, text
     assert "It is the only strategy" not in text
     assert {r["strategy"] for r in race.as_dict()["strategies"]} == set(names)
+
+
+def test_a_race_of_one_strategy_and_the_flags_a_race_ignores_are_refused_in_one_line(
+    tiny_config: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["race", "--dataset", "synthetic", "--tracking-uri", tiny_config["tracking_uri"],
+            "--output-dir", tiny_config["output_dir"], "--no-progress"]
+    with pytest.raises(RaceError, match="`strategies`: a race needs at least 2"):
+        check_settings(validate_config({**tiny_config, "strategies": ["full"]}), RaceSettings())
+    for extra, words in ((["--strategy", "full"], "`strategies`: a race needs at least 2"),
+                         (["--pruner", "median"], "`--pruner median`: the race prunes"),
+                         (["--sampler", "random"], "`--sampler random`: the race samples")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"run-benchmark: error: {words}"), err
+    # --tune asks for what a race does anyway: said once, then the race goes on (here it
+    # stops at the next bad flag, before anything runs)
+    assert main(base + ["--tune", "--top-k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--tune") == 1 and "a race always tunes" in err

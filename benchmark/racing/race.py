@@ -114,6 +114,11 @@ def race_config(cfg: BenchmarkConfig, settings: RaceSettings) -> BenchmarkConfig
 
 def check_settings(cfg: BenchmarkConfig, s: RaceSettings) -> None:
     """Bad flags fail before anything runs, naming the flag, what it takes and what to do."""
+    if len(cfg.strategies) < 2:
+        names = ", ".join(x.name for x in cfg.strategies) or "none"
+        raise RaceError(f"`strategies`: a race needs at least 2 strategies to choose between, "
+                        f"got {len(cfg.strategies)} ({names}); name more with `--strategy`, or "
+                        "tune and train one with `run-benchmark --tune --strategy NAME`")
     if s.n_trials is not None and s.n_trials < 1:
         raise RaceError(f"`--n-trials` {s.n_trials}: a race needs at least 1 trial; give e.g. "
                         f"{TRIALS_PER_STRATEGY * len(cfg.strategies)} ({TRIALS_PER_STRATEGY} per "
