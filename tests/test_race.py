@@ -186,9 +186,11 @@ KILL_SCRIPT = textwrap.dedent("""
 
     orig = tuning.PruningReporter.on_epoch_end
     def on_epoch_end(self, epoch, metrics):
-        orig(self, epoch, metrics)
-        if self.trial.number == 2:  # trials 0 and 1 finished; die hard in trial 2
+        # trials 0 and 1 finished; die hard in trial 2, before its first report (since
+        # epochs are reported 1-based, Hyperband may prune it right after that report)
+        if self.trial.number == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        orig(self, epoch, metrics)
     tuning.PruningReporter.on_epoch_end = on_epoch_end
     run_race(validate_config(json.loads(sys.argv[1])), RaceSettings(n_trials=4, top_k=1),
              progress=False)
@@ -358,7 +360,8 @@ def test_a_hyperband_pruned_trial_can_stop_after_exactly_min_resource_epochs() -
 
 def _told(study: optuna.Study, strategy: str, curve: list[float], complete: bool) -> None:
     """A trial of ``strategy`` told by hand with its per-epoch values (1-based steps)."""
-    dists = {"strategy": optuna.distributions.CategoricalDistribution(["linear_probe", "full"]),
+    dists = {"strategy": optuna.distributions.CategoricalDistribution(
+                 ["linear_probe", "full", "last_k"]),
              f"{strategy}.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
     study.add_trial(optuna.trial.create_trial(
         params={"strategy": strategy, f"{strategy}.lr": 1e-3 * (1 + len(study.trials))},
@@ -447,3 +450,53 @@ def test_a_race_of_one_strategy_and_the_flags_a_race_ignores_are_refused_in_one_
     assert main(base + ["--tune", "--top-k", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("--tune") == 1 and "a race always tunes" in err
+
+
+def test_the_share_is_also_against_the_grid_as_it_runs_measured_or_estimated(
+    tiny_config: dict[str, Any],
+) -> None:
+    """`plan`'s price counts every grid trial at full epochs (an upper bound); the share is
+    also given against the grid with its pruning: estimated from the race's own pruning rate
+    when no grid ran, measured from the grid's trial runs (same study names) when one did.
+    Hand computation: every strategy trains the same number of steps per epoch here."""
+    from metalr_bench.benchmark.planning.plan import cached_sizes, count_run
+    from metalr_bench.benchmark.racing.race import compute_spent
+    from metalr_bench.benchmark.tracking import tags as T
+    from metalr_bench.benchmark.tracking.client import Tracker
+
+    cfg = validate_config({**tiny_config, "precise_bn": False, "system_metrics": False})
+    rcfg = race_config(cfg, RaceSettings(n_trials=4))
+    (t,) = race_study.race_targets(rcfg, DataCache())
+    sizes: dict[str, Any] = {}
+    per_epoch = count_run(rcfg, Cell(dataset=t.dataset, strategy="full", params={}, seed=0),
+                          cached_sizes(sizes, t.dataset), epochs=1,
+                          evaluate_test=False).train_steps
+    full = rcfg.tune.epochs or rcfg.epochs  # 2
+    n = cfg.tune.n_trials  # the grid's trials per strategy (20)
+    tuning_bound = 2 * n * full * per_epoch
+    final = 2 * len(rcfg.seeds) * rcfg.epochs * per_epoch
+    study = optuna.create_study(direction="maximize")
+    _told(study, "full", [0.6], complete=False)          # 1 of 2 epochs
+    _told(study, "full", [0.6, 0.7], complete=True)      # 2 of 2
+    study.add_trial(optuna.trial.create_trial(            # a top-up: not a pruning rate
+        params={"strategy": "last_k"}, intermediate_values={1: 0.5, 2: 0.5},
+        distributions={"strategy": optuna.distributions.CategoricalDistribution(
+            ["linear_probe", "full", "last_k"])}, value=0.5, user_attrs={"race.top_up": True}))
+    tracker = Tracker(cfg.tracking_uri, cfg.name)
+    c = compute_spent(rcfg, cfg, t, study, [], tracker, None)
+    assert c.grid_iters == tuning_bound + final  # the upper bound, as before
+    assert c.grid_run_estimated and c.grid_run_iters == round(0.75 * tuning_bound) + final
+    assert "estimated" in c.grid_run_how and "75 %" in c.grid_run_how
+    text = c.sentence()
+    assert f"of an estimated {c.grid_run_iters:,}" in text and "an upper bound" in text
+    # a grid ran in this experiment: its trials at the epochs they trained
+    for strategy, epochs in (("full", 1), ("full", 2), ("last_k", 2), ("last_k", 2)):
+        tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.arms[strategy].name}
+        with tracker.run(f"{strategy} trial", tags) as run_id:
+            for e in range(epochs):
+                tracker.log_metrics(run_id, {"train_loss": 1.0}, step=e)
+    c = compute_spent(rcfg, cfg, t, study, [], tracker, None)
+    assert not c.grid_run_estimated and "measured" in c.grid_run_how
+    assert c.grid_run_iters == n * per_epoch * (1.5 + 2) + final
+    assert c.share_run_iters == pytest.approx(c.race_iters / c.grid_run_iters)
+    assert f"of the {c.grid_run_iters:,} the full grid spends as it runs" in c.sentence()
