@@ -9,8 +9,9 @@ folder (SQLite MLflow store and Optuna storage), with the suite's own functions 
 timer. Times are *exclusive* (a wrapped call inside another is counted once, in its own phase),
 and each is booked to the context it ran in: a search trial (:meth:`StudyRunner.train_trial`,
 its MLflow run and all), a confirmation cell (:func:`runner.run_cell`), or the race around them
-(data, pre-training stage, studies, the model). "Outside steps" is everything but
-:meth:`Trainer.train_step` (forward, backward, optimizer step).
+(data, pre-training stage, studies, the model). "Outside steps" is everything but training:
+:meth:`Trainer.train_step` (forward, backward, optimizer step) and a strategy's own fit before
+the epochs (``before_fit``: the linear probe's L-BFGS fit on frozen features).
 
 Why this way rather than cProfile: cProfile's per-call overhead distorts a loop of small Python
 calls, and its output does not say which calls are MLflow's or Optuna's. The wrapped functions
@@ -42,6 +43,7 @@ from metalr_bench.benchmark.training.trainer import Trainer
 from metalr_bench.benchmark.tuning import storage as study_storage
 from metalr_bench.benchmark.tuning import studies
 from metalr_bench.benchmark.tuning.race import RaceRunner
+from metalr_bench.strategies.core.registry import discover
 
 #: (owner, attribute, phase): the timed boundaries
 PHASES: list[tuple[Any, str, str]] = [
@@ -113,6 +115,12 @@ class Profiler:
     def install(self) -> None:
         for owner, attr, phase in PHASES:
             self._patch(owner, attr, phase, None)
+        # a strategy's own fit before the epochs (linear_probe's and lp_ft's probe: L-BFGS on
+        # frozen features) is training, not overhead: its own phase
+        for cls in set(discover().values()):
+            if "before_fit" in cls.__dict__:
+                self._patch(cls, "before_fit", "strategy fit before epochs (probe: training)",
+                            None)
         for owner, attr, ctx in CONTEXTS:
             self._patch(owner, attr, f"{ctx}: other (glue, callbacks, strategy set-up)", ctx)
 
@@ -159,8 +167,9 @@ def table(prof: Profiler, wall: float) -> tuple[str, dict[str, Any]]:
         lines.append(f"{p:52s} {pa:11.3f} {100 * a / max(t_trial, 1e-9):5.1f} {pb:10.3f} "
                      f"{100 * b / max(t_cell, 1e-9):5.1f} {c:15.2f}")
         figures["phases"][p] = {"trial_s": pa, "cell_s": pb, "race_s": c}
-    steps_t = prof.excl.get(("trial", "training steps"), 0.0)
-    steps_c = prof.excl.get(("cell", "training steps"), 0.0)
+    training = ("training steps", "strategy fit before epochs (probe: training)")
+    steps_t = sum(prof.excl.get(("trial", p), 0.0) for p in training)
+    steps_c = sum(prof.excl.get(("cell", p), 0.0) for p in training)
     figures["outside_steps_trial"] = 1 - steps_t / t_trial if t_trial else None
     figures["outside_steps_cell"] = 1 - steps_c / t_cell if t_cell else None
     race_other = race_s - sum(prof.excl.get(("race", p), 0.0) for p in phases)
