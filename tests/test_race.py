@@ -500,3 +500,34 @@ def test_the_share_is_also_against_the_grid_as_it_runs_measured_or_estimated(
     assert c.grid_run_iters == n * per_epoch * (1.5 + 2) + final
     assert c.share_run_iters == pytest.approx(c.race_iters / c.grid_run_iters)
     assert f"of the {c.grid_run_iters:,} the full grid spends as it runs" in c.sentence()
+
+
+def test_a_trial_closes_its_run_in_one_mlflow_request_and_log_batch_keeps_every_item(
+    mlflow_uri: str,
+) -> None:
+    """The profile (issue 38) found each MLflow request a round trip and a SQLite transaction;
+    a trial's closing params, tags and metrics now go in one ``log_batch``. Over MLflow's
+    per-request limits (100 params/tags) it splits, and nothing is lost."""
+    from metalr_bench.benchmark.tracking.client import Tracker
+
+    tracker = Tracker(mlflow_uri, "batch")
+    calls: list[str] = []
+    real = tracker._call
+
+    def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__name__", ""))
+        return real(fn, *args, **kwargs)
+
+    with tracker.run("r") as run_id:
+        tracker._call = counting  # type: ignore[method-assign]
+        tracker.log_batch(run_id, params={f"p{i}": i for i in range(150)},
+                          tags={"optuna.state": "COMPLETE", "mechanism": "x"},
+                          metrics={"objective": 0.75, "best_val_auc": 0.8}, step=3)
+        tracker._call = real  # type: ignore[method-assign]
+    assert calls == ["log_batch", "log_batch"]  # 150 params: two requests, not 4 calls or more
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert len([k for k in run.data.params if k.startswith("p")]) == 150
+    assert run.data.tags["optuna.state"] == "COMPLETE" and run.data.tags["mechanism"] == "x"
+    assert run.data.metrics == {"objective": 0.75, "best_val_auc": 0.8}
+    (m,) = MlflowClient(mlflow_uri).get_metric_history(run_id, "objective")
+    assert m.step == 3

@@ -344,11 +344,12 @@ class StudyRunner:
             except BaseException:
                 self.tracker.set_tags(run_id, {"optuna.state": "FAIL"})
                 raise
-            self.tracker.log_params(run_id, result.data_params())
-            self.tracker.set_tags(run_id, strategy_tags(cell.strategy))
+            # one request for the trial's closing params, tags and metrics (was four)
             summary = {k: v for k, v in result.summary().items() if not k.startswith("test_")}
-            self.tracker.log_metrics(run_id, {**summary, "objective": value}, step=self.epochs)
-            self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+            self.tracker.log_batch(run_id, params=result.data_params(),
+                                   tags={**strategy_tags(cell.strategy),
+                                         "optuna.state": "COMPLETE"},
+                                   metrics={**summary, "objective": value}, step=self.epochs)
         return value
 
     # -- the study's own MLflow run ---------------------------------------------------------------
