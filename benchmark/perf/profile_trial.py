@@ -117,10 +117,11 @@ class Profiler:
             self._patch(owner, attr, phase, None)
         # a strategy's own fit before the epochs (linear_probe's and lp_ft's probe: L-BFGS on
         # frozen features) is training, not overhead: its own phase
-        for cls in set(discover().values()):
-            if "before_fit" in cls.__dict__:
-                self._patch(cls, "before_fit", "strategy fit before epochs (probe: training)",
-                            None)
+        owners = {base for cls in discover().values() for base in cls.__mro__
+                  if "before_fit" in base.__dict__}  # e.g. probe.ProbeOwner
+        for owner in owners:
+            self._patch(owner, "before_fit", "strategy fit before epochs (probe: training)",
+                        None)
         for owner, attr, ctx in CONTEXTS:
             self._patch(owner, attr, f"{ctx}: other (glue, callbacks, strategy set-up)", ctx)
 
