@@ -434,9 +434,9 @@ def cmd_race(argv: list[str]) -> int:
                      "grid, and the winner (chosen on validation) logged as an MLflow model. "
                      "A killed race re-run with the same command continues the same study.")
     p.epilog = ("e.g. run-benchmark race --config configs/medmnist-real3.yaml --n-trials 60 "
-                "--register pick --executor local --workers 2  (the --tune, --sampler and "
-                "--pruner flags do not apply: the race is one TPE study per dataset, "
-                "Hyperband-pruned)")
+                "--register pick --executor local --workers 2  (--sampler and --pruner are "
+                "refused: the race is one TPE study per dataset, Hyperband-pruned; --tune is "
+                "ignored with a warning; at least 2 strategies)")
     for action in p._actions:  # the grid's --n-trials means something else here
         if "--n-trials" in action.option_strings:
             action.help = ("trials of the race's one study per dataset (default: "
@@ -461,6 +461,16 @@ def cmd_race(argv: list[str]) -> int:
     g.add_argument("--seconds-per-iter", type=float, metavar="S",
                    help="instead of --timings: one training-step time for the grid's price")
     args = p.parse_args(argv)
+    # the grid's tuning flags: a race is one multivariate-TPE study per dataset, Hyperband-
+    # pruned; asking for another pruner or sampler is refused rather than silently ignored
+    if args.pruner is not None:
+        raise ConfigError(f"`--pruner {args.pruner}`: the race prunes with Hyperband (its "
+                          "smallest budget is `--min-epochs`); drop --pruner")
+    if args.sampler is not None:
+        raise ConfigError(f"`--sampler {args.sampler}`: the race samples with multivariate TPE "
+                          "over the strategy and its space; drop --sampler")
+    if args.tune:
+        print("run-benchmark race: --tune ignored: a race always tunes", file=sys.stderr)
     if args.timings and args.seconds_per_iter:
         p.error("give --timings or --seconds-per-iter, not both")
     if args.trial_epochs is not None and args.trial_epochs < 1:

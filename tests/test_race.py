@@ -197,9 +197,11 @@ KILL_SCRIPT = textwrap.dedent("""
 
     orig = tuning.PruningReporter.on_epoch_end
     def on_epoch_end(self, epoch, metrics):
-        orig(self, epoch, metrics)
-        if self.trial.number == 2:  # trials 0 and 1 finished; die hard in trial 2
+        # trials 0 and 1 finished; die hard in trial 2, before its first report (since
+        # epochs are reported 1-based, Hyperband may prune it right after that report)
+        if self.trial.number == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        orig(self, epoch, metrics)
     tuning.PruningReporter.on_epoch_end = on_epoch_end
     run_race(validate_config(json.loads(sys.argv[1])), RaceSettings(n_trials=4, top_k=1),
              progress=False)
@@ -268,18 +270,26 @@ def test_a_race_on_the_local_executor_shares_its_study_between_the_workers(
     assert storage.endswith("optuna-journal.log")  # the parallel workers' storage
     trials = optuna.load_study(study_name=race.study_name,
                                storage=tuning.open_storage(storage)).get_trials()
-    assert [t.number for t in trials] == list(range(6))
+    # the workers' 6 search trials, then a top-up in the driver for each strategy Hyperband
+    # left without a trial at full resource (issue 38)
+    search = [t for t in trials if not t.user_attrs.get("race.top_up")]
+    assert [t.number for t in search] == list(range(6))
+    assert all(t.user_attrs.get("race.top_up") for t in trials[6:])
     assert all(t.state in tuning.FINISHED_STATES for t in trials)
-    workers = {t.user_attrs["worker"] for t in trials}
+    assert {t.params["strategy"] for t in trials if t.state == TrialState.COMPLETE} == {
+        "full", "last_k"}
+    workers = {t.user_attrs["worker"] for t in search}
     assert len(workers) == 2 and stale_trials.worker_id() not in workers
     client = MlflowClient(cfg.tracking_uri if "://" in cfg.tracking_uri else None)
     exp = client.get_experiment_by_name(cfg.name)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     (study_run,) = [r for r in runs if r.data.tags["kind"] == "study"]
     trial_runs = [r for r in runs if r.data.tags["kind"] == "trial"]
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs) == list(range(6))
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs) == list(
+        range(len(trials)))
     assert all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id for r in trial_runs)
-    assert study_run.data.metrics["n_complete"] + study_run.data.metrics["n_pruned"] == 6
+    assert study_run.data.metrics["n_complete"] + study_run.data.metrics["n_pruned"] == len(
+        trials)
     assert race.winner in {"full", "last_k"} and len(race.results) == 1
 
 
@@ -325,3 +335,218 @@ def test_a_real_config_is_a_valid_race_command() -> None:
     assert race_config(validate_config({}), RaceSettings()).seeds == [0, 1, 2, 3, 4]
     assert race_study.arm_values({"strategy": "l2sp", "l2sp.lr": 0.1, "l2sp.alpha": 0.2,
                                   "full.lr": 0.3}, "l2sp") == {"lr": 0.1, "alpha": 0.2}
+
+
+# -- issue 38: rungs at the epochs they name, a fair gate -------------------------------------------
+def _epochs_loop(study: optuna.Study, curves: list[list[float]]) -> None:
+    """Run one trial per curve through the real :class:`PruningReporter`, epoch by epoch as
+    the trainer calls it (0-based ``epoch``)."""
+    for curve in curves:
+        trial = study.ask()
+        reporter = tuning.PruningReporter(trial, "val_auc")
+        try:
+            for epoch, v in enumerate(curve):
+                reporter.on_epoch_end(epoch, {"val_auc": v})
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        study.tell(trial, max(curve))
+
+
+def test_a_hyperband_pruned_trial_can_stop_after_exactly_min_resource_epochs() -> None:
+    """``HyperbandPruner(min_resource=1, max_resource=3)`` counts the steps it is told: with
+    epochs reported 1-based, its first rung is after epoch 1 (0-based, it fired after epoch 2
+    and every pruned trial trained 2 epochs)."""
+    from metalr_bench.benchmark.config import TuneSpec
+
+    study = optuna.create_study(direction="maximize",
+                                pruner=tuning.make_pruner(TuneSpec(pruner="hyperband"), 3),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    good = [[0.9, 0.92, 0.95]] * 6
+    bad = [[0.5, 0.55, 0.6]] * 30
+    _epochs_loop(study, good + bad)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned, "nothing pruned"
+    assert min(len(t.intermediate_values) for t in pruned) == 1
+    assert all(min(t.intermediate_values) == 1 for t in study.get_trials())  # epoch 1 is step 1
+    # the grid's median pruner reads the same steps: it may still prune after the first epoch
+    median = optuna.create_study(direction="maximize",
+                                 pruner=tuning.make_pruner(TuneSpec(pruner="median"), 3))
+    _epochs_loop(median, good + bad)
+    assert {len(t.intermediate_values) for t in
+            median.get_trials(states=(TrialState.PRUNED,))} == {1}
+
+
+def _told(study: optuna.Study, strategy: str, curve: list[float], complete: bool) -> None:
+    """A trial of ``strategy`` told by hand with its per-epoch values (1-based steps)."""
+    dists = {"strategy": optuna.distributions.CategoricalDistribution(
+                 ["linear_probe", "full", "last_k"]),
+             f"{strategy}.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    study.add_trial(optuna.trial.create_trial(
+        params={"strategy": strategy, f"{strategy}.lr": 1e-3 * (1 + len(study.trials))},
+        distributions=dists, intermediate_values={e + 1: v for e, v in enumerate(curve)},
+        value=max(curve) if complete else None,
+        state=TrialState.COMPLETE if complete else TrialState.PRUNED))
+
+
+def test_the_gate_compares_strategies_at_the_same_rung_a_flat_strategy_does_not_win_by_promotion(
+    tmp_path: Path,
+) -> None:
+    """``linear_probe`` is flat from epoch 1 (0.80), so Hyperband promotes it to the last rung
+    7 times; ``full`` climbs, and its trials were stopped at epoch 2 (0.84 there). The old gate
+    ranked only COMPLETE trials: ``full`` was not on the board at all (dropped on fewer rungs).
+    At the same rung (2 epochs, the deepest both reached) ``full`` leads."""
+    study = optuna.create_study(direction="maximize",
+                                storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    for _ in range(7):
+        _told(study, "linear_probe", [0.80, 0.80, 0.80], complete=True)
+    _told(study, "full", [0.70, 0.84], complete=False)
+    _told(study, "full", [0.65], complete=False)
+    _told(study, "full", [0.72, 0.83], complete=False)
+    board = race_study.leaders(study, "auc")
+    assert [b.strategy for b in board] == ["full", "linear_probe"]
+    assert [b.rung for b in board] == [2, 2] and [b.depth for b in board] == [2, 3]
+    assert board[0].value == pytest.approx(0.84) and board[0].trial_number == 7
+    assert (board[0].n_complete, board[0].n_pruned) == (0, 3)
+    assert board[1].value == pytest.approx(0.80) and board[1].n_complete == 7
+    # once `full` has a trial at full resource, the gate's rung is the last one
+    _told(study, "full", [0.70, 0.84, 0.86], complete=True)
+    board = race_study.leaders(study, "auc")
+    assert [(b.strategy, b.rung, b.value) for b in board] == [
+        ("full", 3, pytest.approx(0.86)), ("linear_probe", 3, pytest.approx(0.80))]
+    # and a loss is minimised: the best within the rung is the smallest
+    loss = optuna.create_study(direction="minimize")
+    _told(loss, "linear_probe", [0.5, 0.5, 0.5], complete=True)
+    _told(loss, "full", [0.9, 0.4], complete=False)
+    assert [(b.strategy, b.value) for b in race_study.leaders(loss, "val_loss")] == [
+        ("full", pytest.approx(0.4)), ("linear_probe", pytest.approx(0.5))]
+
+
+def test_every_named_strategy_is_raced_to_full_resource_and_listed(
+    tiny_config: dict[str, Any],
+) -> None:
+    """Three strategies, two search trials: at least one strategy is never sampled and the
+    others may be pruned. The old race confirmed what had a COMPLETE trial and said nothing of
+    the rest; now each named strategy gets a trial at full resource (a top-up, unpruned, with
+    its best params so far) and the summary lists every one of them."""
+    from metalr_bench.benchmark.racing.race import format_race
+
+    names = ["full", "inverted", "last_k"]
+    with inverted_registered():
+        cfg = validate_config(race_data(tiny_config, strategies=names, seeds=[0]))
+        outcome = run_race(cfg, RaceSettings(n_trials=2, top_k=3), progress=False)
+    (race,) = outcome.races
+    study = optuna.load_study(study_name=race.study_name,
+                              storage=tuning.storage_url(race_config(cfg, RaceSettings())))
+    complete = {t.params["strategy"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert complete == set(names)
+    assert all(max(t.intermediate_values) == 2
+               for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    assert sorted(race.confirmed) == names and {b.rung for b in race.board} == {2}
+    text = format_race(outcome.races)
+    print(text)
+    for s in names:
+        assert f"  {s} " in text, text
+    assert "It is the only strategy" not in text
+    assert {r["strategy"] for r in race.as_dict()["strategies"]} == set(names)
+
+
+def test_a_race_of_one_strategy_and_the_flags_a_race_ignores_are_refused_in_one_line(
+    tiny_config: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["race", "--dataset", "synthetic", "--tracking-uri", tiny_config["tracking_uri"],
+            "--output-dir", tiny_config["output_dir"], "--no-progress"]
+    with pytest.raises(RaceError, match="`strategies`: a race needs at least 2"):
+        check_settings(validate_config({**tiny_config, "strategies": ["full"]}), RaceSettings())
+    for extra, words in ((["--strategy", "full"], "`strategies`: a race needs at least 2"),
+                         (["--pruner", "median"], "`--pruner median`: the race prunes"),
+                         (["--sampler", "random"], "`--sampler random`: the race samples")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"run-benchmark: error: {words}"), err
+    # --tune asks for what a race does anyway: said once, then the race goes on (here it
+    # stops at the next bad flag, before anything runs)
+    assert main(base + ["--tune", "--top-k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--tune") == 1 and "a race always tunes" in err
+
+
+def test_the_share_is_also_against_the_grid_as_it_runs_measured_or_estimated(
+    tiny_config: dict[str, Any],
+) -> None:
+    """`plan`'s price counts every grid trial at full epochs (an upper bound); the share is
+    also given against the grid with its pruning: estimated from the race's own pruning rate
+    when no grid ran, measured from the grid's trial runs (same study names) when one did.
+    Hand computation: every strategy trains the same number of steps per epoch here."""
+    from metalr_bench.benchmark.planning.plan import cached_sizes, count_run
+    from metalr_bench.benchmark.racing.race import compute_spent
+    from metalr_bench.benchmark.tracking import tags as T
+    from metalr_bench.benchmark.tracking.client import Tracker
+
+    cfg = validate_config({**tiny_config, "precise_bn": False, "system_metrics": False})
+    rcfg = race_config(cfg, RaceSettings(n_trials=4))
+    (t,) = race_study.race_targets(rcfg, DataCache())
+    sizes: dict[str, Any] = {}
+    per_epoch = count_run(rcfg, Cell(dataset=t.dataset, strategy="full", params={}, seed=0),
+                          cached_sizes(sizes, t.dataset), epochs=1,
+                          evaluate_test=False).train_steps
+    full = rcfg.tune.epochs or rcfg.epochs  # 2
+    n = cfg.tune.n_trials  # the grid's trials per strategy (20)
+    tuning_bound = 2 * n * full * per_epoch
+    final = 2 * len(rcfg.seeds) * rcfg.epochs * per_epoch
+    study = optuna.create_study(direction="maximize")
+    _told(study, "full", [0.6], complete=False)          # 1 of 2 epochs
+    _told(study, "full", [0.6, 0.7], complete=True)      # 2 of 2
+    study.add_trial(optuna.trial.create_trial(            # a top-up: not a pruning rate
+        params={"strategy": "last_k"}, intermediate_values={1: 0.5, 2: 0.5},
+        distributions={"strategy": optuna.distributions.CategoricalDistribution(
+            ["linear_probe", "full", "last_k"])}, value=0.5, user_attrs={"race.top_up": True}))
+    tracker = Tracker(cfg.tracking_uri, cfg.name)
+    c = compute_spent(rcfg, cfg, t, study, [], tracker, None)
+    assert c.grid_iters == tuning_bound + final  # the upper bound, as before
+    assert c.grid_run_estimated and c.grid_run_iters == round(0.75 * tuning_bound) + final
+    assert "estimated" in c.grid_run_how and "75 %" in c.grid_run_how
+    text = c.sentence()
+    assert f"of an estimated {c.grid_run_iters:,}" in text and "an upper bound" in text
+    # a grid ran in this experiment: its trials at the epochs they trained
+    for strategy, epochs in (("full", 1), ("full", 2), ("last_k", 2), ("last_k", 2)):
+        tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.arms[strategy].name}
+        with tracker.run(f"{strategy} trial", tags) as run_id:
+            for e in range(epochs):
+                tracker.log_metrics(run_id, {"train_loss": 1.0}, step=e)
+    c = compute_spent(rcfg, cfg, t, study, [], tracker, None)
+    assert not c.grid_run_estimated and "measured" in c.grid_run_how
+    assert c.grid_run_iters == n * per_epoch * (1.5 + 2) + final
+    assert c.share_run_iters == pytest.approx(c.race_iters / c.grid_run_iters)
+    assert f"of the {c.grid_run_iters:,} the full grid spends as it runs" in c.sentence()
+
+
+def test_a_trial_closes_its_run_in_one_mlflow_request_and_log_batch_keeps_every_item(
+    mlflow_uri: str,
+) -> None:
+    """The profile (issue 38) found each MLflow request a round trip and a SQLite transaction;
+    a trial's closing params, tags and metrics now go in one ``log_batch``. Over MLflow's
+    per-request limits (100 params/tags) it splits, and nothing is lost."""
+    from metalr_bench.benchmark.tracking.client import Tracker
+
+    tracker = Tracker(mlflow_uri, "batch")
+    calls: list[str] = []
+    real = tracker._call
+
+    def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__name__", ""))
+        return real(fn, *args, **kwargs)
+
+    with tracker.run("r") as run_id:
+        tracker._call = counting  # type: ignore[method-assign]
+        tracker.log_batch(run_id, params={f"p{i}": i for i in range(150)},
+                          tags={"optuna.state": "COMPLETE", "mechanism": "x"},
+                          metrics={"objective": 0.75, "best_val_auc": 0.8}, step=3)
+        tracker._call = real  # type: ignore[method-assign]
+    assert calls == ["log_batch", "log_batch"]  # 150 params: two requests, not 4 calls or more
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert len([k for k in run.data.params if k.startswith("p")]) == 150
+    assert run.data.tags["optuna.state"] == "COMPLETE" and run.data.tags["mechanism"] == "x"
+    assert run.data.metrics == {"objective": 0.75, "best_val_auc": 0.8}
+    (m,) = MlflowClient(mlflow_uri).get_metric_history(run_id, "objective")
+    assert m.step == 3

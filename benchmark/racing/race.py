@@ -62,12 +62,14 @@ from metalr_bench.benchmark.training.cell import CellResult, DataCache, train_ce
 from metalr_bench.benchmark.training.cell import trainer_options as _trainer_options
 from metalr_bench.benchmark.training.pretrain import starting_weights
 from metalr_bench.benchmark.tuning.race import (
+    STRATEGY_PARAM,
     Leader,
     RaceRunner,
     RaceTarget,
     arm_cell,
     leaders,
     race_targets,
+    standings,
     trial_epochs,
 )
 from metalr_bench.benchmark.tuning.studies import open_storage, storage_url, tune_in_workers
@@ -113,6 +115,11 @@ def race_config(cfg: BenchmarkConfig, settings: RaceSettings) -> BenchmarkConfig
 
 def check_settings(cfg: BenchmarkConfig, s: RaceSettings) -> None:
     """Bad flags fail before anything runs, naming the flag, what it takes and what to do."""
+    if len(cfg.strategies) < 2:
+        names = ", ".join(x.name for x in cfg.strategies) or "none"
+        raise RaceError(f"`strategies`: a race needs at least 2 strategies to choose between, "
+                        f"got {len(cfg.strategies)} ({names}); name more with `--strategy`, or "
+                        "tune and train one with `run-benchmark --tune --strategy NAME`")
     if s.n_trials is not None and s.n_trials < 1:
         raise RaceError(f"`--n-trials` {s.n_trials}: a race needs at least 1 trial; give e.g. "
                         f"{TRIALS_PER_STRATEGY * len(cfg.strategies)} ({TRIALS_PER_STRATEGY} per "
@@ -148,6 +155,15 @@ class Compute:
     confirm_s: float
     grid_s: float | None
     grid_s_how: str
+    #: the full grid's iterations as it runs: its tuning trials counted at the epochs they
+    #: trained (pruned ones stop early), its final runs in full (:func:`grid_as_run`)
+    grid_run_iters: int | None = None
+    grid_run_how: str = ""
+    grid_run_estimated: bool = True
+
+    @property
+    def share_run_iters(self) -> float:
+        return (self.race_iters / self.grid_run_iters if self.grid_run_iters else math.nan)
 
     @property
     def race_iters(self) -> int:
@@ -164,10 +180,16 @@ class Compute:
     def sentence(self) -> str:
         grid_time = ("" if self.grid_s is None else
                      f", against {_duration(self.grid_s)} for the grid ({self.grid_s_how})")
+        as_run = ""
+        if self.grid_run_iters:
+            word = "an estimated " if self.grid_run_estimated else "the "
+            as_run = (f"{100 * self.share_run_iters:.1f} % of {word}{self.grid_run_iters:,} the "
+                      f"full grid spends as it runs, with its pruning ({self.grid_run_how}), and ")
         return (f"The race spent {self.race_iters:,} training iterations ({self.search_iters:,} "
-                f"searching, {self.confirm_iters:,} confirming), "
+                f"searching, {self.confirm_iters:,} confirming), {as_run}"
                 f"{100 * self.share_iters:.1f} % of the {self.grid_iters:,} that "
-                f"`run-benchmark plan` counts for the full grid, and {_duration(self.race_s)} "
+                f"`run-benchmark plan` counts for the full grid (every trial at its full "
+                f"epochs: an upper bound), in {_duration(self.race_s)} "
                 f"of wall time{grid_time}.")
 
 
@@ -191,11 +213,14 @@ class DatasetRace:
     model: dict[str, Any] = field(default_factory=dict)
     compute: Compute | None = None
     error: str | None = None
+    #: every named strategy's line (:func:`tuning.race.standings`)
+    strategies: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset, "study_name": self.study_name, "trials": self.counts,
             "search": [asdict(b) for b in self.board],
+            "strategies": self.strategies,
             "confirmed": self.confirmed,
             "confirmation": json.loads(self.table.to_json(orient="records"))
             if not self.table.empty else [],
@@ -206,7 +231,8 @@ class DatasetRace:
             "model": self.model,
             "compute": None if self.compute is None else {
                 **asdict(self.compute), "race_iters": self.compute.race_iters,
-                "race_s": self.compute.race_s, "share_iters": self.compute.share_iters},
+                "race_s": self.compute.race_s, "share_iters": self.compute.share_iters,
+                "share_run_iters": self.compute.share_run_iters},
             "error": self.error,
         }
 
@@ -308,9 +334,14 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
         else:
             outcome, = tune_in_workers(rcfg, [runner], parent, executor, uri, bar,
                                        workers=workers)
+    # every named strategy to full resource (a trial each that Hyperband left short), serially
+    topped = runner.top_up(parent)
+    if topped is not None:
+        outcome = topped
     study = optuna.load_study(study_name=t.name, storage=storage)
-    board = leaders(study, rcfg.tune.metric)
+    board = leaders(study, rcfg.tune.metric, rcfg.tune.epochs or rcfg.epochs)
     race = DatasetRace(label, t.name, outcome.counts, board)
+    race.strategies = standings(study, list(t.arms), board, [], settings.top_k)
     if not board:
         race.error = (f"no trial of race {t.name} completed ({outcome.counts}); see the trial "
                       f"runs under MLflow run {outcome.run_id}")
@@ -319,6 +350,7 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
     # 2. the confirmation
     top = board[:settings.top_k]
     race.confirmed = [b.strategy for b in top]
+    race.strategies = standings(study, list(t.arms), board, race.confirmed, settings.top_k)
     cells = [arm_cell(rcfg, t, b.values, seed) for b in top for seed in rcfg.seeds]
     if progress:
         tqdm.write(f"race {label}: confirming {', '.join(race.confirmed)} on "
@@ -330,6 +362,9 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
     _answer(rcfg, race)
     spent = {"train_iters": race.compute.race_iters, "grid_train_iters": race.compute.grid_iters,
              "share_iters": race.compute.share_iters, "wall_s": race.compute.race_s}
+    if race.compute.grid_run_iters:
+        spent |= {"grid_run_train_iters": race.compute.grid_run_iters,
+                  "share_run_iters": race.compute.share_run_iters}
     if race.compute.grid_s is not None:
         spent["grid_s"] = race.compute.grid_s
     tracker.log_metrics(parent, {f"race.{_key(label)}.{k}": v for k, v in spent.items()})
@@ -442,6 +477,7 @@ def compute_spent(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, t: RaceTarget,
         "tune": cfg.tune.model_copy(update={"enabled": True})})
     rows = plan_rows(grid_cfg, timings, sizes)
     grid_iters = sum(r.train_steps for r in rows)
+    run_iters, run_how, estimated = grid_as_run(grid_cfg, t, study, tracker, sizes, rows)
     if timings is not None:
         grid_s: float | None = sum(r.seconds or 0.0 for r in rows)
         how = f"`run-benchmark plan` at the step times of {timings.device}"
@@ -450,7 +486,67 @@ def compute_spent(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, t: RaceTarget,
         how = "at the race's own measured time per iteration; `--timings` prices it as `plan`"
     else:
         grid_s, how = None, ""
-    return Compute(search, confirm, grid_iters, search_s, confirm_s, grid_s, how)
+    return Compute(search, confirm, grid_iters, search_s, confirm_s, grid_s, how,
+                   run_iters, run_how, estimated)
+
+
+def grid_as_run(grid_cfg: BenchmarkConfig, t: RaceTarget, study: optuna.Study,
+                tracker: Tracker, sizes: dict[str, SplitSizes], rows: list[Any],
+                ) -> tuple[int | None, str, bool]:
+    """The full grid's training iterations with its pruning: (iterations, how, estimated).
+
+    `plan`'s price counts every tuning trial at its full epochs, but the grid's median pruner
+    stops most trials early, so a share against it flatters the race. Per strategy: when the
+    grid's study of that strategy ran in this experiment (its MLflow trial runs, tagged with
+    the same study name as the race's arm), its trials' mean iterations (epochs each trained,
+    from its ``train_loss`` history) times ``tune.n_trials``; else an estimate: `plan`'s
+    tuning iterations times the race's own pruning rate (its search trials' iterations over
+    the same trials at full epochs; Hyperband, not the grid's median pruner, so said to be
+    an estimate). The final grid's runs count in full.
+    """
+    tuning = {r.strategy: r.train_steps for r in rows if r.phase == "tuning"}
+    final = sum(r.train_steps for r in rows if r.phase == "final")
+    n_trials = grid_cfg.tune.n_trials
+    full = grid_cfg.tune.epochs or grid_cfg.epochs
+    # the race's own pruning rate, top-ups (unpruned by design) left out
+    spent = at_full = 0
+    for tr in study.get_trials(deepcopy=False):
+        s = tr.params.get(STRATEGY_PARAM)
+        if s not in t.arms or tr.user_attrs.get("race.top_up") or not tr.intermediate_values:
+            continue
+        cell = Cell(dataset=t.dataset, strategy=s, params=t.arms[s].fixed, seed=grid_cfg.tune.seed)
+        one = count_run(grid_cfg, cell, cached_sizes(sizes, t.dataset), epochs=1,
+                        evaluate_test=False).train_steps
+        spent += one * len(tr.intermediate_values)
+        at_full += one * full
+    rate = spent / at_full if at_full else None
+    total, measured, n_runs = final, [], 0
+    for s, arm in t.arms.items():
+        name = arm.name.replace("'", "\\'")
+        runs = tracker.search_runs(f"tags.{T.KIND} = '{T.KIND_TRIAL}' and "
+                                   f"tags.`{T.STUDY_NAME}` = '{name}'")
+        epochs = [len(tracker.client.get_metric_history(r.info.run_id, "train_loss"))
+                  for r in runs]
+        epochs = [e for e in epochs if e > 0]
+        if epochs:
+            cell = Cell(dataset=t.dataset, strategy=s, params=arm.fixed, seed=grid_cfg.tune.seed)
+            one = count_run(grid_cfg, cell, cached_sizes(sizes, t.dataset), epochs=1,
+                            evaluate_test=False).train_steps
+            total += round(n_trials * one * sum(epochs) / len(epochs))
+            measured.append(s)
+            n_runs += len(epochs)
+        elif rate is not None:
+            total += round(tuning.get(s, 0) * rate)
+        else:
+            return None, "", True
+    if len(measured) == len(t.arms):
+        return total, (f"measured: the grid's {n_runs} trial runs in this experiment, at the "
+                       f"epochs they trained, scaled to {n_trials} trials per strategy"), False
+    how = (f"estimated at the race's own pruning rate, its trials trained "
+           f"{100 * (rate or 0):.0f} % of their epochs")
+    if measured:
+        how += f"; measured for {', '.join(measured)} from the grid's {n_runs} trial runs"
+    return total, how, True
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -595,6 +691,18 @@ def format_race(races: list[DatasetRace]) -> str:
         out.append(f"Race {r.dataset}: {sum(c.values())} trial(s) (complete "
                    f"{c.get('complete', 0)}, pruned {c.get('pruned', 0)}, failed "
                    f"{c.get('fail', 0)}), study {r.study_name}")
+        if r.strategies:
+            rung = next((row["rung"] for row in r.strategies if "rung" in row), None)
+            out.append("  search, every strategy named"
+                       + (f" (its best validation value within {rung} epoch(s), the rung "
+                          "every strategy reached)" if rung else "") + ":")
+            out.append(f"  {'strategy':16s} {'trials':>6s} {'done/pruned/failed':>18s} "
+                       f"{'epochs':>6s} {'value':>7s}  what the race did")
+            for row in r.strategies:
+                value = f"{row['value']:.4f}" if "value" in row else "-"
+                done = f"{row['complete']}/{row['pruned']}/{row['failed']}"
+                out.append(f"  {row['strategy']:16s} {row['trials']:6d} {done:>18s} "
+                           f"{row['epochs']:6d} {value:>7s}  {row['status']}")
         if r.error:
             out.append(f"  FAILED: {r.error}")
             continue

@@ -273,6 +273,21 @@ class Tracker:
         ts = timestamp or int(time.time() * 1000)
         self.log_metric_batch(run_id, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
+    def log_batch(self, run_id: str, *, params: dict[str, Any] | None = None,
+                  tags: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+                  step: int = 0) -> None:
+        """Params, tags and metrics in as few MLflow requests as its limits allow (one, for a
+        trial's closing numbers): each request is a round trip and, on a SQLite store, a
+        transaction, which a short trial pays several times over (issue 38's profile)."""
+        ts = int(time.time() * 1000)
+        p = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in flatten(params or {}).items()]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        m = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items()]
+        while p or t or m:
+            self._call(self.client.log_batch, run_id, params=p[:_MAX_PARAMS],
+                       tags=t[:_MAX_PARAMS], metrics=m[:_MAX_METRICS])
+            p, t, m = p[_MAX_PARAMS:], t[_MAX_PARAMS:], m[_MAX_METRICS:]
+
     def log_metric_batch(self, run_id: str, metrics: Iterable[Metric]) -> None:
         items = list(metrics)
         for i in range(0, len(items), _MAX_METRICS):

@@ -30,6 +30,7 @@ tuning reports (:class:`studies.PruningReporter`, through :meth:`StudyRunner.tra
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from metalr_bench.benchmark.config import (
 )
 from metalr_bench.benchmark.tuning.space import SearchDim, split_params
 from metalr_bench.benchmark.tuning.studies import (
+    REPORT_STEPS,
     StudyOutcome,
     StudyRunner,
     StudyTarget,
@@ -52,6 +54,8 @@ from metalr_bench.benchmark.tuning.studies import (
     study_targets,
 )
 from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
 
 #: the study's first parameter: which strategy a trial trains
 STRATEGY_PARAM = "strategy"
@@ -85,7 +89,8 @@ class RaceTarget:
 def race_name(cfg: BenchmarkConfig, dataset: DatasetSpec, arms: dict[str, StudyTarget]) -> str:
     """``<benchmark>-<dataset>@<size>-race-<hash>``; the hash covers every arm's study name
     (which hashes its trial identity, space and metric), in order: the categorical's choices."""
-    payload = {"race": [arms[s].name for s in arms], "metric": cfg.tune.metric}
+    payload = {"race": [arms[s].name for s in arms], "metric": cfg.tune.metric,
+               "steps": REPORT_STEPS}
     return f"{cfg.name}-{dataset.dataset_name}@{dataset.size}-race-{stable_hash(payload)[:8]}"
 
 
@@ -154,11 +159,59 @@ class RaceRunner(StudyRunner):
             values[f"{strategy}.{name}"] = dim.suggest(trial, f"{strategy}.{name}")
         return self.train_trial(trial, arm_cell(self.cfg, t, values, self.cfg.tune.seed))
 
+    def top_up(self, parent_id: str) -> StudyOutcome | None:
+        """Race every named strategy to full resource: each strategy without a COMPLETE trial
+        gets one more trial, unpruned, at the full trial length, with the params of its best
+        trial at its deepest rung (sampled, when it never had a trial). None when nothing was
+        missing.
+
+        Why: Hyperband stops a strategy at its first rungs on a few trials; a strategy the user
+        named would otherwise leave the race without ever training as long as the others
+        (issue 38: three strategies named, one complete trial, "It is the only strategy").
+        Serial, in this process (a few trials). A top-up trial that fails leaves its strategy
+        out of the race, and the summary says so (:func:`standings`). On a re-run the strategies
+        that have a COMPLETE trial are not topped up again.
+        """
+        study = optuna.load_study(study_name=self.target.name, storage=self.storage,
+                                  sampler=self.sampler(self.cfg.tune.seed + 7919),
+                                  pruner=optuna.pruners.NopPruner())
+        complete = {t.params.get(STRATEGY_PARAM) for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,))}
+        missing = [s for s in self.target.arms if s not in complete]
+        if not missing:
+            return None
+        curves = _curves(study, self.epochs)
+        with self.study_run(parent_id) as run_id:
+            for s in missing:
+                params: dict[str, Any] = {STRATEGY_PARAM: s}
+                if s in curves:  # its best trial at its deepest rung
+                    deepest = max(max(c) for _, c in curves[s])
+                    sign = -1.0 if direction(self.cfg.tune.metric) == "maximize" else 1.0
+                    best = min(((t, c) for t, c in curves[s] if max(c) == deepest),
+                               key=lambda p: (min(sign * v for v in p[1].values()),
+                                              p[0].number))
+                    params = dict(best[0].params)
+                study.enqueue_trial(params, user_attrs={"race.top_up": True})
+                trial = study.ask()
+                try:
+                    value = self.objective(trial)
+                except KeyboardInterrupt:
+                    study.tell(trial, state=TrialState.FAIL)
+                    raise
+                except Exception as exc:
+                    log.warning("race %s: the full-resource trial %d of %s failed (%s); it "
+                                "leaves the race", self.target.name, trial.number, s, exc)
+                    trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    study.tell(trial, value)
+            return self.record_outcome(study, run_id)
+
     def record_outcome(self, study: optuna.Study, run_id: str) -> StudyOutcome:
         """Trial counts, the best trial and each strategy's leader on the study's run (the
         grid's summary would log the categorical ``strategy`` as a number)."""
         n_trials, counts = self.log_counts(study, run_id)
-        board = leaders(study, self.cfg.tune.metric)
+        board = leaders(study, self.cfg.tune.metric, self.epochs)
         if not board:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
             return StudyOutcome(self.target, run_id, None, None, counts)  # type: ignore[arg-type]
@@ -176,7 +229,13 @@ class RaceRunner(StudyRunner):
 
 @dataclass(frozen=True)
 class Leader:
-    """A strategy's best COMPLETE trial in the race."""
+    """A strategy's standing in the race at the gate's rung.
+
+    ``value`` is the best validation value its trials reached within ``rung`` epochs (the
+    checkpoint a trial stopped there would keep), over its trials that trained at least
+    ``rung`` epochs; ``trial_number``/``values`` are that trial and its params; ``depth`` is
+    the most epochs any of its trials trained.
+    """
 
     strategy: str
     value: float
@@ -184,29 +243,104 @@ class Leader:
     values: dict[str, Any]  # the trial's params, namespaced, with ``strategy``
     n_complete: int
     n_pruned: int
+    rung: int = 0
+    depth: int = 0
 
 
-def leaders(study: optuna.Study, metric: str) -> list[Leader]:
-    """Each strategy's best COMPLETE trial, best first (a strategy whose trials were all
-    pruned or failed has none and is out of the race)."""
-    trials = study.get_trials(deepcopy=False)
-    sign = -1.0 if direction(metric) == "maximize" else 1.0
-    best: dict[str, optuna.trial.FrozenTrial] = {}
-    counts: dict[str, list[int]] = {}
-    for t in trials:
+def _curves(study: optuna.Study, full: int | None,
+            ) -> dict[str, list[tuple[optuna.trial.FrozenTrial, dict[int, float]]]]:
+    """Per strategy, its finished (COMPLETE or PRUNED) trials with their finite per-epoch
+    values (steps are 1-based epochs). A COMPLETE trial without reported values (none in a
+    race; a hand-told one) counts as its objective at ``full`` epochs."""
+    out: dict[str, list[tuple[optuna.trial.FrozenTrial, dict[int, float]]]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         s = t.params.get(STRATEGY_PARAM)
         if s is None:
             continue
-        c = counts.setdefault(s, [0, 0])
-        c[0] += t.state == TrialState.COMPLETE
-        c[1] += t.state == TrialState.PRUNED
-        if t.state != TrialState.COMPLETE or t.value is None or math.isnan(t.value):
-            continue
-        if s not in best or sign * t.value < sign * best[s].value:  # type: ignore[operator]
-            best[s] = t
-    ranked = sorted(best.values(), key=lambda t: (sign * t.value, t.number))  # type: ignore[operator]
-    return [Leader(str(t.params[STRATEGY_PARAM]), float(t.value), t.number,  # type: ignore[arg-type]
-                   dict(t.params), *counts[t.params[STRATEGY_PARAM]]) for t in ranked]
+        curve = {int(k): float(v) for k, v in t.intermediate_values.items()
+                 if v is not None and not math.isnan(v)}
+        if not curve and t.state == TrialState.COMPLETE and t.value is not None \
+                and not math.isnan(t.value):
+            curve = {full or 1: float(t.value)}
+        if curve:
+            out.setdefault(str(s), []).append((t, curve))
+    return out
+
+
+def leaders(study: optuna.Study, metric: str, full: int | None = None) -> list[Leader]:
+    """The race's gate: every strategy ranked at the same rung, best first.
+
+    Why not each strategy's best COMPLETE trial (the gate before issue 38): that compared
+    strategies over unequal numbers of trials and dropped outright every strategy Hyperband
+    had stopped short of the last rung, so a strategy whose value is final after one epoch
+    (``linear_probe``) beat one that climbs simply by being promoted. Here the rung is the
+    deepest one *every* strategy reached (the fewest epochs the least-trained strategy's best
+    trial got); each strategy is scored by its trials that trained that far, on their best
+    value within that many epochs. No strategy is ranked on fewer completed rungs than the
+    others; the race tops up (:meth:`RaceRunner.top_up`) each strategy without a trial at
+    full resource, so that in a finished race the rung is the full trial length.
+    """
+    sign = -1.0 if direction(metric) == "maximize" else 1.0
+    counts: dict[str, list[int]] = {}
+    for t in study.get_trials(deepcopy=False):
+        s = t.params.get(STRATEGY_PARAM)
+        if s is not None:
+            c = counts.setdefault(str(s), [0, 0])
+            c[0] += t.state == TrialState.COMPLETE
+            c[1] += t.state == TrialState.PRUNED
+    curves = _curves(study, full)
+    if not curves:
+        return []
+    depth = {s: max(max(c) for _, c in tc) for s, tc in curves.items()}
+    rung = min(depth.values())
+    board = []
+    for s, tc in curves.items():
+        scored = []
+        for t, c in tc:
+            if max(c) < rung:
+                continue
+            within = [v for k, v in c.items() if k <= rung]
+            if not within:
+                continue
+            scored.append((sign * min(sign * v for v in within), t))
+        value, best = min(((sign * v, t) for v, t in scored), key=lambda p: (p[0], p[1].number))
+        board.append(Leader(s, sign * value, best.number, dict(best.params), *counts[s],
+                            rung=rung, depth=depth[s]))
+    return sorted(board, key=lambda b: (sign * b.value, b.trial_number))
+
+
+def standings(study: optuna.Study, strategies: list[str], board: list[Leader],
+              confirmed: list[str], top_k: int) -> list[dict[str, Any]]:
+    """Every named strategy's line in the summary: its trials by state, the most epochs one
+    trained, its value at the gate's rung, and what the race did with it (confirmed, not
+    confirmed with its rank, or dropped with the evidence: no trial finished an epoch, and
+    the failures' reasons)."""
+    trials = study.get_trials(deepcopy=False)
+    ranked = {b.strategy: (i + 1, b) for i, b in enumerate(board)}
+    out = []
+    for s in strategies:
+        mine = [t for t in trials if t.params.get(STRATEGY_PARAM) == s]
+        n = {k: sum(t.state == st for t in mine) for k, st in
+             (("complete", TrialState.COMPLETE), ("pruned", TrialState.PRUNED),
+              ("failed", TrialState.FAIL))}
+        row: dict[str, Any] = {"strategy": s, "trials": len(mine), **n,
+                               "epochs": max((len(t.intermediate_values) for t in mine),
+                                             default=0)}
+        if s in ranked:
+            i, b = ranked[s]
+            row |= {"rank": i, "rung": b.rung, "value": b.value, "trial": b.trial_number}
+            row["status"] = ("confirmed" if s in confirmed else
+                             f"not confirmed: rank {i} of {len(board)} at {b.rung} epoch(s) "
+                             f"(the top {top_k} are confirmed)")
+        else:
+            reasons = sorted({str(t.user_attrs.get("fail_reason") or
+                                  t.system_attrs.get("fail_reason") or "no reason recorded")
+                              for t in mine if t.state == TrialState.FAIL})
+            row["status"] = ("dropped: no trial of it ran" if not mine else
+                             f"dropped: none of its {len(mine)} trial(s) finished an epoch"
+                             + (f" ({'; '.join(reasons)[:200]})" if reasons else ""))
+        out.append(row)
+    return out
 
 
 def trial_epochs(study: optuna.Study) -> list[tuple[str, int, TrialState]]:

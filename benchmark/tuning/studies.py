@@ -63,6 +63,8 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = study_storage.FINISHED_STATES
+#: how trials report their steps (:class:`PruningReporter`); part of every study's name
+REPORT_STEPS = "epoch-1-based"
 
 
 # -- settings -> Optuna objects ---------------------------------------------------------------
@@ -116,7 +118,10 @@ def make_pruner(tune: TuneSpec, epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
     if tune.pruner == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials)
+    # steps are 1-based epochs (:class:`PruningReporter`): with ``n_warmup_steps=0`` and
+    # ``interval_steps=1`` a trial may be pruned after its first epoch, as documented
+    return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials,
+                                       n_warmup_steps=0, interval_steps=1)
 
 
 # -- what is tuned ------------------------------------------------------------------------------
@@ -155,6 +160,9 @@ def study_name(
         "trial": trial_cfg.cell_identity(trial, tuned=space),
         "space": {k: asdict(v) for k, v in sorted(space.items())},
         "metric": cfg.tune.metric,
+        # the pruners' steps are 1-based epochs since issue 38: a study whose trials reported
+        # 0-based epochs is not continued (its median/Hyperband rungs would mix two scales)
+        "steps": REPORT_STEPS,
     }
     return (f"{cfg.name}-{dataset.dataset_name}@{dataset.size}-{strategy}-"
             f"{stable_hash(payload)[:8]}")
@@ -195,7 +203,13 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
 
 # -- the objective --------------------------------------------------------------------------------
 class PruningReporter(TrainerCallback):
-    """Report the epoch's validation metric to the trial; raise TrialPruned when told to."""
+    """Report the epoch's validation metric to the trial; raise TrialPruned when told to.
+
+    The step is the epoch counted from 1 (the trainer's ``epoch`` is 0-based): Hyperband's
+    resources and the pruners' steps are then epochs trained, so ``HyperbandPruner(
+    min_resource=1)`` has its first rung after exactly one epoch (reported 0-based, it fired
+    after two and the last bracket never pruned).
+    """
 
     def __init__(self, trial: optuna.Trial, key: str) -> None:
         self.trial = trial
@@ -205,9 +219,9 @@ class PruningReporter(TrainerCallback):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         value = float(metrics.get(self.key, math.nan))
         self.values.append(value)
-        self.trial.report(value, epoch)
+        self.trial.report(value, epoch + 1)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch} ({self.key}={value:.4f})")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} ({self.key}={value:.4f})")
 
 
 def best_of(values: list[float], metric: str) -> float:
@@ -330,11 +344,12 @@ class StudyRunner:
             except BaseException:
                 self.tracker.set_tags(run_id, {"optuna.state": "FAIL"})
                 raise
-            self.tracker.log_params(run_id, result.data_params())
-            self.tracker.set_tags(run_id, strategy_tags(cell.strategy))
+            # one request for the trial's closing params, tags and metrics (was four)
             summary = {k: v for k, v in result.summary().items() if not k.startswith("test_")}
-            self.tracker.log_metrics(run_id, {**summary, "objective": value}, step=self.epochs)
-            self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+            self.tracker.log_batch(run_id, params=result.data_params(),
+                                   tags={**strategy_tags(cell.strategy),
+                                         "optuna.state": "COMPLETE"},
+                                   metrics={**summary, "objective": value}, step=self.epochs)
         return value
 
     # -- the study's own MLflow run ---------------------------------------------------------------
