@@ -1,12 +1,10 @@
 """MkDocs hooks for the documentation site (mkdocs.yml, `hooks:`).
 
-1. The API reference (mkdocstrings) needs the import namespace ``metalr_bench``, whose four
-   packages live in the top-level folders ``benchmark``, ``strategies``, ``datasets`` and
-   ``reports`` (pyproject's ``package-dir``). An editable install maps them with an import hook
-   that griffe's static search does not follow, so this hook builds the namespace as a tree of
-   symlinks under ``build/mkdocs-ns`` (mkdocs.yml's handler ``paths``) before anything is
-   collected: the site builds from a fresh clone with only ``pip install -e .[test]``, without
-   the developers' ``.ns`` shim on PYTHONPATH.
+1. The API reference (mkdocstrings) reads the import namespace ``metalr_bench`` from the
+   committed tree of relative symlinks ``.namespace/metalr_bench/<package> -> ../../<package>``
+   (mkdocs.yml's handler ``paths``; mypy reads the same tree): an editable install maps the four
+   folders with an import hook that griffe's static search does not follow, so the site builds
+   from a fresh clone with only ``pip install -e .[test]``, without a PYTHONPATH shim.
 2. BENCHMARKS.md and CHANGELOG.md live at the repository root (where GitHub shows them); they
    become the site's ``benchmarks.md`` and ``changelog.md`` with their links into ``docs/``
    rewritten, so ``mkdocs build --strict`` checks those links too.
@@ -15,26 +13,14 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
-from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("benchmark", "strategies", "datasets", "reports")
 ROOT_PAGES = {"BENCHMARKS.md": "benchmarks.md", "CHANGELOG.md": "changelog.md"}
 
 
-@event_priority(100)  # before mkdocstrings reads its handler paths
-def on_config(config):
-    ns = ROOT / "build" / "mkdocs-ns" / "metalr_bench"
-    if ns.exists():
-        shutil.rmtree(ns)
-    ns.mkdir(parents=True)
-    for pkg in PACKAGES:
-        (ns / pkg).symlink_to(ROOT / pkg, target_is_directory=True)
-    return config
 
 
 def _site_links(text: str) -> str:
