@@ -129,3 +129,15 @@ def postgres_url(postgres_server: str) -> str:
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return f"{postgres_server}/{name}"
+
+
+# -- the quick lane: `python -m pytest -m "not slow"` ------------------------------------------------
+# Besides the tests marked `@pytest.mark.slow` where they are defined, a test is slow when it
+# starts a server (an `mlflow server`, PostgreSQL) or Ray: tens of seconds to minutes each.
+SLOW_FIXTURES = {"mlflow_server", "postgres_server", "postgres_url"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or "ray" in item.name.split("_"):
+            item.add_marker(pytest.mark.slow)

@@ -124,7 +124,7 @@ def arm_cell(cfg: BenchmarkConfig, target: RaceTarget, values: dict[str, Any], s
 class RaceRunner(StudyRunner):
     """:class:`StudyRunner` whose trial first picks the strategy; Hyperband-pruned."""
 
-    target: RaceTarget  # type: ignore[assignment]
+    target: RaceTarget
 
     def __init__(self, *args: Any, min_epochs: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -161,7 +161,7 @@ class RaceRunner(StudyRunner):
         board = leaders(study, self.cfg.tune.metric)
         if not board:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
-            return StudyOutcome(self.target, run_id, None, None, counts)  # type: ignore[arg-type]
+            return StudyOutcome(self.target, run_id, None, None, counts)
         top = board[0]
         self.tracker.set_tags(run_id, {"optuna.best_trial_number": top.trial_number,
                                        **{f"best.{k}": v for k, v in top.values.items()}})
@@ -170,7 +170,7 @@ class RaceRunner(StudyRunner):
             **{f"leader.{b.strategy}.value": b.value for b in board},
             **{f"n_complete.{s}": c for s, c in
                ((b.strategy, b.n_complete) for b in board)}}, step=n_trials)
-        return StudyOutcome(self.target, run_id, dict(top.values), top.value,  # type: ignore[arg-type]
+        return StudyOutcome(self.target, run_id, dict(top.values), top.value,
                             counts)
 
 
@@ -202,10 +202,10 @@ def leaders(study: optuna.Study, metric: str) -> list[Leader]:
         c[1] += t.state == TrialState.PRUNED
         if t.state != TrialState.COMPLETE or t.value is None or math.isnan(t.value):
             continue
-        if s not in best or sign * t.value < sign * best[s].value:  # type: ignore[operator]
+        if s not in best or sign * t.value < sign * best[s].value:
             best[s] = t
-    ranked = sorted(best.values(), key=lambda t: (sign * t.value, t.number))  # type: ignore[operator]
-    return [Leader(str(t.params[STRATEGY_PARAM]), float(t.value), t.number,  # type: ignore[arg-type]
+    ranked = sorted(best.values(), key=lambda t: (sign * t.value, t.number))
+    return [Leader(str(t.params[STRATEGY_PARAM]), float(t.value), t.number,
                    dict(t.params), *counts[t.params[STRATEGY_PARAM]]) for t in ranked]
 
 
