@@ -139,7 +139,7 @@ def _split(rec: Records, opts: FolderOptions, seed: int) -> tuple[Split, Split, 
                 f"cell per fold; to load one fold directly give fold 0..{opts.n_folds - 1}"
             )
         folds = group_kfold_indices(pool, opts.n_folds, seed=s)
-        rest_idx, test_idx = folds[opts.fold]  # type: ignore[index]
+        rest_idx, test_idx = folds[opts.fold]
         train, val = group_holdout(
             pool.subset(rest_idx), opts.val_fraction / (1 - 1 / opts.n_folds), seed=s + 1
         )

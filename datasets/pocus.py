@@ -305,6 +305,6 @@ def _concat(parts: list[Split]) -> Split:
     groups = [p.groups for p in parts]
     return Split(
         labels=torch.cat([p.labels for p in parts]),
-        images=torch.cat([p.images for p in parts]),  # type: ignore[misc]
+        images=torch.cat([p.images for p in parts]),
         groups=np.concatenate(groups) if all(g is not None for g in groups) else None,
     )

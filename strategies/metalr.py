@@ -186,7 +186,7 @@ class MetaLR(Strategy):
         def span(name: str) -> tuple[float, float]:
             dim = space.get(name)
             if dim is not None:
-                return float(dim.low), float(dim.high)  # type: ignore[arg-type]
+                return float(dim.low), float(dim.high)
             value = float(fixed.get(name, fields[name].default))
             return value, value
 
@@ -216,7 +216,7 @@ class MetaLR(Strategy):
             dim = space["lr"]
             need = (max(lo_bound, lo_bound / s_lo), min(hi_bound, hi_bound / s_hi))
             low, high = narrow(max(float(dim.low), need[0]),
-                               min(float(dim.high), need[1]),  # type: ignore[arg-type]
+                               min(float(dim.high), need[1]),
                                lambda lr: fits(lr, (s_lo, s_hi)))
             if not low < high:
                 raise SpaceError(

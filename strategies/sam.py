@@ -113,7 +113,7 @@ class SAM(Strategy):
         if dim is None:
             return space
         lo, hi = RHO_RANGE[bool(fixed.get("adaptive", False))]
-        low, high = max(float(dim.low), lo), min(float(dim.high), hi)  # type: ignore[arg-type]
+        low, high = max(float(dim.low), lo), min(float(dim.high), hi)
         if not low < high:
             raise SpaceError("rho", f"ρ's range [{dim.low:g}, {dim.high:g}] misses the "
                              f"variant's [{lo:g}, {hi:g}]")

@@ -129,3 +129,30 @@ def postgres_url(postgres_server: str) -> str:
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return f"{postgres_server}/{name}"
+
+
+# -- the quick lane: `python -m pytest -m "not slow"` ------------------------------------------------
+# Besides the tests marked `@pytest.mark.slow` where they are defined, a test is slow when it
+# starts a server (an `mlflow server`, PostgreSQL) or Ray: tens of seconds to minutes each.
+# Also slow: the tests below, which start worker processes or kill one (found by timing the lane
+# on the 2-core development host, 2026-12-07: each took 30 s to 2 min there under load).
+SLOW_FIXTURES = {"mlflow_server", "postgres_server", "postgres_url"}
+SLOW_TESTS = {
+    "test_local_executor_two_workers_through_its_own_server",
+    "test_fill_study_two_processes_exact",
+    "test_local_executor_runs_tuning_workers",
+    "test_race_picks_the_clearly_best_strategy_registers_it_and_the_model_reproduces_its_test_metric",
+    "test_a_killed_race_rerun_continues_the_same_study_no_trial_lost_or_repeated",
+    "test_a_race_on_the_local_executor_shares_its_study_between_the_workers",
+    "test_warnings_in_local_workers_are_one_line",
+    "test_kill_9_mid_epoch_resumes_the_cell_to_the_uninterrupted_result",
+    "test_n_folds_runs_every_fold_under_its_own_name",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or name in SLOW_TESTS
+                or "ray" in name.split("_")):
+            item.add_marker(pytest.mark.slow)

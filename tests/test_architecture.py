@@ -195,7 +195,7 @@ def test_strategy_docstrings_fit_a_screen_and_docs_hold_the_full_notes() -> None
     import metalr_bench.strategies as strategies_pkg
 
     root = Path(strategies_pkg.__file__).parent
-    docs = (root.parent / "docs" / "strategies.md").read_text()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "strategies.md").read_text()
     for mod in pkgutil.iter_modules([str(root)]):
         if mod.ispkg:
             continue

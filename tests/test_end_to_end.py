@@ -93,8 +93,9 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch) -> None:
 
 
 def _readme_filters() -> list[str]:
-    """The search-box examples of README's "Comparing the same runs in the MLflow UI", step 4."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    """The search-box examples of docs/mlflow.md, "Comparing the same runs in the MLflow UI",
+    step 4."""
+    readme = (Path(__file__).parents[1] / "docs" / "mlflow.md").read_text()
     section = readme.split("## Comparing the same runs in the MLflow UI", 1)[1].split("\n## ", 1)[0]
     step = section.split("4. Filter", 1)[1].split("\n5. ", 1)[0]
     found = re.findall(r"``(.+?)``|`([^`]+)`", step)
@@ -103,7 +104,7 @@ def _readme_filters() -> list[str]:
 
 
 def test_readme_mlflow_filters_select_what_they_say(tiny_config) -> None:
-    """Every filter the README tells users to type into the MLflow UI parses and selects the runs
+    """Every filter the docs tell users to type into the MLflow UI parses and selects the runs
     it describes, in a real store written by the runner."""
     tiny_config |= {"datasets": [{"name": "synthetic", "size": 28, "options": {"n_patients": 48}}],
                     "strategies": ["metalr", {"name": "last_k", "params": {"k": 2}}],
@@ -129,7 +130,7 @@ def test_readme_mlflow_filters_select_what_they_say(tiny_config) -> None:
         "tags.kind = 'benchmark'": lambda r: r.info.run_id == parent,
     }
     filters = _readme_filters()
-    assert sorted(filters) == sorted(expected), "README's filter examples changed: update the test"
+    assert sorted(filters) == sorted(expected), "docs/mlflow.md's filter examples changed: update the test"
     by_id = {r.info.run_id: r for r in runs}
     for text in filters:
         got = {r.info.run_id for r in

@@ -1,7 +1,7 @@
 """The tag schema of every MLflow run the suite writes, as named constants.
 
 Why constants: the runner writes these tags, resume and the reports search by them, and the
-README's filter examples quote them; a key spelt two ways (``stage`` for pre-training runs,
+filter examples of docs/mlflow.md quote them; a key spelt two ways (``stage`` for pre-training runs,
 ``kind`` elsewhere, as it once was) silently splits the runs a filter finds. Every run has a
 ``kind``; the filter ``tags.kind = 'cell'`` selects the grid's result runs.
 """

@@ -129,7 +129,7 @@ def arm_cell(cfg: BenchmarkConfig, target: RaceTarget, values: dict[str, Any], s
 class RaceRunner(StudyRunner):
     """:class:`StudyRunner` whose trial first picks the strategy; Hyperband-pruned."""
 
-    target: RaceTarget  # type: ignore[assignment]
+    target: RaceTarget
 
     def __init__(self, *args: Any, min_epochs: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -214,7 +214,7 @@ class RaceRunner(StudyRunner):
         board = leaders(study, self.cfg.tune.metric, self.epochs)
         if not board:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
-            return StudyOutcome(self.target, run_id, None, None, counts)  # type: ignore[arg-type]
+            return StudyOutcome(self.target, run_id, None, None, counts)
         top = board[0]
         self.tracker.set_tags(run_id, {"optuna.best_trial_number": top.trial_number,
                                        **{f"best.{k}": v for k, v in top.values.items()}})
@@ -223,7 +223,7 @@ class RaceRunner(StudyRunner):
             **{f"leader.{b.strategy}.value": b.value for b in board},
             **{f"n_complete.{s}": c for s, c in
                ((b.strategy, b.n_complete) for b in board)}}, step=n_trials)
-        return StudyOutcome(self.target, run_id, dict(top.values), top.value,  # type: ignore[arg-type]
+        return StudyOutcome(self.target, run_id, dict(top.values), top.value,
                             counts)
 
 

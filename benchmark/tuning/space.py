@@ -104,7 +104,7 @@ def _constrain(
     for name, dim in narrowed.items():
         old = space[name]
         where = f"tune.params.{strategy}.{name}"
-        if dim.low < old.low or dim.high > old.high:  # type: ignore[operator]
+        if dim.low < old.low or dim.high > old.high:
             raise ConfigError(f"strategy {strategy!r}: constrain_space widened `{name}` from "
                               f"{old.describe()} to {dim.describe()}; it may only narrow it")
         for side in sorted(given_bounds.get(name, set())):
@@ -115,7 +115,7 @@ def _constrain(
                     f"[{dim.low:g}, {dim.high:g}]: set {side} inside it, or drop it"
                     + (f" ({cls.__name__}.constrain_space: {doc})" if doc else "")
                 )
-        if not dim.low < dim.high and not (dim.type == "int" and dim.low == dim.high):  # type: ignore[operator]
+        if not dim.low < dim.high and not (dim.type == "int" and dim.low == dim.high):
             raise ConfigError(f"`{where}`: nothing is left of {old.describe()} once narrowed "
                               f"to what {strategy!r} accepts ({dim.describe()})")
     return narrowed

@@ -22,8 +22,8 @@ narrows it to the configurations the strategy accepts given its untuned paramete
 ``lr`` whose initial rates lie inside its bounds); ``default_rank`` puts the
 strategy in the quick benchmark's default grid; ``measured_cost_share`` tells the cost plan how
 a configuration scales the step time measured at the defaults. A strategy is one file: the
-class, decorated with :func:`register`, declares all of it (see the README, "Add a strategy in
-one file").
+class, decorated with :func:`register`, declares all of it (see docs/architecture.md, "Add a
+strategy in one file").
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ class ProbeOwner:
 
     def __init__(self, params: Any, model: nn.Module, groups: list[LayerGroup],
                  settings: Any) -> None:
-        super().__init__(params, model, groups, settings)  # type: ignore[call-arg]
+        super().__init__(params, model, groups, settings)
         #: the head's ``nn.Linear`` the probe fits; checked here, at start-up, not after the
         #: first epoch's data
         self.probe_linear = head_linear(model, groups)
@@ -242,18 +242,18 @@ class ProbeOwner:
     def before_fit(self, data: Any) -> None:
         """Fit the probe on the trainer's un-augmented train/val loaders (``FitData``), λ from
         ``params.probe_l2`` (None: chosen on validation), and write it into the head."""
-        self.probe = probe_head(self.model, self.groups, data.train, data.val,  # type: ignore[attr-defined]
-                                data.autocast, self.params.probe_l2)  # type: ignore[attr-defined]
+        self.probe = probe_head(self.model, self.groups, data.train, data.val,
+                                data.autocast, self.params.probe_l2)
 
     def log_values(self) -> dict[str, float]:
         probe = {} if self.probe is None else self.probe.log_values(self.name)
-        return super().log_values() | probe  # type: ignore[misc]
+        return super().log_values() | probe
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {  # type: ignore[misc]
+        return super().state_dict() | {
             "probe": None if self.probe is None else self.probe.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # type: ignore[misc]
+        super().load_state_dict(state)
         probe = state.get("probe")
         self.probe = None if probe is None else ProbeFit.from_state(probe)
