@@ -322,6 +322,21 @@ RESULT_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "mom
                  "augment", "input_pipeline", "precise_bn", "selection_metric")
 
 #: config fields a cell may override (tuning sets the base LR per strategy)
+#: control -> the strategy it controls: in one tuned grid with both, the control gets no study of
+#: its own and runs at the controlled strategy's tuned parameters (``tuning.studies``), so the
+#: paired difference measures only what the controlled strategy adds (MetaLR's hyper-gradient)
+CONTROLS = {"discriminative": "metalr"}
+
+
+def tuned_controls(cfg: BenchmarkConfig) -> dict[str, str]:
+    """The controls of ``cfg`` that take another strategy's tuned parameters: tuning on, both
+    the control and the strategy it controls listed."""
+    if not cfg.tune.enabled:
+        return {}
+    names = {s.name for s in cfg.strategies}
+    return {c: of for c, of in CONTROLS.items() if c in names and of in names}
+
+
 CELL_OVERRIDABLE = ("lr", "weight_decay", "momentum", "batch_size", "epochs")
 
 
@@ -524,6 +539,8 @@ class BenchmarkConfig(_Strict):
         payload = self.cell_identity(cell)
         if cell.overrides:
             payload["overrides"] = cell.overrides
+        if cell.tuned_from:
+            payload["tuned_from"] = cell.tuned_from
         return stable_hash(payload)[:16]
 
     def cell_params(self, cell: Cell) -> dict[str, Any]:
@@ -563,6 +580,9 @@ class Cell:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: the Optuna study whose best trial chose ``params``/``overrides`` (None: not tuned)
     study: str | None = None
+    #: the strategy whose study chose them when that is another strategy's: ``discriminative``
+    #: runs at ``metalr``'s tuned parameters when both are in one tuned grid (:data:`CONTROLS`)
+    tuned_from: str | None = None
 
     @property
     def strategy_label(self) -> str:

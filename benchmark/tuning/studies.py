@@ -25,6 +25,14 @@ uses the fluent API's global active run)::
     │   └── trial run per trial            kind=trial, optuna.trial_number, optuna.state,
     │                                      params, per-epoch metrics, objective
     └── final cell runs                    tuned=true, optuna.study_name, the tuned params
+
+A control runs at the parameters of the strategy it controls: with ``metalr`` and
+``discriminative`` in one tuned grid (``config.CONTROLS``), ``discriminative`` gets no study;
+each of its cells takes metalr's best parameters less the hyper-gradient (:func:`control_cells`:
+the same lr and overrides, backbone_lr_scale, head pin and optimizer) and is logged with
+``tuned_from=metalr`` (param and tag) and metalr's study name. Two separate studies would end at
+two different learning rates, and "metalr − discriminative" would then measure the learning
+rate as much as the hyper-gradient. Alone in a grid, ``discriminative`` keeps its own study.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from metalr_bench.benchmark.config import (
     DatasetSpec,
     TuneSpec,
     stable_hash,
+    tuned_controls,
 )
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.tracking import tags as T
@@ -57,6 +66,7 @@ from metalr_bench.benchmark.tuning import stale_trials
 from metalr_bench.benchmark.tuning import storage as study_storage
 from metalr_bench.benchmark.tuning.space import SearchDim, search_space, split_params, suggest
 from metalr_bench.strategies.core.layers import layer_groups
+from metalr_bench.strategies.core.registry import get_strategy
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -467,6 +477,31 @@ def final_cells(cfg: BenchmarkConfig, outcome: StudyOutcome) -> list[Cell]:
                  seed=seed, overrides=overrides, study=t.name) for seed in cfg.seeds]
 
 
+def control_cells(cfg: BenchmarkConfig, outcome: StudyOutcome, control: str) -> list[Cell]:
+    """``control``'s cells at the tuned parameters of ``outcome`` (the study of the strategy it
+    controls): every parameter the control has (MetaLR's ``backbone_lr_scale``, head pin,
+    optimizer for ``discriminative``), the same config overrides (lr, ...), on every seed; the
+    rest (hyper_lr, update rule, bounds, meta-step settings) is the hyper-gradient the control
+    leaves out. The control's own params in the config are ignored (with a warning)."""
+    assert outcome.best_params is not None
+    t = outcome.target
+    params, overrides = split_params(outcome.best_params)
+    fields = get_strategy(control).Params.model_fields
+    taken = {k: v for k, v in {**t.fixed, **params}.items() if k in fields}
+    own = next((s.params for s in cfg.strategies if s.name == control), {})
+    if own and any(taken.get(k) != v for k, v in own.items()):
+        log.warning("strategy %s runs at %s's tuned parameters; its own params %s are ignored",
+                    control, t.strategy, own)
+    meta = {**t.fixed, **params}.get("meta_source")
+    if meta in ("holdout", "fixed"):
+        log.warning("%s holds out 20 %% of the training images for its meta batches (meta_source "
+                    "%s); %s trains on all of them, so the two do not see the same data",
+                    t.strategy, meta, control)
+    return [Cell(dataset=t.dataset, strategy=control, params=taken, seed=seed,
+                 overrides=overrides, study=t.name, tuned_from=t.strategy)
+            for seed in cfg.seeds]
+
+
 def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
              *, progress: bool = True, executor: Any = None,
              tracking_uri: str | None = None) -> TuningOutcome:
@@ -476,7 +511,8 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     that executor (:func:`study_worker`), ``tune.workers_per_study`` per study; otherwise the
     studies run one after the other in this process.
     """
-    targets = study_targets(cfg, data)
+    controls = tuned_controls(cfg)  # no study of their own: they take another's parameters
+    targets = [t for t in study_targets(cfg, data) if t.strategy not in controls]
     url = storage_url(cfg)
     storage = open_storage(url)
     tracker.set_tags(parent_id, {"tuned": "true", "optuna.storage": url})
@@ -547,15 +583,22 @@ def _outcome(cfg: BenchmarkConfig, studies: list[StudyOutcome]) -> TuningOutcome
     trial fails its strategy's cells with a pointer to the trial runs."""
     cells: list[Cell] = []
     failed: list[Any] = []
+    controls = tuned_controls(cfg)
     for outcome in studies:
         t = outcome.target
+        mine = [c for c, of in controls.items() if of == t.strategy]
         if outcome.best_params is not None:
             cells += final_cells(cfg, outcome)
+            for control in mine:
+                cells += control_cells(cfg, outcome, control)
             continue
         error = (f"study {t.name} completed no trial ({outcome.counts}); "
                  f"see the trial runs under MLflow run {outcome.run_id}")
         log.error(error)
-        failed += [CellResult(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
-                                   seed=s, study=t.name), outcome.run_id, "", "FAILED",
-                              error=error) for s in cfg.seeds]
+        for name in (t.strategy, *mine):
+            failed += [CellResult(Cell(dataset=t.dataset, strategy=name,
+                                       params=t.fixed if name == t.strategy else {},
+                                       seed=s, study=t.name,
+                                       tuned_from=None if name == t.strategy else t.strategy),
+                                  outcome.run_id, "", "FAILED", error=error) for s in cfg.seeds]
     return TuningOutcome(cells, failed, studies)
