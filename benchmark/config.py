@@ -393,6 +393,11 @@ class BenchmarkConfig(_Strict):
         10.0, gt=0, le=3600, description="seconds between two system-metrics samples"
     )
     report: bool = Field(True, description="build the report notebook/HTML after the grid")
+    min_effect: float = Field(
+        0.005, ge=0, description="the smallest difference in the primary metric (e.g. 0.005 "
+        "AUC) worth more seeds: the answer sizes the seeds a paired test needs to separate a "
+        "tie from the best, and calls a tie closer than this too small to matter",
+    )
     tune: TuneSpec = Field(default_factory=TuneSpec)
     references: list[ReferenceSpec] = Field(
         default_factory=list, description="published results shown beside ours in the report "

@@ -4,9 +4,12 @@ costs count, and the answer says how many seeds would separate a tie."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import optuna
+import pytest
 from metalr_bench.benchmark.config import validate_config
 from metalr_bench.benchmark.planning.plan import plan_rows
 from metalr_bench.benchmark.running.runner import run_benchmark
@@ -53,3 +56,120 @@ def test_alone_the_control_keeps_its_own_study_and_plan_prices_no_control_study(
     alone = validate_config({**tiny_config, "strategies": ["discriminative"],
                              "tune": {"enabled": True, "n_trials": 2}})
     assert [r.strategy for r in plan_rows(alone) if r.phase == "tuning"] == ["discriminative"]
+
+
+# -- untested is not tied; a constant difference has no p -----------------------------------------
+def _frame(values: dict[str, list[float]], **cols: Any) -> Any:
+    import pandas as pd
+
+    rows = [{"run_id": f"{s}-{i}", "status": "FINISHED", "dataset_key": "d@28", "cv_key": None,
+             "fold": None, "strategy": s, "strategy_label": s, "seed": i, "test_auc": v,
+             "mean_epoch_time_s": 1.0, **{k: c.get(s) for k, c in cols.items()}}
+            for s, vs in values.items() for i, v in enumerate(vs)]
+    return pd.DataFrame(rows)
+
+
+def test_a_strategy_with_one_run_is_not_tested_and_never_tied() -> None:
+    from metalr_bench.reports import answer as A
+
+    res = _frame({"best": [0.91, 0.90, 0.92], "other": [0.905, 0.91, 0.90], "lone": [0.20]})
+    a = A.the_answer(res, "test_auc").per_dataset["d@28"]
+    assert a.best == "best"
+    assert "lone" not in a.tied and a.untested == {"lone": 1}
+    assert a.tied == ["other"]
+    text = " ".join(a.sentences)
+    assert "`lone`: not tested (1 paired run)" in text
+    assert "No other tested strategy can be told apart" in text
+
+
+def test_a_constant_difference_is_reported_with_its_size_not_p_zero() -> None:
+    import warnings
+
+    import pandas as pd
+    from metalr_bench.reports import answer as A
+    from metalr_bench.reports import stats
+
+    a, b = pd.Series([0.90, 0.91, 0.92]), pd.Series([0.88, 0.89, 0.90])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's RuntimeWarning on the old code fails here
+        t = stats.paired_test(b, a)
+    assert t.test == stats.CONSTANT_DIFFERENCE
+    assert t.mean_diff == pytest.approx(-0.02) and math.isnan(t.p_value)
+    res = _frame({"best": [0.90, 0.91, 0.92], "flat": [0.88, 0.89, 0.90]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ans = A.the_answer(res, "test_auc").per_dataset["d@28"]
+    assert ans.tied == [] and ans.constant == {"flat": pytest.approx(-0.02)}
+    assert "`flat` -0.020" in " ".join(ans.sentences)
+
+
+# -- how many more seeds --------------------------------------------------------------------------
+def _power_by_hand(d: float, n: int, alpha: float = 0.05) -> float:
+    from scipy import stats as sps
+
+    crit = sps.t.ppf(1 - alpha / 2, n - 1)
+    nc = d * math.sqrt(n)
+    return sps.nct.sf(crit, n - 1, nc) + sps.nct.cdf(-crit, n - 1, nc)
+
+
+def test_seeds_needed_against_a_hand_computation() -> None:
+    from metalr_bench.reports import stats
+
+    # known values of the two-sided one-sample/paired t-test at 80 % power (G*Power): d = 1
+    # needs 10 pairs, d = 0.5 needs 34
+    assert stats.seeds_needed(0.01, 0.01) == 10
+    assert stats.seeds_needed(-0.005, 0.01) == 34
+    for mean, sd in ((0.004, 0.006), (0.02, 0.005), (0.001, 0.01)):
+        n = stats.seeds_needed(mean, sd)
+        d = abs(mean) / sd
+        assert _power_by_hand(d, n) >= 0.8 > _power_by_hand(d, n - 1) if n > 2 else True
+    assert stats.seeds_needed(0.01, 0.0) is None
+
+
+def test_the_answer_says_how_many_seeds_would_separate_a_tie() -> None:
+    from metalr_bench.reports import answer as A
+
+    best = [0.900, 0.910, 0.905]
+    tie = [0.898, 0.915, 0.893]  # diffs -0.002, +0.005, -0.012
+    tiny = [0.899, 0.912, 0.903]  # diffs -0.001, +0.002, -0.002: below min_effect
+    res = _frame({"best": best, "tie": tie, "tiny": tiny})
+    a = A.the_answer(res, "test_auc", min_effect=0.002).per_dataset["d@28"]
+    assert sorted(a.tied) == ["tie", "tiny"]
+    d = np.array(tie) - np.array(best)
+    row = a.seeds.set_index("strategy").loc["tie"]
+    assert row["mean_diff"] == pytest.approx(d.mean()) and row["sd"] == pytest.approx(d.std(ddof=1))
+    n = 2
+    while _power_by_hand(abs(d.mean()) / d.std(ddof=1), n) < 0.8:
+        n += 1
+    assert row["pairs_needed"] == n
+    assert bool(a.seeds.set_index("strategy").loc["tiny", "too_small"])
+    text = " ".join(a.sentences)
+    assert f"`tie` {d.mean():+.3f} ± {d.std(ddof=1):.3f} (sd of 3 pairs): {n} seeds" in text
+    assert "`tiny`" in text and "too small to matter" in text
+    assert f"run-benchmark plan --config <your config> --seeds 0 1 … {n - 1}" in text
+
+
+# -- the answer says which control it compared ----------------------------------------------------
+def test_the_control_line_says_whose_parameters_the_control_ran_at() -> None:
+    import pandas as pd
+    from metalr_bench.reports import answer as A
+
+    def grid(ds: str, tuned_from: str | None, gain: float) -> pd.DataFrame:
+        f = _frame({"metalr": [0.90 + gain, 0.91 + gain + 0.001, 0.92 + gain],
+                    "discriminative": [0.90, 0.91, 0.92]},
+                   tuned={"metalr": "true", "discriminative": "true"},
+                   tuned_from={"discriminative": tuned_from})
+        f["dataset_key"] = ds
+        return f
+
+    res = pd.concat([grid("a@28", "metalr", 0.01), grid("b@28", "metalr", 0.02),
+                     grid("c@28", None, -0.05)], ignore_index=True)
+    ans = A.the_answer(res, "test_auc")
+    a, c = " ".join(ans.per_dataset["a@28"].sentences), " ".join(ans.per_dataset["c@28"].sentences)
+    assert "`discriminative` at MetaLR's tuned parameters" in a
+    assert "tuned in its own study" in c and "not like for like" in c
+    # across datasets: only a and b (like for like); their mean difference, c named as left out
+    assert ans.control is not None
+    assert f"mean paired difference {np.mean([0.01 + 0.001 / 3, 0.02 + 0.001 / 3]):+.3f}" in \
+        ans.control
+    assert "over 2 datasets" in ans.control and "left out" in ans.control and "c@28" in ans.control

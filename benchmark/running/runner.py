@@ -249,7 +249,8 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
                               executor=executor, tracking_uri=tracking_uri)
             cells, results = tuning.cells, list(tuning.failed)
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
-                                    "epochs": cfg.epochs, "seeds": cfg.seeds})
+                                    "epochs": cfg.epochs, "seeds": cfg.seeds,
+                                    "min_effect": cfg.min_effect})
         # pre-train here, once, before the first cell (not once per worker at the same time), so
         # its epoch lines follow `progress` like every other progress line
         if executor.n_workers > 1 or cfg.model.weights == "pretrain":
