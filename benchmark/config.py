@@ -591,9 +591,15 @@ class Cell:
 
     @property
     def strategy_label(self) -> str:
-        """``strategy``, ``strategy(k=2)`` when parameters were set, ``strategy(tuned)``."""
+        """``strategy``, ``strategy(k=2)`` when parameters were set, ``strategy(tuned)``; a
+        tuned cell keeps the params that name a variant of the method (``Strategy.label_params``,
+        e.g. ``bitfit(train_norm_scale=True,tuned)``), so two methods never share a label."""
         if self.study is not None:
-            return f"{self.strategy}(tuned)"
+            from metalr_bench.strategies.core.registry import get_strategy
+
+            keep = get_strategy(self.strategy).label_params
+            shown = "".join(f"{k}={self.params[k]}," for k in sorted(keep) if k in self.params)
+            return f"{self.strategy}({shown}tuned)"
         if not self.params:
             return self.strategy
         inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))

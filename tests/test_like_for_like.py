@@ -173,3 +173,32 @@ def test_the_control_line_says_whose_parameters_the_control_ran_at() -> None:
     assert f"mean paired difference {np.mean([0.01 + 0.001 / 3, 0.02 + 0.001 / 3]):+.3f}" in \
         ans.control
     assert "over 2 datasets" in ans.control and "left out" in ans.control and "c@28" in ans.control
+
+
+# -- BitFit as its paper runs it ------------------------------------------------------------------
+def test_bitfit_trains_biases_and_head_on_resnet18_and_gamma_only_when_asked() -> None:
+    from metalr_bench.benchmark.config import Cell
+    from metalr_bench.benchmark.models.zoo import build_model
+    from metalr_bench.strategies import get_strategy
+    from metalr_bench.strategies.core.base import TrainSettings
+    from metalr_bench.strategies.core.layers import layer_groups
+
+    def trainable(params: dict[str, Any]) -> int:
+        model = build_model("resnet18", 3, 2)
+        get_strategy("bitfit")(params, model, layer_groups(model), TrainSettings(lr=0.1))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # BN β: 4,800 (stem 64, layer1 4·64, layer2 5·128, layer3 5·256, layer4 5·512 channels with
+    # the downsample BNs); the head 512·2 + 2 = 1,026; γ another 4,800
+    assert trainable({}) == 4_800 + 1_026 == 5_826
+    assert trainable({"train_norm_scale": True}) == 10_626
+    d = validate_config({"datasets": ["synthetic"]}).dataset_specs()[0]
+    plain = Cell(dataset=d, strategy="bitfit", params={}, seed=0)
+    gamma = Cell(dataset=d, strategy="bitfit", params={"train_norm_scale": True}, seed=0)
+    assert plain.strategy_label == "bitfit"
+    assert gamma.strategy_label == "bitfit(train_norm_scale=True)"
+    tuned = Cell(dataset=d, strategy="bitfit", params={"train_norm_scale": True}, seed=0,
+                 study="s")
+    assert tuned.strategy_label == "bitfit(train_norm_scale=True,tuned)"
+    assert Cell(dataset=d, strategy="bitfit", params={}, seed=0, study="s").strategy_label == \
+        "bitfit(tuned)"

@@ -153,6 +153,10 @@ class Strategy:
     #: initialisation under the cell's seed), and the run logs neither drift nor
     #: transferability, which both measure the distance from pre-trained weights
     pretrained_start: ClassVar[bool] = True
+    #: params that change what the method is (BitFit's ``train_norm_scale``): shown in the
+    #: row's label also when the cell is tuned (``bitfit(train_norm_scale=True,tuned)``), where
+    #: other params are hidden behind ``(tuned)``
+    label_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
