@@ -202,3 +202,46 @@ def test_bitfit_trains_biases_and_head_on_resnet18_and_gamma_only_when_asked() -
     assert tuned.strategy_label == "bitfit(train_norm_scale=True,tuned)"
     assert Cell(dataset=d, strategy="bitfit", params={}, seed=0, study="s").strategy_label == \
         "bitfit(tuned)"
+
+
+# -- WiSE-FT tuned on the model it reports; α = 0 is the starting model ---------------------------
+def test_wise_ft_alpha_zero_is_the_starting_model_exactly(tiny_config: dict[str, Any]) -> None:
+    import torch
+    from metalr_bench.benchmark.config import Cell
+    from metalr_bench.benchmark.training import cell as cell_mod
+
+    cfg = validate_config({**tiny_config, "epochs": 1})
+    # a fixed probe λ: one probe fit, not the λ sweep (seconds on a busy CPU)
+    cell = Cell(dataset=cfg.dataset_specs()[0], strategy="wise_ft",
+                params={"alpha": 0.0, "probe_l2": 1e-3}, seed=0)
+    result = cell_mod.train_cell(cfg, cell, cell_mod.DataCache().get(cell), None, artifacts=False)
+    start, final = result.start_state, result.final_state
+    head = [k for k in final if k.startswith(("head.", "fc.", "classifier."))]
+    assert head  # the probe's head: θ₀'s, not the start's random one
+    for k in [k for k in final if k.endswith(("running_mean", "running_var"))]:
+        assert torch.equal(final[k].cpu(), start[k].cpu()), f"{k} re-estimated at α = 0"
+    for k, v in final.items():
+        if k in start and k not in head:  # BN statistics included: not re-estimated
+            assert torch.equal(v.cpu(), start[k].cpu()), k
+    bn = [k for k in final if k.endswith("running_mean")]
+    assert bn and result.end_val is not None
+    assert result.final_values["wise_ft/alpha"] == 0.0
+
+
+def test_wise_ft_is_tuned_on_the_interpolated_models_validation_score(
+        tiny_config: dict[str, Any]) -> None:
+    cfg = validate_config({**tiny_config, "epochs": 2, "seeds": [0],
+                           "strategies": [{"name": "wise_ft",
+                                           "params": {"alpha": 0.0, "probe_l2": 1e-3}}],
+                           "tune": {"enabled": True, "n_trials": 1, "pruner": "none",
+                                    "metric": "val_loss"}})
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed, [r.error for r in outcome.results]
+    study = optuna.get_all_study_summaries(tuning.storage_url(cfg))[0]
+    client = MlflowClient(tiny_config["tracking_uri"])
+    exp = client.get_experiment_by_name("test")
+    trial = client.search_runs([exp.experiment_id], "tags.kind = 'trial'")[0]
+    epochs = [m.value for m in client.get_metric_history(trial.info.run_id, "val_loss")]
+    # θ(α* = 0)'s validation loss, the model the row reports; not the endpoint's best epoch
+    assert study.best_trial.value == pytest.approx(trial.data.metrics["best_val_loss"])
+    assert study.best_trial.value != pytest.approx(min(epochs))

@@ -119,6 +119,10 @@ class TrainResult:
     #: numbers the strategy logs once with the final metrics (``Strategy.final_values()``:
     #: WiSE-FT's chosen α and its validation curve over α)
     final_values: dict[str, float] = field(default_factory=dict)
+    #: the tested model's validation numbers when the strategy's ``on_train_end`` changed the
+    #: selected checkpoint and measured it again (WiSE-FT: θ(α*)), else None; the tuning
+    #: objective reads them, so a study tunes the model the row reports
+    end_val: dict[str, float] | None = None
 
     def data_params(self) -> dict[str, int | str]:
         """The params every run logs so a leaderboard shows what each strategy trained on."""
@@ -442,7 +446,8 @@ class Trainer:
         # new validation numbers replace the checkpoint's: best_val is the tested model's
         end_val = self.strategy.on_train_end(EndContext(
             model=self.model, evaluate_val=self._evaluate_val,
-            selection_metric=self.options.selection_metric, best_val=dict(best_val)))
+            selection_metric=self.options.selection_metric, best_val=dict(best_val),
+            evaluate_val_as_is=lambda: self.evaluate("val")))
         if end_val is not None:
             best_val = end_val
         test, predictions = self._test() if self.options.evaluate_test else ({}, None)
@@ -463,6 +468,7 @@ class Trainer:
             meta_source=self.strategy.meta_source or "none",
             meta_reference=getattr(self.strategy, "meta_reference", None) or "none",
             final_state=self.model.state_dict(),
+            end_val=dict(end_val) if end_val is not None else None,
         )
 
     def _send_step_values(self, logged: list[tuple[int, dict[str, torch.Tensor]]]) -> None:

@@ -203,6 +203,20 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
     return targets
 
 
+def objective_value(values: list[float], end_val: dict[str, float] | None, metric: str) -> float:
+    """The trial's value: the validation score of the model the row reports. That is the best
+    epoch's (:func:`best_of`), except where the strategy changed the selected checkpoint at the
+    end of training and measured it again (``TrainResult.end_val``; WiSE-FT's θ(α*), the
+    interpolated model at its chosen α): then that model's score, so its lr is tuned for the
+    model it reports, not for the fine-tuned endpoint. The pruner still sees the per-epoch
+    scores of the endpoint (a trial cannot be interpolated before it ends)."""
+    if end_val is not None:
+        value = float(end_val.get(metric_key(metric).removeprefix("val_"), math.nan))
+        if not math.isnan(value):
+            return value
+    return best_of(values, metric)
+
+
 # -- the objective --------------------------------------------------------------------------------
 class PruningReporter(TrainerCallback):
     """Report the epoch's validation metric to the trial; raise TrialPruned when told to."""
@@ -221,7 +235,8 @@ class PruningReporter(TrainerCallback):
 
 
 def best_of(values: list[float], metric: str) -> float:
-    """The objective: the best per-epoch validation value (the checkpoint the trainer keeps)."""
+    """The objective: the best per-epoch validation value (the checkpoint the trainer keeps);
+    :func:`objective_value` replaces it when the strategy changed that checkpoint at the end."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         raise ValueError(f"validation {metric} is NaN in every epoch (one class in val?)")
@@ -332,7 +347,7 @@ class StudyRunner:
             try:
                 result = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
                                     epochs=self.epochs, evaluate_test=False, artifacts=False)
-                value = best_of(reporter.values, cfg.tune.metric)
+                value = objective_value(reporter.values, result.end_val, cfg.tune.metric)
             except optuna.TrialPruned:
                 logger.flush()
                 self.tracker.set_tags(run_id, {"optuna.state": "PRUNED"})

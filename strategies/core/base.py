@@ -119,12 +119,15 @@ class EndContext:
     exactly as every epoch's were measured (the trainer's PreciseBN re-estimation first, when it
     uses it); ``selection_metric`` is the metric checkpoints were selected by (higher is better;
     the loss breaks ties); ``best_val`` the selected checkpoint's validation numbers.
+    ``evaluate_val_as_is()`` measures them without re-estimating BatchNorm statistics: for
+    weights whose statistics belong to them already (WiSE-FT's α = 0, the starting model).
     """
 
     model: nn.Module
     evaluate_val: Callable[[], dict[str, float]]
     selection_metric: str
     best_val: dict[str, float]
+    evaluate_val_as_is: Callable[[], dict[str, float]] | None = None
 
 
 class Strategy:
