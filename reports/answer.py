@@ -6,9 +6,13 @@ and how sure are we. This module writes it from the finished runs (a DataFrame s
 
 * **per dataset**: the best strategy on the primary metric; the strategies that cannot be told
   apart from it (each paired with the best on (fold, seed), the test :func:`stats.paired_test`
-  picks, Holm's step-down correction over the comparisons of that dataset at α = 0.05); the time
-  per epoch relative to ``full``; and, where the grid has them, what MetaLR's learned rates buy
-  over ``discriminative`` (its starting rates without the hyper-gradient) and what transfer buys
+  picks, Holm's step-down correction over the comparisons of that dataset at α = 0.05; a strategy
+  with fewer than 2 paired runs is "not tested", never a tie); for each tie the seeds a paired
+  t-test would need to separate it (:func:`more_seeds`); the time per run (epochs × time per
+  epoch + one-off seconds) relative to ``full``; and, where the grid has them, what MetaLR's
+  learned rates buy over ``discriminative`` (its starting rates without the hyper-gradient; the
+  sentence says whether the control ran at MetaLR's tuned parameters or was tuned apart, and
+  across datasets :func:`control_across` pools the like-for-like ones) and what transfer buys
   over ``scratch`` (``full`` against the same network from random weights);
 * **across datasets**: mean ranks and Friedman's test with the Nemenyi critical difference
   (:func:`stats.friedman_nemenyi`, the report's machinery), whether one strategy is best or
@@ -267,19 +271,40 @@ def dataset_answer(block: pd.DataFrame, dataset: str, metric: str,
     return out
 
 
+def run_seconds(block: pd.DataFrame) -> pd.Series | None:
+    """Per strategy label, the mean cost of one run in seconds: time per epoch × epochs (param
+    ``epochs``) + the one-off seconds (``oneoff_time_s``: probe fit, α sweep, attention pass);
+    None without the epoch count (tables of older runs), where only the time per epoch is
+    comparable."""
+    if "param.epochs" not in block or "mean_epoch_time_s" not in block:
+        return None
+    epochs = pd.to_numeric(block["param.epochs"], errors="coerce")
+    oneoff = (pd.to_numeric(block["oneoff_time_s"], errors="coerce").fillna(0.0)
+              if "oneoff_time_s" in block else 0.0)
+    per_run = block["mean_epoch_time_s"] * epochs + oneoff
+    if per_run.isna().all():
+        return None
+    return per_run.groupby(block["strategy_label"]).mean()
+
+
 def _cost_sentence(block: pd.DataFrame, labels: Sequence[str], metric: str) -> str | None:
-    """Time per epoch of the best and the tied strategies, relative to ``full``."""
+    """Cost of a run of the best and the tied strategies relative to ``full``: epochs × time
+    per epoch + the one-off seconds (what a user pays per run); time per epoch alone for runs
+    that do not log their epoch count."""
     full = _label_of(block, BASELINE, metric)
     if full is None or "mean_epoch_time_s" not in block:
         return None
-    t = block.groupby("strategy_label")["mean_epoch_time_s"].mean()
+    per_run = run_seconds(block)
+    t = per_run if per_run is not None else \
+        block.groupby("strategy_label")["mean_epoch_time_s"].mean()
     if full not in t or not t[full] > 0:
         return None
     parts = [f"{_code(s)} {t[s] / t[full]:.2f}×" for s in labels if s in t and not math.isnan(t[s])]
     if not parts:
         return None
-    return (f"Time per epoch relative to {_code(full)} ({t[full]:.2f} s): " + ", ".join(parts)
-            + ".")
+    what = ("Time per run (epochs × time per epoch + one-off seconds) relative to "
+            if per_run is not None else "Time per epoch relative to ")
+    return f"{what}{_code(full)} ({t[full]:.2f} s): " + ", ".join(parts) + "."
 
 
 def _tuning_of(block: pd.DataFrame, label: str) -> tuple[str, str | None]:

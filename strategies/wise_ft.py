@@ -113,6 +113,12 @@ class WiSEFT(ProbeOwner, Strategy):
 
     @torch.no_grad()
     def on_train_end(self, ctx: EndContext) -> dict[str, float]:
+        """The α sweep (each θ(α) measured on validation, BatchNorm re-estimated), timed as a
+        one-off cost (``oneoff_time_s/alpha_sweep``)."""
+        with self.one_off("alpha_sweep"):
+            return self._sweep(ctx)
+
+    def _sweep(self, ctx: EndContext) -> dict[str, float]:
         theta1 = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         p: WiSEFTParams = self.params
         grid = [p.alpha] if p.alpha is not None else p.alphas

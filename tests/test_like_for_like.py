@@ -245,3 +245,58 @@ def test_wise_ft_is_tuned_on_the_interpolated_models_validation_score(
     # θ(α* = 0)'s validation loss, the model the row reports; not the endpoint's best epoch
     assert study.best_trial.value == pytest.approx(trial.data.metrics["best_val_loss"])
     assert study.best_trial.value != pytest.approx(min(epochs))
+
+
+# -- one-off costs --------------------------------------------------------------------------------
+def test_one_off_seconds_are_logged_shown_and_counted_in_the_cost_ratio(
+        tiny_config: dict[str, Any]) -> None:
+    from metalr_bench.reports import answer as A
+    from metalr_bench.reports.cost import cost_table
+    from metalr_bench.reports.results import load_runs, results_table
+
+    cfg = validate_config({**tiny_config, "epochs": 1, "seeds": [0],
+                           "strategies": ["full", {"name": "lp_ft",
+                                                   "params": {"probe_l2": 1e-3}}]})
+    outcome = run_benchmark(cfg, progress=False)
+    assert not outcome.failed, [r.error for r in outcome.results]
+    res = results_table(load_runs(tiny_config["tracking_uri"], "test"))
+    by = res.set_index("strategy")
+    assert by.loc["full", "oneoff_time_s"] == 0.0
+    probe = by.loc["lp_ft", "oneoff_time_s/probe_fit"]
+    assert probe > 0 and by.loc["lp_ft", "oneoff_time_s"] == pytest.approx(probe)
+    table = cost_table(res).set_index("strategy")
+    assert "one-off time per run (s)" in table.columns
+    assert table.loc["lp_ft(probe_l2=0.001)", "one-off time per run (s)"] == round(probe, 2)
+    # the answer's ratio: epochs × time per epoch + one-off, over full's
+    run = {s: by.loc[s, "mean_epoch_time_s"] * 1 + by.loc[s, "oneoff_time_s"]
+           for s in ("full", "lp_ft")}
+    assert A.run_seconds(res)["lp_ft(probe_l2=0.001)"] == pytest.approx(run["lp_ft"])
+    text = " ".join(A.the_answer(res, "test_auc").per_dataset[res["dataset_key"][0]].sentences)
+    assert f"Time per run (epochs × time per epoch + one-off seconds) relative to `full` " \
+           f"({run['full']:.2f} s)" in text
+
+
+def test_deltas_attention_pass_is_a_one_off_kept_out_of_the_epoch_time(
+        tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from metalr_bench.benchmark.config import Cell
+    from metalr_bench.benchmark.training import cell as cell_mod
+    from metalr_bench.strategies import get_strategy
+
+    delta = get_strategy("delta")
+    compute = delta.compute_attention
+
+    def slow(self: Any, *a: Any, **k: Any) -> Any:
+        time.sleep(1.0)
+        return compute(self, *a, **k)
+
+    monkeypatch.setattr(delta, "compute_attention", slow)
+    cfg = validate_config({**tiny_config, "epochs": 1})
+    cell = Cell(dataset=cfg.dataset_specs()[0], strategy="delta",
+                params={"attention_batches": 1}, seed=0)
+    result = cell_mod.train_cell(cfg, cell, cell_mod.DataCache().get(cell), None, artifacts=False)
+    assert result.oneoff_times["attention"] >= 1.0
+    epoch = result.history[0]["epoch_time_s"]
+    assert epoch < result.total_time_s - 1.0  # the second of attention is not in the epoch
+    assert result.summary()["oneoff_time_s"] == pytest.approx(result.oneoff_times["attention"])

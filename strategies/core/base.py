@@ -29,8 +29,9 @@ one file").
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -266,6 +267,30 @@ class Strategy:
         model.train()
         for module in self._frozen_modules:
             module.eval()
+
+    @contextmanager
+    def one_off(self, name: str) -> Iterator[None]:
+        """Time a piece of work the strategy does once per run, not per epoch (a probe fit,
+        WiSE-FT's α sweep, DELTA's attention pass, a pre-training of its own), as
+        ``oneoff_times[name]`` in seconds. The trainer logs them (``oneoff_time_s`` and
+        ``oneoff_time_s/<name>``), keeps them out of the epoch's ``epoch_time_s``, and the
+        report's cost adds them to a run's cost: the user pays them once per run. On CUDA the
+        device is synchronised at both ends, so queued kernels count where they ran."""
+        times = self.__dict__.setdefault("oneoff_times", {})
+        cuda = next((p.device for p in self.model.parameters() if p.is_cuda), None)
+        if cuda is not None:
+            torch.cuda.synchronize(cuda)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda is not None:
+                torch.cuda.synchronize(cuda)
+            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+    def oneoff_total(self) -> float:
+        """Seconds of one-off work so far (:meth:`one_off`)."""
+        return float(sum(self.__dict__.get("oneoff_times", {}).values()))
 
     def before_fit(self, data: FitData) -> None:  # noqa: B027
         """Called once by the trainer before the first epoch of a fresh run (not on resume: what
