@@ -514,6 +514,12 @@ def cross_answer(per_dataset: dict[str, DatasetAnswer], scores: pd.DataFrame,
         if top in a.tied:
             disagree.append(f"on {ds} {_code(a.best)} is best and {_code(top)} cannot be told "
                             f"apart from it")
+        elif top in a.untested:
+            disagree.append(f"on {ds} {_code(a.best)} is best and {_code(top)} is not tested "
+                            f"({a.untested[top]} paired run{'s' if a.untested[top] != 1 else ''})")
+        elif top in a.constant:
+            disagree.append(f"on {ds} {_code(a.best)} is best and {_code(top)} differs by "
+                            f"{a.constant[top]:+.3f} on every pair (no p)")
         elif a.testable:
             row = a.comparisons[a.comparisons["strategy"] == top]
             diff = f" ({row['mean_diff'].iloc[0]:+.3f})" if len(row) else ""

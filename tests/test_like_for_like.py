@@ -300,3 +300,24 @@ def test_deltas_attention_pass_is_a_one_off_kept_out_of_the_epoch_time(
     epoch = result.history[0]["epoch_time_s"]
     assert epoch < result.total_time_s - 1.0  # the second of attention is not in the epoch
     assert result.summary()["oneoff_time_s"] == pytest.approx(result.oneoff_times["attention"])
+
+
+def test_across_datasets_an_untested_top_is_named_untested_not_tied() -> None:
+    import pandas as pd
+    from metalr_bench.reports import answer as A
+
+    def ds(key: str, values: dict[str, list[float]]) -> pd.DataFrame:
+        f = _frame(values)
+        f["dataset_key"] = key
+        return f
+
+    res = pd.concat([
+        ds("d@28", {"x": [0.99, 0.98, 0.97], "z": [0.90, 0.91, 0.93], "y": [0.80, 0.82, 0.81]}),
+        ds("f@28", {"x": [0.99, 0.98, 0.97], "z": [0.90, 0.91, 0.93], "y": [0.80, 0.82, 0.81]}),
+        ds("e@28", {"y": [0.95, 0.96, 0.97], "z": [0.90, 0.905, 0.93], "x": [0.70]}),
+    ], ignore_index=True)
+    ans = A.the_answer(res, "test_auc")
+    assert ans.across.avg_ranks.index[0] == "x"
+    assert "x" not in ans.per_dataset["e@28"].tied
+    text = " ".join(ans.across.sentences)
+    assert "on e@28 `y` is best and `x` is not tested (1 paired run)" in text
