@@ -17,14 +17,15 @@ strong one of its own (re-scaling every channel), so it is a parameter that show
 label (``bitfit(train_norm_scale=True)``, also when tuned), never plain ``bitfit``.
 
 BatchNorm layers stay in train mode, so their running statistics adapt to the target data like
-their shifts and scales; the trainer's PreciseBN re-estimates them before each evaluation, as for
+their shifts; the trainer's PreciseBN re-estimates them before each evaluation, as for
 every strategy. The reference freezes nothing else (there is no dropout to speak of here).
 
 Logged each epoch: ``trainable_params`` (the count) and ``trainable_share`` (trained parameters /
 all parameters), the figure that shows the mechanism acted, next to each group's LR.
 
-Deviations, and why: the paper trains the biases of a BERT (linear and LayerNorm layers); which
-parameters of a CNN count as "bias terms" is our reading, the one its CNN follow-ups use. The
+Deviations, and why: the paper trains the biases of a BERT (linear and LayerNorm layers); in a
+CNN we count the convolution/linear biases and BatchNorm's β, as the paper counts LayerNorm's
+bias and not its gain. The
 paper tunes the LR over {1e-4, 4e-4, 7e-4, 1e-3} with AdamW; here the base LR is tuned like
 every strategy's (the same range and budget), with the suite's optimizer.
 """
