@@ -597,7 +597,10 @@ class Cell:
         if self.study is not None:
             from metalr_bench.strategies.core.registry import get_strategy
 
-            keep = get_strategy(self.strategy).label_params
+            try:
+                keep = get_strategy(self.strategy).label_params
+            except KeyError:  # a name no longer registered: its label as it was
+                keep = ()
             shown = "".join(f"{k}={self.params[k]}," for k in sorted(keep) if k in self.params)
             return f"{self.strategy}({shown}tuned)"
         if not self.params:
