@@ -318,8 +318,8 @@ class Strategy:
         evaluation: a strategy whose final model is not the selected checkpoint itself changes
         ``ctx.model`` here (LoRA merges its adapters into the base weights; WiSE-FT interpolates
         towards the starting weights). Return the validation numbers of the weights it leaves
-        (they replace ``best_val`` in the result: the numbers of the model that is tested; the
-        tuning objective stays the best per-epoch value),
+        (they replace ``best_val`` in the result: the numbers of the model that is tested, and
+        the tuning objective reads them, ``studies.objective_value``),
         or None when the model computes the same function as before (nothing to re-measure).
         The model must keep the architecture's parameter names from here on (drift, the
         transferability metrics and :meth:`start_state` compare by name)."""
