@@ -324,6 +324,21 @@ RESULT_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "mom
                  "augment", "input_pipeline", "precise_bn", "selection_metric")
 
 #: config fields a cell may override (tuning sets the base LR per strategy)
+#: control -> the strategy it controls: in one tuned grid with both, the control gets no study of
+#: its own and runs at the controlled strategy's tuned parameters (``tuning.studies``), so the
+#: paired difference measures only what the controlled strategy adds (MetaLR's hyper-gradient)
+CONTROLS = {"discriminative": "metalr"}
+
+
+def tuned_controls(cfg: BenchmarkConfig) -> dict[str, str]:
+    """The controls of ``cfg`` that take another strategy's tuned parameters: tuning on, both
+    the control and the strategy it controls listed."""
+    if not cfg.tune.enabled:
+        return {}
+    names = {s.name for s in cfg.strategies}
+    return {c: of for c, of in CONTROLS.items() if c in names and of in names}
+
+
 CELL_OVERRIDABLE = ("lr", "weight_decay", "momentum", "batch_size", "epochs")
 
 
@@ -380,6 +395,11 @@ class BenchmarkConfig(_Strict):
         10.0, gt=0, le=3600, description="seconds between two system-metrics samples"
     )
     report: bool = Field(True, description="build the report notebook/HTML after the grid")
+    min_effect: float = Field(
+        0.005, ge=0, description="the smallest difference in the primary metric (e.g. 0.005 "
+        "AUC) worth more seeds: the answer sizes the seeds a paired test needs to separate a "
+        "tie from the best, and calls a tie closer than this too small to matter",
+    )
     tune: TuneSpec = Field(default_factory=TuneSpec)
     references: list[ReferenceSpec] = Field(
         default_factory=list, description="published results shown beside ours in the report "
@@ -526,6 +546,8 @@ class BenchmarkConfig(_Strict):
         payload = self.cell_identity(cell)
         if cell.overrides:
             payload["overrides"] = cell.overrides
+        if cell.tuned_from:
+            payload["tuned_from"] = cell.tuned_from
         return stable_hash(payload)[:16]
 
     def cell_params(self, cell: Cell) -> dict[str, Any]:
@@ -565,12 +587,24 @@ class Cell:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: the Optuna study whose best trial chose ``params``/``overrides`` (None: not tuned)
     study: str | None = None
+    #: the strategy whose study chose them when that is another strategy's: ``discriminative``
+    #: runs at ``metalr``'s tuned parameters when both are in one tuned grid (:data:`CONTROLS`)
+    tuned_from: str | None = None
 
     @property
     def strategy_label(self) -> str:
-        """``strategy``, ``strategy(k=2)`` when parameters were set, ``strategy(tuned)``."""
+        """``strategy``, ``strategy(k=2)`` when parameters were set, ``strategy(tuned)``; a
+        tuned cell keeps the params that name a variant of the method (``Strategy.label_params``,
+        e.g. ``bitfit(train_norm_scale=True,tuned)``), so two methods never share a label."""
         if self.study is not None:
-            return f"{self.strategy}(tuned)"
+            from metalr_bench.strategies.core.registry import get_strategy
+
+            try:
+                keep = get_strategy(self.strategy).label_params
+            except KeyError:  # a name no longer registered: its label as it was
+                keep = ()
+            shown = "".join(f"{k}={self.params[k]}," for k in sorted(keep) if k in self.params)
+            return f"{self.strategy}({shown}tuned)"
         if not self.params:
             return self.strategy
         inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))

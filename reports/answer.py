@@ -6,9 +6,13 @@ and how sure are we. This module writes it from the finished runs (a DataFrame s
 
 * **per dataset**: the best strategy on the primary metric; the strategies that cannot be told
   apart from it (each paired with the best on (fold, seed), the test :func:`stats.paired_test`
-  picks, Holm's step-down correction over the comparisons of that dataset at α = 0.05); the time
-  per epoch relative to ``full``; and, where the grid has them, what MetaLR's learned rates buy
-  over ``discriminative`` (its starting rates without the hyper-gradient) and what transfer buys
+  picks, Holm's step-down correction over the comparisons of that dataset at α = 0.05; a strategy
+  with fewer than 2 paired runs is "not tested", never a tie); for each tie the seeds a paired
+  t-test would need to separate it (:func:`more_seeds`); the time per run (epochs × time per
+  epoch + one-off seconds) relative to ``full``; and, where the grid has them, what MetaLR's
+  learned rates buy over ``discriminative`` (its starting rates without the hyper-gradient; the
+  sentence says whether the control ran at MetaLR's tuned parameters or was tuned apart, and
+  across datasets :func:`control_across` pools the like-for-like ones) and what transfer buys
   over ``scratch`` (``full`` against the same network from random weights);
 * **across datasets**: mean ranks and Friedman's test with the Nemenyi critical difference
   (:func:`stats.friedman_nemenyi`, the report's machinery), whether one strategy is best or
@@ -35,11 +39,14 @@ import numpy as np
 import pandas as pd
 from metalr_bench.reports.learned_rates import CONTROL, LEARNED
 from metalr_bench.reports.stats import (
+    CONSTANT_DIFFERENCE,
     MIN_WILCOXON_PAIRS,
+    POWER,
     FriedmanNemenyi,
     friedman_nemenyi,
     paired_test,
     ranks,
+    seeds_needed,
 )
 from metalr_bench.reports.tables import METRIC_NAMES
 from metalr_bench.reports.transferability import REFERENCE as BASELINE
@@ -54,6 +61,9 @@ LOWER_BOUND = "scratch"
 ALPHA = 0.05
 #: a t-test needs two pairs (one degree of freedom)
 MIN_PAIRS = 2
+#: the smallest paired difference in the primary metric worth buying seeds to separate (config
+#: key ``min_effect``, logged on the parent run): a tie closer than this is "too small to matter"
+MIN_EFFECT = 0.005
 
 
 # -- blocks: one per dataset, folds pooled ------------------------------------------------------------
@@ -145,7 +155,16 @@ class DatasetAnswer:
     means: pd.Series  # per strategy label, over the block's runs
     comparisons: pd.DataFrame  # every other strategy vs the best (see :func:`compare`)
     testable: bool  # >= 2 pairs for the comparisons with the best
-    tied: list[str] = field(default_factory=list)  # cannot be told apart from the best
+    tied: list[str] = field(default_factory=list)  # tested, cannot be told apart from the best
+    #: fewer than MIN_PAIRS paired runs with the best: no test, so never a tie (label -> pairs)
+    untested: dict[str, int] = field(default_factory=dict)
+    #: the same non-zero difference on every pair (no spread, no p): label -> difference
+    constant: dict[str, float] = field(default_factory=dict)
+    #: per tie: mean paired difference (tie − best), its sd, pairs, seeds a paired t-test needs
+    #: (None: too small to matter, or no spread), see :func:`more_seeds`
+    seeds: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: MetaLR − its control here: mean_diff, p, test, how the control was tuned, like_for_like
+    control: dict | None = None
     sentences: list[str] = field(default_factory=list)
 
     @property
@@ -182,7 +201,8 @@ def _list(items: Sequence[str]) -> str:
 
 
 def dataset_answer(block: pd.DataFrame, dataset: str, metric: str,
-                   alpha: float = ALPHA, race: str | None = None) -> DatasetAnswer:
+                   alpha: float = ALPHA, race: str | None = None,
+                   min_effect: float = MIN_EFFECT) -> DatasetAnswer:
     """The sentences for one block (one dataset; a cross-validated one with its folds pooled).
 
     ``race``: the block is a race's confirmation (``run-benchmark race``: only the top strategies
@@ -207,44 +227,120 @@ def dataset_answer(block: pd.DataFrame, dataset: str, metric: str,
             f"({MIN_PAIRS - have} more seed{'s' if MIN_PAIRS - have != 1 else ''}), Wilcoxon's "
             f"signed-rank test at least {MIN_WILCOXON_PAIRS}.")
     else:
-        tied = comp[~(comp["p_holm"] < alpha)]
+        few = comp["n_pairs"] < MIN_PAIRS
+        flat = comp["test"] == CONSTANT_DIFFERENCE
+        tested = comp[~few & ~flat]
+        out.untested = dict(zip(comp.loc[few, "strategy"], comp.loc[few, "n_pairs"].astype(int),
+                                strict=True))
+        out.constant = dict(zip(comp.loc[flat, "strategy"], comp.loc[flat, "mean_diff"],
+                                strict=True))
+        tied = tested[~(tested["p_holm"] < alpha)]
         out.tied = tied["strategy"].tolist()
         tests = f"{_tests_named(comp)} over {_units(block)}, Holm-corrected at α = {alpha:g}"
-        if out.tied and len(out.tied) == len(comp):
-            text.append(f"No other strategy can be told apart from it ({tests}).")
+        other = "other tested strategy" if (out.untested or out.constant) else "other strategy"
+        if tested.empty:
+            pass
+        elif out.tied and len(out.tied) == len(tested):
+            text.append(f"No {other} can be told apart from it ({tests}).")
         elif out.tied:
-            text.append(f"{_list(out.tied)} cannot be told apart from it; every other strategy "
+            text.append(f"{_list(out.tied)} cannot be told apart from it; every {other} "
                         f"is significantly behind ({tests}).")
         else:
-            text.append(f"Every other strategy is significantly behind it ({tests}).")
+            text.append(f"Every {other} is significantly behind it ({tests}).")
+        if out.constant:
+            text.append("The same difference on every paired run (no spread, so no p; neither "
+                        "tied nor tested): " + ", ".join(
+                            f"{_code(s)} {d:+.3f}" for s, d in out.constant.items()) + ".")
+        if out.untested:
+            text.append(", ".join(
+                f"{_code(s)}: not tested ({n} paired run{'s' if n != 1 else ''})"
+                for s, n in out.untested.items())
+                + f"; a paired test needs at least {MIN_PAIRS}, so these are not ties.")
+        out.seeds = more_seeds(block, best, out.tied, metric, alpha, min_effect)
+        seeds_text = _seeds_sentence(out.seeds, best, block, alpha, min_effect)
+        if seeds_text:
+            text.append(seeds_text)
     cost = _cost_sentence(block, out.tied_best, metric)
     if cost:
         text.append(cost)
-    text += _planned(block, metric)
+    planned, out.control = _planned(block, metric)
+    text += planned
     if race:
         text.append(race)
     out.sentences = text
     return out
 
 
+def run_seconds(block: pd.DataFrame) -> pd.Series | None:
+    """Per strategy label, the mean cost of one run in seconds: time per epoch × epochs (param
+    ``epochs``) + the one-off seconds (``oneoff_time_s``: probe fit, α sweep, attention pass);
+    None without the epoch count (tables of older runs), where only the time per epoch is
+    comparable."""
+    if "param.epochs" not in block or "mean_epoch_time_s" not in block:
+        return None
+    epochs = pd.to_numeric(block["param.epochs"], errors="coerce")
+    oneoff = (pd.to_numeric(block["oneoff_time_s"], errors="coerce").fillna(0.0)
+              if "oneoff_time_s" in block else 0.0)
+    per_run = block["mean_epoch_time_s"] * epochs + oneoff
+    if per_run.isna().all():
+        return None
+    return per_run.groupby(block["strategy_label"]).mean()
+
+
 def _cost_sentence(block: pd.DataFrame, labels: Sequence[str], metric: str) -> str | None:
-    """Time per epoch of the best and the tied strategies, relative to ``full``."""
+    """Cost of a run of the best and the tied strategies relative to ``full``: epochs × time
+    per epoch + the one-off seconds (what a user pays per run); time per epoch alone for runs
+    that do not log their epoch count."""
     full = _label_of(block, BASELINE, metric)
     if full is None or "mean_epoch_time_s" not in block:
         return None
-    t = block.groupby("strategy_label")["mean_epoch_time_s"].mean()
+    per_run = run_seconds(block)
+    t = per_run if per_run is not None else \
+        block.groupby("strategy_label")["mean_epoch_time_s"].mean()
     if full not in t or not t[full] > 0:
         return None
     parts = [f"{_code(s)} {t[s] / t[full]:.2f}×" for s in labels if s in t and not math.isnan(t[s])]
     if not parts:
         return None
-    return (f"Time per epoch relative to {_code(full)} ({t[full]:.2f} s): " + ", ".join(parts)
-            + ".")
+    what = ("Time per run (epochs × time per epoch + one-off seconds) relative to "
+            if per_run is not None else "Time per epoch relative to ")
+    return f"{what}{_code(full)} ({t[full]:.2f} s): " + ", ".join(parts) + "."
 
 
-def _planned(block: pd.DataFrame, metric: str) -> list[str]:
-    """MetaLR over ``discriminative`` and transfer (``full``) over ``scratch``, when present."""
-    out = []
+def _tuning_of(block: pd.DataFrame, label: str) -> tuple[str, str | None]:
+    """How the runs of ``label`` got their parameters: ``("tuned", None)``, ``("tuned",
+    "metalr")`` (another strategy's study, tag ``tuned_from``) or ``("untuned", None)``."""
+    rows = block[block["strategy_label"] == label]
+    source = rows["tuned_from"].dropna() if "tuned_from" in rows else pd.Series(dtype=object)
+    if len(source):
+        return "tuned", str(source.iloc[0])
+    tuned = rows["tuned"].dropna() if "tuned" in rows else pd.Series(dtype=object)
+    if len(tuned) or rows["strategy_label"].str.endswith("(tuned)").any():
+        return "tuned", None
+    return "untuned", None
+
+
+def control_provenance(block: pd.DataFrame, learned: str, control: str) -> tuple[str, bool]:
+    """What the control's runs were, as the answer says it, and whether the comparison is like
+    for like: the control at MetaLR's tuned parameters, or both untuned (the same starting
+    rates). Two separate studies end at two different learning rates: then the difference
+    measures the tuning as much as the hyper-gradient."""
+    (lk, _), (ck, source) = _tuning_of(block, learned), _tuning_of(block, control)
+    if ck == "tuned" and source == LEARNED:
+        return f"`{CONTROL}` at MetaLR's tuned parameters, less the hyper-gradient", True
+    if lk == ck == "untuned":
+        return "both untuned: the same starting rates", True
+    if ck == "tuned":
+        return (f"`{CONTROL}` tuned in its own study, so its learning rate is not MetaLR's: "
+                "not like for like"), False
+    return f"MetaLR {lk}, `{CONTROL}` {ck}: not like for like", False
+
+
+def _planned(block: pd.DataFrame, metric: str) -> tuple[list[str], dict | None]:
+    """MetaLR over ``discriminative`` (with how the control was tuned) and transfer (``full``)
+    over ``scratch``, when present; and the MetaLR − control comparison for the cross-dataset
+    sentence."""
+    out, control = [], None
     for a, b, what in ((LEARNED, CONTROL, f"MetaLR's learned rates over its starting "
                         f"rates (`{CONTROL}`)"),
                        (BASELINE, LOWER_BOUND, f"Transfer over training from scratch "
@@ -254,11 +350,104 @@ def _planned(block: pd.DataFrame, metric: str) -> list[str]:
             continue
         row = compare(block, lb, metric, [la]).iloc[0]
         verdict = ("significant" if row["p"] < ALPHA else "not significant"
-                   if not math.isnan(row["p"]) else "no test: fewer than 2 paired runs")
+                   if not math.isnan(row["p"]) else "no test: fewer than 2 paired runs"
+                   if row["n_pairs"] < MIN_PAIRS else "no test: the same difference on "
+                   "every pair")
         test = "" if row["test"].startswith("no test") else f"{row['test']}, "
+        how = ""
+        if a == LEARNED:
+            how, like = control_provenance(block, la, lb)
+            how = f"; {how}"
+            control = {"mean_diff": float(row["mean_diff"]), "p": float(row["p"]),
+                       "test": row["test"], "n_pairs": int(row["n_pairs"]),
+                       "like_for_like": like}
         out.append(f"{what}: {row['mean_diff']:+.3f} {METRIC_NAMES.get(metric, metric)} "
-                   f"({test}{_fmt_p(row['p'])}, {verdict}).")
-    return out
+                   f"({test}{_fmt_p(row['p'])}, {verdict}{how}).")
+    return out, control
+
+
+def control_across(per_dataset: Mapping[str, DatasetAnswer], metric: str,
+                   alpha: float = ALPHA) -> str | None:
+    """MetaLR − its control over the datasets where it was like for like: the mean of the
+    per-dataset paired differences, how many are positive, and a one-sample t-test of those
+    differences against 0 (one value per dataset, so datasets are the units, as for Friedman)
+    from 2 datasets; the datasets left out (a control tuned apart) are named."""
+    rows = {ds: a.control for ds, a in per_dataset.items() if a.control is not None}
+    if not rows:
+        return None
+    like = {ds: c["mean_diff"] for ds, c in rows.items()
+            if c["like_for_like"] and not math.isnan(c["mean_diff"])}
+    apart = [ds for ds, c in rows.items() if not c["like_for_like"]]
+    name = METRIC_NAMES.get(metric, metric)
+    text = "**MetaLR over its control across datasets** (like for like only): "
+    if not like:
+        return text + f"no dataset compares like with like ({', '.join(apart)} tuned apart)."
+    d = np.array(list(like.values()))
+    text += (f"mean paired difference {d.mean():+.3f} {name} over {len(d)} dataset"
+             f"{'s' if len(d) != 1 else ''}, positive on {int((d > 0).sum())}")
+    if len(d) >= MIN_PAIRS and np.ptp(d) > 0:
+        res = sps.ttest_1samp(d, 0.0)
+        verdict = "significant" if res.pvalue < alpha else "not significant"
+        text += f" (t-test over datasets, {_fmt_p(float(res.pvalue))}, {verdict})"
+    elif len(d) >= MIN_PAIRS:
+        text += " (the same on every dataset: no spread, no p)"
+    else:
+        text += " (one dataset: no test over datasets)"
+    if apart:
+        text += (f"; left out, its control tuned in its own study: {', '.join(apart)}")
+    return text + "."
+
+
+# -- how many more seeds ------------------------------------------------------------------------------
+def more_seeds(block: pd.DataFrame, best: str, tied: Sequence[str], metric: str,
+               alpha: float = ALPHA, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+    """Per tie: its paired difference with the best (tie − best, on (fold, seed)), the sd of the
+    differences, the pairs, and the pairs a paired t-test at ``alpha`` with 80 % power needs to
+    separate them if the observed difference is the truth (:func:`stats.seeds_needed`); None
+    where |difference| < ``min_effect`` (too small to matter) or there is no spread."""
+    keys = _pair_on(block)
+    ref = block[block["strategy_label"] == best].set_index(keys)[metric]
+    rows = []
+    for s in tied:
+        other = block[block["strategy_label"] == s].set_index(keys)[metric]
+        both = pd.concat([other.rename("a"), ref.rename("b")], axis=1, join="inner").dropna()
+        d = (both["a"] - both["b"]).to_numpy()
+        mean = float(d.mean()) if len(d) else math.nan
+        sd = float(d.std(ddof=1)) if len(d) > 1 else math.nan
+        small = abs(mean) < min_effect
+        rows.append({"strategy": s, "reference": best, "mean_diff": mean, "sd": sd,
+                     "n_pairs": len(d), "too_small": small,
+                     "pairs_needed": None if small else seeds_needed(mean, sd, alpha, POWER)})
+    return pd.DataFrame(rows, columns=["strategy", "reference", "mean_diff", "sd", "n_pairs",
+                                       "too_small", "pairs_needed"])
+
+
+def _seeds_sentence(seeds: pd.DataFrame, best: str, block: pd.DataFrame, alpha: float,
+                    min_effect: float) -> str | None:
+    """Whether more seeds are worth buying to separate each tie from the best, and the command
+    that prices them."""
+    if seeds.empty:
+        return None
+    folds = block["fold"].nunique() if _pair_on(block) == ["fold", "seed"] else 1
+    parts, most = [], 0
+    for r in seeds.itertuples():
+        head = f"{_code(r.strategy)} {r.mean_diff:+.3f} ± {r.sd:.3f} (sd of {r.n_pairs} pairs)"
+        if r.too_small:
+            parts.append(f"{head}: below `min_effect` {min_effect:g}, too small to matter")
+        elif r.pairs_needed is None:
+            parts.append(f"{head}: no spread to plan with")
+        else:
+            n = math.ceil(r.pairs_needed / folds)
+            most = max(most, n)
+            parts.append(f"{head}: {n} seed{'s' if n != 1 else ''}")
+    text = (f"Seeds a paired t-test needs to separate each tie from {_code(best)} (α = "
+            f"{alpha:g}, {POWER:.0%} power, the observed difference taken as the true one"
+            + (f", {folds} folds per seed" if folds > 1 else "") + "): " + "; ".join(parts) + ".")
+    if most:
+        listed = " ".join(str(i) for i in range(most)) if most <= 12 else f"0 1 … {most - 1}"
+        text += (f" Price {most} seeds with `run-benchmark plan --config <your config> "
+                 f"--seeds {listed}`.")
+    return text
 
 
 # -- across datasets ----------------------------------------------------------------------------------
@@ -325,6 +514,12 @@ def cross_answer(per_dataset: dict[str, DatasetAnswer], scores: pd.DataFrame,
         if top in a.tied:
             disagree.append(f"on {ds} {_code(a.best)} is best and {_code(top)} cannot be told "
                             f"apart from it")
+        elif top in a.untested:
+            disagree.append(f"on {ds} {_code(a.best)} is best and {_code(top)} is not tested "
+                            f"({a.untested[top]} paired run{'s' if a.untested[top] != 1 else ''})")
+        elif top in a.constant:
+            disagree.append(f"on {ds} {_code(a.best)} is best and {_code(top)} differs by "
+                            f"{a.constant[top]:+.3f} on every pair (no p)")
         elif a.testable:
             row = a.comparisons[a.comparisons["strategy"] == top]
             diff = f" ({row['mean_diff'].iloc[0]:+.3f})" if len(row) else ""
@@ -387,20 +582,27 @@ class Answer:
     across: CrossAnswer
     gains: pd.DataFrame
 
+    control: str | None = None  # MetaLR over its control across datasets (control_across)
+
     def markdown(self) -> str:
         parts = [" ".join(a.sentences) for a in self.per_dataset.values()]
         parts.append(" ".join(self.across.sentences))
+        if self.control:
+            parts.append(self.control)
         return "\n\n".join(parts)
 
 
 def the_answer(results: pd.DataFrame, metric: str, alpha: float = ALPHA,
-               races: Mapping[str, str] | None = None) -> Answer:
+               races: Mapping[str, str] | None = None,
+               min_effect: float = MIN_EFFECT) -> Answer:
     """The report's opening paragraph from its finished runs (see the module docstring).
     ``races``: per dataset key, what a race spent (``results.race_notes``): those datasets'
     answers are marked as races."""
     blocked = with_blocks(results)
     races = races or {}
-    per = {str(ds): dataset_answer(b, str(ds), metric, alpha, race=races.get(str(ds)))
+    per = {str(ds): dataset_answer(b, str(ds), metric, alpha, race=races.get(str(ds)),
+                                   min_effect=min_effect)
            for ds, b in blocked.groupby("block", sort=True)}
     across = cross_answer(per, block_scores(results, metric), alpha)
-    return Answer(per, across, gains_over_full(results, metric, alpha))
+    control = control_across(per, metric, alpha) if len(per) > 1 else None
+    return Answer(per, across, gains_over_full(results, metric, alpha), control)

@@ -2,7 +2,9 @@
 
 Per (dataset, strategy), mean over seeds: trainable parameters (run param
 ``n_trainable_params``; the number a parameter-efficient method is chosen for), time per epoch,
-peak memory and total time. A column is left out when no run logged it (runs of older versions
+the one-off seconds beside it (metric ``oneoff_time_s``: work a strategy does once per run, kept
+out of the time per epoch: the probe fit of LP-FT, WiSE-FT and linear_probe, WiSE-FT's α sweep
+with its BatchNorm re-estimation, DELTA's attention pass), peak memory and total time. A column is left out when no run logged it (runs of older versions
 have no ``n_trainable_params``), so an old store still renders.
 """
 
@@ -13,6 +15,7 @@ import pandas as pd
 #: (source column, shown name), in the order shown
 COLUMNS = (("param.n_trainable_params", "trainable parameters"),
            ("mean_epoch_time_s", "wall time per epoch (s)"),
+           ("oneoff_time_s", "one-off time per run (s)"),
            ("peak_memory_mb", "peak memory (MiB)"),
            ("total_time_s", "total time per run (s)"))
 

@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 #: tags every child run carries (see ``benchmark.runner.cell_tags``)
 CELL_TAGS = ("dataset", "image_size", "strategy", "strategy_label", "seed", "model",
              "config_hash", T.FOLD, T.CV_GROUP, T.MECHANISM, T.CODE_FINGERPRINT,
-             T.CODE_FINGERPRINT_SHARED)
+             T.CODE_FINGERPRINT_SHARED, T.TUNED, T.TUNED_FROM)
 #: per-epoch metrics the report plots (besides ``lr/<group>``)
 CURVE_METRICS = ("train_loss", "val_loss", "val_auc", "val_acc", "val_balanced_acc", "val_f1",
                  "epoch_time_s")

@@ -21,6 +21,11 @@ from scipy import stats
 
 #: fewest pairs for which Wilcoxon's exact two-sided p can fall below 0.05
 MIN_WILCOXON_PAIRS = 6
+#: :attr:`PairedTest.test` when every pair differs by the same non-zero amount (below
+#: ``MIN_WILCOXON_PAIRS`` pairs): the t statistic is undefined, so no p is given
+CONSTANT_DIFFERENCE = "no test (the same difference on every pair)"
+#: the power a seed count is sized for (:func:`seeds_needed`)
+POWER = 0.8
 
 
 def mean_ci(values: np.ndarray | pd.Series | list[float], level: float = 0.95
@@ -68,6 +73,10 @@ def paired_test(a: pd.Series, b: pd.Series) -> PairedTest:
         return PairedTest("no test (fewer than 2 paired seeds)", math.nan, math.nan, n, mean_diff)
     if np.allclose(diff, 0):
         return PairedTest("no test (identical results)", math.nan, 1.0, n, mean_diff)
+    if n < MIN_WILCOXON_PAIRS and np.allclose(diff, diff[0]):
+        # t = mean / (0 / sqrt(n)) is infinite and scipy's p = 0 comes with a RuntimeWarning: a
+        # spread of 0 over a few seeds is no evidence of a certain difference, so no p at all
+        return PairedTest(CONSTANT_DIFFERENCE, math.nan, math.nan, n, mean_diff)
     if n >= MIN_WILCOXON_PAIRS:
         res = stats.wilcoxon(both["a"], both["b"])
         return PairedTest("Wilcoxon signed-rank", float(res.statistic), float(res.pvalue), n,
@@ -131,3 +140,30 @@ def cliques(avg_ranks: pd.Series, cd: float) -> list[list[str]]:
         if j > i and not any(set(names[i:j + 1]) <= set(c) for c in out):
             out.append(names[i:j + 1])
     return out
+
+
+def paired_t_power(effect: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test with ``n`` pairs at standardised effect ``effect``
+    (mean difference / sd of the differences): under the alternative T follows the noncentral
+    t with n - 1 degrees of freedom and noncentrality ``effect·sqrt(n)``, and the test rejects
+    when |T| exceeds the central t's 1 - α/2 quantile."""
+    df = n - 1
+    crit = float(stats.t.ppf(1 - alpha / 2, df))
+    nc = abs(effect) * math.sqrt(n)
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+
+
+def seeds_needed(mean_diff: float, sd: float, alpha: float = 0.05, power: float = POWER,
+                 limit: int = 10_000) -> int | None:
+    """The fewest paired seeds with which a two-sided paired t-test at ``alpha`` separates a
+    true difference ``mean_diff`` with paired-difference spread ``sd`` with at least ``power``
+    (taking the observed values as the truth: a planning figure, not a promise). None when the
+    sd is 0 or not finite (no spread to plan with) or when more than ``limit`` seeds would
+    be needed."""
+    if not (math.isfinite(mean_diff) and math.isfinite(sd)) or sd <= 0 or mean_diff == 0:
+        return None
+    effect = abs(mean_diff) / sd
+    for n in range(2, limit + 1):
+        if paired_t_power(effect, n, alpha) >= power:
+            return n
+    return None

@@ -226,7 +226,8 @@ class Delta(Strategy):
         if p.attention and self.attention is None:
             batches = ([ctx.meta_batch() for _ in range(p.attention_batches)]
                        if ctx.meta_batch is not None else [batch])
-            self.attention = self.compute_attention(batches, ctx.loss_fn, ctx.autocast)
+            with self.one_off("attention"):  # once per run: not part of the epoch's time
+                self.attention = self.compute_attention(batches, ctx.loss_fn, ctx.autocast)
         forward = ctx.model if ctx.forward is None else ctx.forward
         ctx.optimizer.zero_grad(set_to_none=True)
         with ctx.autocast():

@@ -15,7 +15,8 @@ Why: MetaLR starts from a fixed backbone/head ratio and then learns the rates. U
 the gain that learning the rates buys. It is MetaLR with the meta-step removed (this class
 inherits MetaLR's optimizer, pin and logging), so ``metalr`` with ``hyper_lr: 0`` ends with
 weights bit-identical to this strategy's on the same seed (the meta batches come from their own
-loader and generator, and the look-ahead writes only scratch buffers).
+loader and generator, and the look-ahead writes only scratch buffers). Tuned in one grid with
+``metalr``, it has no study of its own: it runs at metalr's tuned parameters (``tuned_from``).
 """
 
 from __future__ import annotations

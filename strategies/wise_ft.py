@@ -8,10 +8,13 @@ ensembling of the starting model and the fine-tuned one,
 head, the suite's probe, as the zero-shot head's analogue), θ₁ the fine-tuned model (the
 selected checkpoint, ``full``'s fine-tuning), α ∈ [0, 1] chosen on validation data at the end of
 training (``on_train_end``, before the test split is read). Every floating-point state entry is
-interpolated; integer buffers are θ₁'s.
+interpolated; integer buffers are θ₁'s (α = 0 and 1 are θ₀ and θ₁ whole).
 
 Defaults: α chosen over {0, 0.1, ..., 1}; ``alpha`` fixes it (the paper's 0.5). Tuned: the base
-LR only. Logged once: ``wise_ft/alpha`` (the ``mechanism``), the validation curve over α and
+LR only, on the validation score of θ(α*), the interpolated model at the α it chooses (the model
+the row reports; ``studies.objective_value``), not on the fine-tuned endpoint's best epoch.
+α = 0 is θ₀ exactly: its own BatchNorm statistics, no re-estimation on the target (every other
+α is measured after the trainer's PreciseBN re-estimation, as each epoch is). Logged once: ``wise_ft/alpha`` (the ``mechanism``), the validation curve over α and
 ``wise_ft_alpha.png``; the probe's ``wise_ft/probe_*`` numbers.
 
 Deviation: θ₀'s head is a linear probe, not a zero-shot classifier. The selection rule, ties and
@@ -54,7 +57,10 @@ class WiSEFTParams(BaseModel):
 
 def interpolate(theta0: dict[str, torch.Tensor], theta1: dict[str, torch.Tensor],
                 alpha: float) -> dict[str, torch.Tensor]:
-    """θ(α) = (1 − α)·θ₀ + α·θ₁ for every floating-point entry; integer entries from θ₁."""
+    """θ(α) = (1 − α)·θ₀ + α·θ₁ for every floating-point entry; integer entries from θ₁. The
+    ends are the two models exactly: α = 0 is θ₀ (its integer buffers too), α = 1 is θ₁."""
+    if alpha in (0, 1):
+        return {k: v.clone() for k, v in (theta0 if alpha == 0 else theta1).items()}
     out = {}
     for k, t1 in theta1.items():
         t0 = theta0[k]
@@ -107,6 +113,12 @@ class WiSEFT(ProbeOwner, Strategy):
 
     @torch.no_grad()
     def on_train_end(self, ctx: EndContext) -> dict[str, float]:
+        """The α sweep (each θ(α) measured on validation, BatchNorm re-estimated), timed as a
+        one-off cost (``oneoff_time_s/alpha_sweep``)."""
+        with self.one_off("alpha_sweep"):
+            return self._sweep(ctx)
+
+    def _sweep(self, ctx: EndContext) -> dict[str, float]:
         theta1 = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         p: WiSEFTParams = self.params
         grid = [p.alpha] if p.alpha is not None else p.alphas
@@ -114,12 +126,21 @@ class WiSEFT(ProbeOwner, Strategy):
         self.curve = {}
         for a in grid:
             ctx.model.load_state_dict(interpolate(self.theta0, theta1, a))
-            self.curve[a] = ctx.evaluate_val()
+            self.curve[a] = self._evaluate(ctx, a)
         self.chosen = max(grid, key=lambda a: self._score(self.curve[a], a))
         ctx.model.load_state_dict(interpolate(self.theta0, theta1, self.chosen))
         if len(grid) > 1:  # re-estimated BatchNorm statistics of θ(α*), as measured
-            return ctx.evaluate_val()
+            return self._evaluate(ctx, self.chosen)
         return self.curve[self.chosen]
+
+    @staticmethod
+    def _evaluate(ctx: EndContext, alpha: float) -> dict[str, float]:
+        """θ(α)'s validation numbers. α = 0 is the starting model exactly: its BatchNorm
+        statistics are θ₀'s own (the ones its probe head was fitted on), not re-estimated on
+        the target; every other α gets the trainer's PreciseBN re-estimation, as each epoch."""
+        if alpha == 0 and ctx.evaluate_val_as_is is not None:
+            return ctx.evaluate_val_as_is()
+        return ctx.evaluate_val()
 
     def _score(self, val: dict[str, float], alpha: float) -> tuple[float, float, float]:
         """Higher is better: the selection metric (NaN counts as worst), then the lower loss,

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from metalr_bench.benchmark.config import BenchmarkConfig, Cell, ConfigError, DatasetSpec
+from metalr_bench.benchmark.config import (
+    BenchmarkConfig,
+    Cell,
+    ConfigError,
+    DatasetSpec,
+    tuned_controls,
+)
 from metalr_bench.benchmark.training.trainer import TrainerOptions
 from metalr_bench.datasets.core.medmnist_info import INFO, N_SAMPLES, npz_name
 from metalr_bench.datasets.core.registry import load_dataset
@@ -224,11 +230,14 @@ class PlanRow:
     seconds: float | None  # all runs, None without timings
 
 
-def study_cells(cfg: BenchmarkConfig) -> list[Cell]:
-    """One cell per tuning study (dataset x strategy), its fixed (non-list) parameters set."""
+def study_cells(cfg: BenchmarkConfig, *, controls: bool = False) -> list[Cell]:
+    """One cell per tuning study (dataset x strategy), its fixed (non-list) parameters set. A
+    control that runs at another strategy's tuned parameters (``config.tuned_controls``) has no
+    study; ``controls=True`` lists it anyway (the final grid trains it)."""
+    skip = set() if controls else set(tuned_controls(cfg))
     return [Cell(dataset=d, strategy=s.name, seed=cfg.tune.seed,
                  params={k: v for k, v in s.params.items() if not isinstance(v, list)})
-            for d in cfg.dataset_specs() for s in cfg.strategies]
+            for d in cfg.dataset_specs() for s in cfg.strategies if s.name not in skip]
 
 
 def final_cells(cfg: BenchmarkConfig) -> list[Cell]:
@@ -237,7 +246,7 @@ def final_cells(cfg: BenchmarkConfig) -> list[Cell]:
     if not cfg.tune.enabled:
         return cfg.cells()
     return [Cell(dataset=c.dataset, strategy=c.strategy, params=c.params, seed=seed)
-            for c in study_cells(cfg) for seed in cfg.seeds]
+            for c in study_cells(cfg, controls=True) for seed in cfg.seeds]
 
 
 def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,

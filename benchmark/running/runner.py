@@ -78,6 +78,7 @@ def cell_tags(cfg: BenchmarkConfig, cell: Cell) -> dict[str, Any]:
         T.CONFIG_HASH: cfg.config_hash(cell),
         **{t: params[t] for t in (T.CODE_FINGERPRINT, T.CODE_FINGERPRINT_SHARED)},
         **({T.TUNED: "true", T.STUDY_NAME: cell.study} if cell.study else {}),
+        **({T.TUNED_FROM: cell.tuned_from} if cell.tuned_from else {}),
     }
 
 
@@ -118,7 +119,9 @@ def run_cell(
             result.run_id = run_id
             ckpt.meta = {"run_id": run_id}
             if plan.run_id is None:  # a new run (a reopened one has all this already)
-                tracker.log_params(run_id, {**cfg.cell_params(cell), "weights_source": source})
+                tracker.log_params(run_id, {**cfg.cell_params(cell), "weights_source": source,
+                                            **({T.TUNED_FROM: cell.tuned_from}
+                                               if cell.tuned_from else {})})
                 tracker.log_inputs(run_id, dataset_inputs(
                     cell.dataset_key, bundle.info, cell.dataset.model_dump(mode="json"),
                     {"train": len(bundle.train), "val": len(bundle.val),
@@ -129,7 +132,7 @@ def run_cell(
                     "dataset": cell.dataset.model_dump(mode="json"),
                     "strategy": {"name": cell.strategy, "params": cell.params},
                     "seed": cell.seed, "config_hash": h, "overrides": cell.overrides,
-                    "study": cell.study,
+                    "study": cell.study, "tuned_from": cell.tuned_from,
                 }, "config.json")
             logger = MetricsLogger(tracker, run_id)
             if plan.payload is not None:  # resumed: the checkpoint's epochs the run lacks (all
@@ -249,7 +252,8 @@ def _run_grid(cfg: BenchmarkConfig, executor: Any, tracking_uri: str,
                               executor=executor, tracking_uri=tracking_uri)
             cells, results = tuning.cells, list(tuning.failed)
         tracker.log_params(parent, {"n_cells": len(cells), "model": cfg.model.arch,
-                                    "epochs": cfg.epochs, "seeds": cfg.seeds})
+                                    "epochs": cfg.epochs, "seeds": cfg.seeds,
+                                    "min_effect": cfg.min_effect})
         # pre-train here, once, before the first cell (not once per worker at the same time), so
         # its epoch lines follow `progress` like every other progress line
         if executor.n_workers > 1 or cfg.model.weights == "pretrain":

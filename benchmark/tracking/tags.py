@@ -39,6 +39,9 @@ CODE_FINGERPRINT = "code_fingerprint"
 #: the fingerprint of the code every strategy shares (loop, data, models, strategy core)
 CODE_FINGERPRINT_SHARED = "code_fingerprint.shared"
 TUNED = "tuned"
+#: (tag and param) a tuned cell that took another strategy's tuned parameters: ``metalr`` on
+#: ``discriminative``'s cells when both are in one tuned grid (its control, ``config.CONTROLS``)
+TUNED_FROM = "tuned_from"
 #: the strategy's ``Strategy.mechanism``: the logged metric that shows its mechanism acted
 #: (absent for a strategy without one, ``full``); the report's "Did each strategy act?" reads it
 MECHANISM = "mechanism"

@@ -119,6 +119,14 @@ class TrainResult:
     #: numbers the strategy logs once with the final metrics (``Strategy.final_values()``:
     #: WiSE-FT's chosen α and its validation curve over α)
     final_values: dict[str, float] = field(default_factory=dict)
+    #: the tested model's validation numbers when the strategy's ``on_train_end`` changed the
+    #: selected checkpoint and measured it again (WiSE-FT: θ(α*)), else None; the tuning
+    #: objective reads them, so a study tunes the model the row reports
+    end_val: dict[str, float] | None = None
+    #: seconds of work the strategy did once per run (``Strategy.one_off``: probe fit, α sweep,
+    #: attention pass), kept out of ``epoch_time_s``; logged as ``oneoff_time_s`` (their sum,
+    #: 0 for a strategy with none) and ``oneoff_time_s/<name>``
+    oneoff_times: dict[str, float] = field(default_factory=dict)
 
     def data_params(self) -> dict[str, int | str]:
         """The params every run logs so a leaderboard shows what each strategy trained on."""
@@ -135,6 +143,8 @@ class TrainResult:
             "peak_memory_mb": self.peak_memory_mb,
             "mean_epoch_time_s": self.mean_epoch_time_s,
             "total_time_s": self.total_time_s,
+            "oneoff_time_s": float(sum(self.oneoff_times.values())),
+            **{f"oneoff_time_s/{k}": v for k, v in sorted(self.oneoff_times.items())},
         }
         return out
 
@@ -349,6 +359,7 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "train_loader": getattr(self.train_loader, "state_dict", dict)(),
             "meta_pos": self.meta.batches.state_dict() if self.meta.batches else None,
+            "oneoff_times": dict(self.strategy.__dict__.get("oneoff_times", {})),
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +376,8 @@ class Trainer:
         if self.meta.batches is not None:
             self.meta.batches.load_state_dict(state.get("meta_pos"))
         restore_rng(payload["rng"])
+        # one-off seconds of the run before the checkpoint (a resumed run does not redo them)
+        self.strategy.__dict__["oneoff_times"] = dict(state.get("oneoff_times") or {})
         keys = ("epoch", "history", "best_val", "best_epoch", "best_state", "step", "elapsed_s")
         return {k: state[k] for k in keys}
 
@@ -392,6 +405,7 @@ class Trainer:
         kill_at = kill_point()  # fault injection (tests): kill -9 mid-epoch at a known batch
         for epoch in range(first_epoch, self.options.epochs):
             t0 = time.perf_counter()
+            oneoff_before = self.strategy.oneoff_total()
             self.strategy.on_epoch_start(epoch)
             self.strategy.set_train_mode(self.model)
             loss_sum = torch.zeros((), device=self.device)
@@ -421,7 +435,9 @@ class Trainer:
             record = {
                 "train_loss": train_loss,
                 **{f"val_{k}": v for k, v in val.items()},
-                "epoch_time_s": time.perf_counter() - t0,
+                # the strategy's one-off work inside the epoch (DELTA's attention) is its own cost
+                "epoch_time_s": time.perf_counter() - t0
+                - (self.strategy.oneoff_total() - oneoff_before),
                 **self.strategy.log_values(),
             }
             history.append(record)
@@ -442,7 +458,8 @@ class Trainer:
         # new validation numbers replace the checkpoint's: best_val is the tested model's
         end_val = self.strategy.on_train_end(EndContext(
             model=self.model, evaluate_val=self._evaluate_val,
-            selection_metric=self.options.selection_metric, best_val=dict(best_val)))
+            selection_metric=self.options.selection_metric, best_val=dict(best_val),
+            evaluate_val_as_is=lambda: self.evaluate("val")))
         if end_val is not None:
             best_val = end_val
         test, predictions = self._test() if self.options.evaluate_test else ({}, None)
@@ -463,6 +480,8 @@ class Trainer:
             meta_source=self.strategy.meta_source or "none",
             meta_reference=getattr(self.strategy, "meta_reference", None) or "none",
             final_state=self.model.state_dict(),
+            end_val=dict(end_val) if end_val is not None else None,
+            oneoff_times=dict(self.strategy.__dict__.get("oneoff_times", {})),
         )
 
     def _send_step_values(self, logged: list[tuple[int, dict[str, torch.Tensor]]]) -> None:

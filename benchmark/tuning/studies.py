@@ -25,6 +25,14 @@ uses the fluent API's global active run)::
     │   └── trial run per trial            kind=trial, optuna.trial_number, optuna.state,
     │                                      params, per-epoch metrics, objective
     └── final cell runs                    tuned=true, optuna.study_name, the tuned params
+
+A control runs at the parameters of the strategy it controls: with ``metalr`` and
+``discriminative`` in one tuned grid (``config.CONTROLS``), ``discriminative`` gets no study;
+each of its cells takes metalr's best parameters less the hyper-gradient (:func:`control_cells`:
+the same lr and overrides, backbone_lr_scale, head pin and optimizer) and is logged with
+``tuned_from=metalr`` (param and tag) and metalr's study name. Two separate studies would end at
+two different learning rates, and "metalr − discriminative" would then measure the learning
+rate as much as the hyper-gradient. Alone in a grid, ``discriminative`` keeps its own study.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from metalr_bench.benchmark.config import (
     DatasetSpec,
     TuneSpec,
     stable_hash,
+    tuned_controls,
 )
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.tracking import tags as T
@@ -57,6 +66,7 @@ from metalr_bench.benchmark.tuning import stale_trials
 from metalr_bench.benchmark.tuning import storage as study_storage
 from metalr_bench.benchmark.tuning.space import SearchDim, search_space, split_params, suggest
 from metalr_bench.strategies.core.layers import layer_groups
+from metalr_bench.strategies.core.registry import get_strategy
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -201,6 +211,20 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
     return targets
 
 
+def objective_value(values: list[float], end_val: dict[str, float] | None, metric: str) -> float:
+    """The trial's value: the validation score of the model the row reports. That is the best
+    epoch's (:func:`best_of`), except where the strategy changed the selected checkpoint at the
+    end of training and measured it again (``TrainResult.end_val``; WiSE-FT's θ(α*), the
+    interpolated model at its chosen α): then that model's score, so its lr is tuned for the
+    model it reports, not for the fine-tuned endpoint. The pruner still sees the per-epoch
+    scores of the endpoint (a trial cannot be interpolated before it ends)."""
+    if end_val is not None:
+        value = float(end_val.get(metric_key(metric).removeprefix("val_"), math.nan))
+        if not math.isnan(value):
+            return value
+    return best_of(values, metric)
+
+
 # -- the objective --------------------------------------------------------------------------------
 class PruningReporter(TrainerCallback):
     """Report the epoch's validation metric to the trial; raise TrialPruned when told to.
@@ -225,7 +249,8 @@ class PruningReporter(TrainerCallback):
 
 
 def best_of(values: list[float], metric: str) -> float:
-    """The objective: the best per-epoch validation value (the checkpoint the trainer keeps)."""
+    """The objective: the best per-epoch validation value (the checkpoint the trainer keeps);
+    :func:`objective_value` replaces it when the strategy changed that checkpoint at the end."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         raise ValueError(f"validation {metric} is NaN in every epoch (one class in val?)")
@@ -336,7 +361,7 @@ class StudyRunner:
             try:
                 result = train_cell(cfg, cell, self.bundle, self.weights, [logger, reporter],
                                     epochs=self.epochs, evaluate_test=False, artifacts=False)
-                value = best_of(reporter.values, cfg.tune.metric)
+                value = objective_value(reporter.values, result.end_val, cfg.tune.metric)
             except optuna.TrialPruned:
                 logger.flush()
                 self.tracker.set_tags(run_id, {"optuna.state": "PRUNED"})
@@ -482,6 +507,31 @@ def final_cells(cfg: BenchmarkConfig, outcome: StudyOutcome) -> list[Cell]:
                  seed=seed, overrides=overrides, study=t.name) for seed in cfg.seeds]
 
 
+def control_cells(cfg: BenchmarkConfig, outcome: StudyOutcome, control: str) -> list[Cell]:
+    """``control``'s cells at the tuned parameters of ``outcome`` (the study of the strategy it
+    controls): every parameter the control has (MetaLR's ``backbone_lr_scale``, head pin,
+    optimizer for ``discriminative``), the same config overrides (lr, ...), on every seed; the
+    rest (hyper_lr, update rule, bounds, meta-step settings) is the hyper-gradient the control
+    leaves out. The control's own params in the config are ignored (with a warning)."""
+    assert outcome.best_params is not None
+    t = outcome.target
+    params, overrides = split_params(outcome.best_params)
+    fields = get_strategy(control).Params.model_fields
+    taken = {k: v for k, v in {**t.fixed, **params}.items() if k in fields}
+    own = next((s.params for s in cfg.strategies if s.name == control), {})
+    if own and any(taken.get(k) != v for k, v in own.items()):
+        log.warning("strategy %s runs at %s's tuned parameters; its own params %s are ignored",
+                    control, t.strategy, own)
+    meta = {**t.fixed, **params}.get("meta_source")
+    if meta in ("holdout", "fixed"):
+        log.warning("%s holds out 20 %% of the training images for its meta batches (meta_source "
+                    "%s); %s trains on all of them, so the two do not see the same data",
+                    t.strategy, meta, control)
+    return [Cell(dataset=t.dataset, strategy=control, params=taken, seed=seed,
+                 overrides=overrides, study=t.name, tuned_from=t.strategy)
+            for seed in cfg.seeds]
+
+
 def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
              *, progress: bool = True, executor: Any = None,
              tracking_uri: str | None = None) -> TuningOutcome:
@@ -491,7 +541,8 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     that executor (:func:`study_worker`), ``tune.workers_per_study`` per study; otherwise the
     studies run one after the other in this process.
     """
-    targets = study_targets(cfg, data)
+    controls = tuned_controls(cfg)  # no study of their own: they take another's parameters
+    targets = [t for t in study_targets(cfg, data) if t.strategy not in controls]
     url = storage_url(cfg)
     storage = open_storage(url)
     tracker.set_tags(parent_id, {"tuned": "true", "optuna.storage": url})
@@ -562,15 +613,22 @@ def _outcome(cfg: BenchmarkConfig, studies: list[StudyOutcome]) -> TuningOutcome
     trial fails its strategy's cells with a pointer to the trial runs."""
     cells: list[Cell] = []
     failed: list[Any] = []
+    controls = tuned_controls(cfg)
     for outcome in studies:
         t = outcome.target
+        mine = [c for c, of in controls.items() if of == t.strategy]
         if outcome.best_params is not None:
             cells += final_cells(cfg, outcome)
+            for control in mine:
+                cells += control_cells(cfg, outcome, control)
             continue
         error = (f"study {t.name} completed no trial ({outcome.counts}); "
                  f"see the trial runs under MLflow run {outcome.run_id}")
         log.error(error)
-        failed += [CellResult(Cell(dataset=t.dataset, strategy=t.strategy, params=t.fixed,
-                                   seed=s, study=t.name), outcome.run_id, "", "FAILED",
-                              error=error) for s in cfg.seeds]
+        for name in (t.strategy, *mine):
+            failed += [CellResult(Cell(dataset=t.dataset, strategy=name,
+                                       params=t.fixed if name == t.strategy else {},
+                                       seed=s, study=t.name,
+                                       tuned_from=None if name == t.strategy else t.strategy),
+                                  outcome.run_id, "", "FAILED", error=error) for s in cfg.seeds]
     return TuningOutcome(cells, failed, studies)

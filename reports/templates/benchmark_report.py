@@ -25,6 +25,7 @@ parent_run_id = ""  # benchmark parent run id(s), comma-separated; empty: the la
 output_dir = "."  # where the report's side files go (not used for reading)
 primary_metric = "test_auc"  # metric used for ranks, paired tests and the CD diagram
 ci_level = 0.95  # confidence level of the intervals
+min_effect = None  # smallest difference worth more seeds; None: the parent run's `min_effect`
 
 # %%
 import warnings
@@ -85,12 +86,21 @@ display(Markdown(
 # where the grid has them, MetaLR's learned rates against `discriminative` and transfer against
 # `scratch`. Across datasets: mean ranks, Friedman's test and the Nemenyi critical difference,
 # one block per dataset (the folds of a cross-validated dataset are one dataset, not several).
+# A strategy with fewer than 2 paired runs is "not tested", never a tie; one that differs by the
+# same amount on every pair is reported with that difference (no spread, no p). For each tie:
+# the paired difference with the best, its sd, and the seeds a paired t-test would need to
+# separate them (α = 0.05, 80 % power), or "too small to matter" below `min_effect`. The
+# MetaLR-over-control line says how the control was tuned (at MetaLR's tuned parameters, or in a
+# study of its own: then not like for like), and a last line pools it over datasets.
 # The heat-map shows each strategy's paired gain over `full` (`*`: Holm p < 0.05).
 
 # %%
 from metalr_bench.reports import answer as answer_mod
 
-the_answer = answer_mod.the_answer(results, primary_metric, races=res.race_notes(runs))
+if min_effect is None:  # the config's `min_effect`, logged on the parent run
+    min_effect = float(runs.parents[0].data.params.get("min_effect", answer_mod.MIN_EFFECT))
+the_answer = answer_mod.the_answer(results, primary_metric, races=res.race_notes(runs),
+                                   min_effect=min_effect)
 display(Markdown(the_answer.markdown()))
 if not the_answer.gains.empty:
     show(answer_mod.gain_heatmap(the_answer.gains, primary_metric),

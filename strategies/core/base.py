@@ -29,8 +29,9 @@ strategy in one file").
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -119,12 +120,15 @@ class EndContext:
     exactly as every epoch's were measured (the trainer's PreciseBN re-estimation first, when it
     uses it); ``selection_metric`` is the metric checkpoints were selected by (higher is better;
     the loss breaks ties); ``best_val`` the selected checkpoint's validation numbers.
+    ``evaluate_val_as_is()`` measures them without re-estimating BatchNorm statistics: for
+    weights whose statistics belong to them already (WiSE-FT's α = 0, the starting model).
     """
 
     model: nn.Module
     evaluate_val: Callable[[], dict[str, float]]
     selection_metric: str
     best_val: dict[str, float]
+    evaluate_val_as_is: Callable[[], dict[str, float]] | None = None
 
 
 class Strategy:
@@ -153,6 +157,10 @@ class Strategy:
     #: initialisation under the cell's seed), and the run logs neither drift nor
     #: transferability, which both measure the distance from pre-trained weights
     pretrained_start: ClassVar[bool] = True
+    #: params that change what the method is (BitFit's ``train_norm_scale``): shown in the
+    #: row's label also when the cell is tuned (``bitfit(train_norm_scale=True,tuned)``), where
+    #: other params are hidden behind ``(tuned)``
+    label_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -260,6 +268,30 @@ class Strategy:
         for module in self._frozen_modules:
             module.eval()
 
+    @contextmanager
+    def one_off(self, name: str) -> Iterator[None]:
+        """Time a piece of work the strategy does once per run, not per epoch (a probe fit,
+        WiSE-FT's α sweep, DELTA's attention pass, a pre-training of its own), as
+        ``oneoff_times[name]`` in seconds. The trainer logs them (``oneoff_time_s`` and
+        ``oneoff_time_s/<name>``), keeps them out of the epoch's ``epoch_time_s``, and the
+        report's cost adds them to a run's cost: the user pays them once per run. On CUDA the
+        device is synchronised at both ends, so queued kernels count where they ran."""
+        times = self.__dict__.setdefault("oneoff_times", {})
+        cuda = next((p.device for p in self.model.parameters() if p.is_cuda), None)
+        if cuda is not None:
+            torch.cuda.synchronize(cuda)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda is not None:
+                torch.cuda.synchronize(cuda)
+            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+    def oneoff_total(self) -> float:
+        """Seconds of one-off work so far (:meth:`one_off`)."""
+        return float(sum(self.__dict__.get("oneoff_times", {}).values()))
+
     def before_fit(self, data: FitData) -> None:  # noqa: B027
         """Called once by the trainer before the first epoch of a fresh run (not on resume: what
         it computes belongs in :meth:`state_dict`, or in the model's weights, which the
@@ -286,8 +318,8 @@ class Strategy:
         evaluation: a strategy whose final model is not the selected checkpoint itself changes
         ``ctx.model`` here (LoRA merges its adapters into the base weights; WiSE-FT interpolates
         towards the starting weights). Return the validation numbers of the weights it leaves
-        (they replace ``best_val`` in the result: the numbers of the model that is tested; the
-        tuning objective stays the best per-epoch value),
+        (they replace ``best_val`` in the result: the numbers of the model that is tested, and
+        the tuning objective reads them, ``studies.objective_value``),
         or None when the model computes the same function as before (nothing to re-measure).
         The model must keep the architecture's parameter names from here on (drift, the
         transferability metrics and :meth:`start_state` compare by name)."""

@@ -242,8 +242,9 @@ class ProbeOwner:
     def before_fit(self, data: Any) -> None:
         """Fit the probe on the trainer's un-augmented train/val loaders (``FitData``), λ from
         ``params.probe_l2`` (None: chosen on validation), and write it into the head."""
-        self.probe = probe_head(self.model, self.groups, data.train, data.val,
-                                data.autocast, self.params.probe_l2)
+        with self.one_off("probe_fit"):
+            self.probe = probe_head(self.model, self.groups, data.train, data.val,
+                                    data.autocast, self.params.probe_l2)
 
     def log_values(self) -> dict[str, float]:
         probe = {} if self.probe is None else self.probe.log_values(self.name)
