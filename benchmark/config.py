@@ -234,6 +234,10 @@ class ReferenceSpec(_Strict):
                          "e.g. pneumoniamnist")
     size: int = Field(ge=8, le=1024, description="image side in pixels the result was measured at")
     model: str = Field(min_length=1, description="e.g. ResNet-18")
+    arch: str | None = Field(
+        None, description="the zoo network this row's model is (`run-benchmark list`), e.g. "
+        "resnet18_cifar for MedMNIST's 28-px 'ResNet-18 (28)': the report says whether our "
+        "rows beside it ran that network or another one")
     metrics: dict[Literal["auc", "acc", "balanced_acc", "f1"], float] = Field(
         min_length=1, description="published test figures in [0, 1], e.g. {auc: 0.944, acc: 0.854}")
     citation: str = Field(min_length=1, description="paper, and the table the figures are from")
