@@ -236,6 +236,10 @@ class ReferenceSpec(_Strict):
                          "e.g. pneumoniamnist")
     size: int = Field(ge=8, le=1024, description="image side in pixels the result was measured at")
     model: str = Field(min_length=1, description="e.g. ResNet-18")
+    arch: str | None = Field(
+        None, description="the zoo network this row's model is (`run-benchmark list`), e.g. "
+        "resnet18_cifar for MedMNIST's 28-px 'ResNet-18 (28)': the report says whether our "
+        "rows beside it ran that network or another one")
     metrics: dict[Literal["auc", "acc", "balanced_acc", "f1"], float] = Field(
         min_length=1, description="published test figures in [0, 1], e.g. {auc: 0.944, acc: 0.854}")
     citation: str = Field(min_length=1, description="paper, and the table the figures are from")
@@ -352,6 +356,12 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(64, ge=2)
     eval_batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0, le=10)
+    lr_milestones: list[int] = Field(
+        default_factory=list, description="multi-step lr decay: at the start of each of these "
+        "epochs (0-based, increasing) every rate is multiplied by lr_gamma, as torch's "
+        "MultiStepLR stepped per epoch (MedMNIST v2: [50, 75] of 100 epochs); empty: no decay",
+    )
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="the factor of each lr_milestones step")
     optimizer: str = Field("adam", description="a name of the optimizer registry "
                            "(strategies.core.optim): adam, adamw, sgd")
     weight_decay: float = Field(1e-4, ge=0)
@@ -447,6 +457,16 @@ class BenchmarkConfig(_Strict):
         raise ValueError(f"device={v!r}: expected auto, cpu, cuda or cuda:N")
 
     @model_validator(mode="after")
+    def _milestones(self) -> BenchmarkConfig:
+        m = self.lr_milestones
+        if any(b <= a for a, b in zip(m, m[1:], strict=False)) or any(x < 1 for x in m):
+            raise ValueError(f"lr_milestones={m}: expected increasing epochs >= 1, e.g. [50, 75]")
+        if m and m[-1] >= self.epochs:
+            raise ValueError(f"lr_milestones={m}: {m[-1]} is not before the last epoch "
+                             f"(epochs: {self.epochs}); use epochs below {self.epochs}")
+        return self
+
+    @model_validator(mode="after")
     def _own_pretrain_needs_pretrain(self) -> BenchmarkConfig:
         own = [d.dataset_name for d in self.datasets if d.pretrain is not None]
         if own and self.model.weights != "pretrain":
@@ -539,6 +559,9 @@ class BenchmarkConfig(_Strict):
             **eff.model_dump(mode="json", include=set(RESULT_FIELDS) - tuned),
             "code_version": CODE_VERSION,
             "code_fingerprint": code_fingerprint(strategy),
+            # only when set: every cell from before the schedule keeps its hash
+            **({"lr_milestones": eff.lr_milestones, "lr_gamma": eff.lr_gamma}
+               if eff.lr_milestones else {}),
         }
 
     def config_hash(self, cell: Cell) -> str:
@@ -563,6 +586,7 @@ class BenchmarkConfig(_Strict):
             "model": model.pop("arch"), "weights": model.pop("weights"),
             **{f"model.{k}": v for k, v in model.items()},
             **{k: ident[k] for k in RESULT_FIELDS},
+            **{k: ident[k] for k in ("lr_milestones", "lr_gamma") if k in ident},
             **{f"strategy.{k}": v for k, v in ident["params"].items()},
             "code_version": ident["code_version"],
             "code_fingerprint": ident["code_fingerprint"],

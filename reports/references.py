@@ -22,8 +22,8 @@ from metalr_bench.reports.results import BenchmarkRuns, _client
 from metalr_bench.reports.tables import METRIC_NAMES, _cell_html
 from mlflow import MlflowClient
 
-COLUMNS = ["dataset", "size", "model", "citation", "train_images", "weights", "selection",
-           "notes", "metrics"]
+COLUMNS = ["dataset", "size", "model", "arch", "citation", "train_images", "weights",
+           "selection", "notes", "metrics"]
 
 
 def load_references(tracking_uri: str | MlflowClient, runs: BenchmarkRuns) -> pd.DataFrame:
@@ -54,14 +54,19 @@ def _names(g: pd.DataFrame) -> set[str]:
 
 def matching(refs: pd.DataFrame, results: pd.DataFrame, by: str = "dataset_key") -> pd.DataFrame:
     """``refs`` with the ``dataset_key`` (or ``by``) of the benchmark dataset each one matches:
-    the same dataset name and image size. Rows matching no dataset of the grid are dropped."""
+    the same dataset name and image size. Rows matching no dataset of the grid are dropped.
+
+    ``ours``: the networks our runs of that dataset used (``model`` tag), so a row that names its
+    network (``arch``) says whether ours beside it is the same one: MedMNIST's "ResNet-18 (28)"
+    is its 28-px ResNet (``resnet18_cifar``), not torchvision's ``resnet18``."""
     out = []
     if refs.empty or results.empty:
         return refs.assign(key=pd.Series(dtype=object)).iloc[0:0]
     for key, g in results.groupby(by, sort=True):
         names, sizes = _names(g), set(g["image_size"].dropna().astype(int))
         hit = refs[refs["dataset"].isin(names) & refs["size"].astype(int).isin(sizes)]
-        out.append(hit.assign(key=key))
+        ours = sorted({str(v) for v in g["model"].dropna()}) if "model" in g else []
+        out.append(hit.assign(key=key, ours=", ".join(ours)))
     return pd.concat(out, ignore_index=True) if out else refs.iloc[0:0]
 
 
@@ -83,7 +88,8 @@ def leaderboard_with_published_html(board: pd.DataFrame, refs: pd.DataFrame,
             rows.append(row)
         for _, ref in refs[refs["key"] == ds].iterrows():
             row = {"dataset": html.escape(str(ds)),
-                   "strategy": f"{html.escape(str(ref['model']))} <em>published</em>",
+                   "strategy": f"{html.escape(str(ref['model']))} <em>published</em>"
+                   + _network_note(ref),
                    "source": html.escape(str(ref["citation"])), "seeds": "–"}
             for m in metrics:
                 v = ref["metrics"].get(m.removeprefix("test_"), math.nan)
@@ -92,6 +98,18 @@ def leaderboard_with_published_html(board: pd.DataFrame, refs: pd.DataFrame,
             rows.append(row)
     return pd.DataFrame(rows).to_html(index=False, escape=False, table_id=table_id,
                                       classes="metalr-table", border=0)
+
+
+def _network_note(ref: pd.Series) -> str:
+    """`` (same network: resnet18_cifar)`` or `` (another network: this row's resnet18_cifar,
+    ours resnet18)`` when the row names its network; nothing otherwise."""
+    arch, ours = ref.get("arch"), ref.get("ours")
+    if not isinstance(arch, str) or not arch or not isinstance(ours, str) or not ours:
+        return ""
+    if arch in ours.split(", "):
+        return f" (same network: <code>{html.escape(arch)}</code>)"
+    return (f" (another network: this row's <code>{html.escape(arch)}</code>, ours "
+            f"<code>{html.escape(ours)}</code>)")
 
 
 def protocol_note(refs: pd.DataFrame, results: pd.DataFrame) -> list[str]:

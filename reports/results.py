@@ -131,6 +131,46 @@ def load_runs(tracking_uri: str | MlflowClient, experiment: str,
     return BenchmarkRuns(exp.experiment_id, exp.name, parents, children)
 
 
+def pretraining_table(tracking_uri: str | MlflowClient, runs: BenchmarkRuns) -> pd.DataFrame:
+    """What each start is worth: the experiment's finished pre-training runs (``kind=pretrain``),
+    one per checkpoint (``pretrain_key``, the latest), with the source, the architecture, its
+    accuracy and AUC on the *source's own* test split (``test_acc``/``test_auc``, which the
+    pre-training logs) and its cost (``total_time_s``). A cached checkpoint trained under an
+    earlier benchmark run of the same experiment is found too. Empty when none."""
+    client = _client(tracking_uri)
+    rows: dict[str, dict[str, Any]] = {}
+    found = _search_all(client, runs.experiment_id, f"tags.`{T.KIND}` = '{T.KIND_PRETRAIN}'",
+                        order_by=["attributes.start_time ASC"])
+    for r in found:
+        if r.info.status != "FINISHED":
+            continue
+        m, p, tags = r.data.metrics, r.data.params, r.data.tags
+        rows[tags.get("pretrain_key", r.info.run_id)] = {
+            "source": tags.get(T.DATASET, p.get("dataset", "?")),
+            "model": tags.get(T.MODEL, p.get("arch", "?")), "size": p.get("size"),
+            "epochs": p.get("epochs"), "test_acc": m.get("test_acc"),
+            "test_auc": m.get("test_auc"), "seconds": m.get("total_time_s"),
+            "run_id": r.info.run_id,
+        }
+    return pd.DataFrame(list(rows.values()),
+                        columns=["source", "model", "size", "epochs", "test_acc", "test_auc",
+                                 "seconds", "run_id"])
+
+
+def pretraining_markdown(table: pd.DataFrame) -> str:
+    """One line per start for the report's header; empty when the runs started from none."""
+    if table.empty:
+        return ""
+    def fmt(v: Any, spec: str) -> str:
+        return "?" if v is None or pd.isna(v) else format(v, spec)
+    lines = [f"`{r.model}` pre-trained on **{r.source}** ({r.size} px, {r.epochs} epoch(s)): "
+             f"test accuracy **{fmt(r.test_acc, '.3f')}** on the source's own test split "
+             f"(AUC {fmt(r.test_auc, '.3f')}), {fmt(r.seconds, '.0f')} s"
+             for r in table.itertuples()]
+    return "**What the start is worth** (the pre-training's own test figures):\n\n- " + \
+        "\n- ".join(lines)
+
+
 def race_notes(runs: BenchmarkRuns) -> dict[str, str]:
     """Per dataset key, what a race spent (the sentence its parent run carries in tag
     :data:`tags.RACE_COMPUTE`), for the parents that are races (``run-benchmark race``); empty

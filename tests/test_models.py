@@ -96,3 +96,33 @@ def test_layer_grouping_is_pinned(arch: str) -> None:
     record = [[g.name, list(g.modules), list(g.params)] for g in groups]
     digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
     assert digest == _GROUPING_DIGESTS[arch]
+
+
+@pytest.mark.parametrize(("arch", "tv_arch"), [("resnet18_cifar", "resnet18"),
+                                               ("resnet50_cifar", "resnet50")])
+def test_cifar_resnet_is_medmnists_28px_network(arch: str, tv_arch: str) -> None:
+    """MedMNIST's 28-px ResNet: a 3x3 stride-1 stem, no max-pool, so layer4 sees 4x4 at 28 px
+    (torchvision's stem leaves 1x1), with resnet18/50's layer groups exactly."""
+    model = build_model(arch, in_channels=1, num_outputs=2)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert model.conv1.padding == (1, 1) and model.conv1.in_channels == 1
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    seen = {}
+    model.layer4.register_forward_hook(lambda m, i, o: seen.update(l4=o.shape))
+    model.eval()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 2)
+    assert tuple(seen["l4"][-2:]) == (4, 4)
+    ours = [(g.name, g.modules, g.params) for g in layer_groups(model)]
+    theirs = [(g.name, g.modules, g.params)
+              for g in layer_groups(build_model(tv_arch, in_channels=1, num_outputs=2))]
+    assert ours == theirs
+    # parameter count: torchvision's less the 7x7 stem plus a 3x3 one (64 filters, 1 channel)
+    n = sum(p.numel() for p in model.parameters())
+    n_tv = sum(p.numel() for p in build_model(tv_arch, 1, 2).parameters())
+    assert n == n_tv - 64 * 49 + 64 * 9
+
+
+def test_cifar_resnet_refuses_an_imagenet_stem_checkpoint() -> None:
+    src = build_model("resnet18", in_channels=3, num_outputs=10).state_dict()
+    with pytest.raises(ValueError, match=r"resnet18_cifar.*shape mismatch: conv1.weight"):
+        load_state(build_model("resnet18_cifar", 3, 2), "resnet18_cifar", src, "src.pt")

@@ -151,3 +151,23 @@ def test_the_per_dataset_real3_configs_are_the_grid_restricted_to_one_dataset(da
     part = yaml.safe_load((CONFIGS / f"medmnist-real3-{dataset}.yaml").read_text())
     (entry,) = [d for d in whole["datasets"] if d["name"] == dataset]
     assert part == {**whole, "datasets": [entry]}
+
+
+def test_a_row_names_its_network_and_the_report_says_whether_ours_is_it() -> None:
+    """MedMNIST's "ResNet-18 (28)" is its 28-px ResNet (resnet18_cifar), not torchvision's."""
+    rows = load_config(CONFIGS / "medmnist-v2-recipe.yaml").references
+    by_model = {(r.dataset, r.model): r.arch for r in rows}
+    assert by_model[("breastmnist", "ResNet-18 (28)")] == "resnet18_cifar"
+    assert by_model[("retinamnist", "ResNet-50 (224)")] == "resnet50"
+    refs = pd.DataFrame([{**ROW, "dataset": "breastmnist", "size": 28, "arch": "resnet18_cifar"},
+                         {**ROW, "dataset": "breastmnist", "size": 28, "model": "x",
+                          "arch": None}], columns=references.COLUMNS)
+    for ours, note in (("resnet18_cifar", " (same network: <code>resnet18_cifar</code>)"),
+                       ("resnet18", " (another network: this row's <code>resnet18_cifar</code>,"
+                                    " ours <code>resnet18</code>)")):
+        results = _frame([{"dataset_key": "breastmnist@28", "dataset": "breastmnist",
+                           "image_size": 28, "model": ours}])
+        matched = references.matching(refs, results)
+        assert matched["ours"].tolist() == [ours, ours]
+        assert references._network_note(matched.iloc[0]) == note
+        assert references._network_note(matched.iloc[1]) == ""  # a row naming no network

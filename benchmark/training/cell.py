@@ -167,6 +167,7 @@ def trainer_options(cfg: BenchmarkConfig, *, seed: int, epochs: int,
         selection_metric=cfg.selection_metric,
         seed=seed, log_every_n_steps=cfg.log_every_n_steps,
         deterministic=cfg.deterministic, evaluate_test=evaluate_test,
+        lr_milestones=tuple(cfg.lr_milestones), lr_gamma=cfg.lr_gamma,
     )
 
 

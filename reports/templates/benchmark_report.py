@@ -75,6 +75,8 @@ display(Markdown(
     f"strateg{'y' if len(strategies) == 1 else 'ies'} × {results['seed'].nunique()} seed(s)"
     + (f" · **{len(failed)} run(s) did not finish** (listed under Provenance)" if len(failed) else "")
 ))
+if starts := res.pretraining_markdown(res.pretraining_table(tracking_uri, runs)):
+    display(Markdown(starts))
 
 # %% [markdown]
 # ## The answer
