@@ -90,7 +90,7 @@ def _official(root: Path, *, download: bool, allow_md5_mismatch: bool
     tv = import_torchvision()
     base = tv.datasets.CIFAR10
 
-    class Lenient(base):  # type: ignore[misc, valid-type]
+    class Lenient(base):  # type: ignore[valid-type]
         """torchvision's CIFAR10, whose MD5 checks only warn (``allow_md5_mismatch``)."""
 
         def _check_integrity(self) -> bool:

@@ -178,7 +178,7 @@ def run_cell(
         result.status = "KILLED"
         # whether there is one: stopped before its first epoch ended, there is none, and the
         # CLI must not say "its last epoch is checkpointed" (:func:`signals.interrupted_message`)
-        exc.checkpointed = ckpt.exists()  # type: ignore[attr-defined]
+        exc.checkpointed = ckpt.exists()
         raise
     except TrackingError:  # the server stayed away: every next cell would fail the same way, so
         result.status = "KILLED"  # the grid stops; the checkpoint stays for the next call
