@@ -1,6 +1,6 @@
 """Where a race's trial and a cell spend their wall time, phase by phase (issue 38).
 
-    python -m metalr_bench.benchmark.perf.profile_trial --root /work/shared/data \\
+    python -m metalr_bench.benchmark.perf.profile_trial --root ../shared/data \\
         --dataset breastmnist --size 28 --arch resnet18 --n-trials 4 --trial-epochs 3
 
 Runs a real, small, serial `run-benchmark race` (:func:`racing.race.run_race`: the study, its
@@ -187,11 +187,14 @@ def table(prof: Profiler, wall: float) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default="/work/shared/data")
+    p.add_argument("--root", default="../shared/data",
+                   help="the folder holding <dataset>.npz (the configs' ../shared/data)")
     p.add_argument("--dataset", default="breastmnist")
     p.add_argument("--size", type=int, default=28)
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--strategies", nargs="+", default=["full", "l2sp", "linear_probe"])
+    p.add_argument("--strategies", nargs="+", default=["full", "linear_probe"],
+                   help="the race's strategies (default: the reference and one with a one-off "
+                   "fit before its epochs, the two phase shapes a trial has)")
     p.add_argument("--n-trials", type=int, default=4)
     p.add_argument("--trial-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3, help="the confirmation cell's epochs")
