@@ -422,7 +422,7 @@ def cmd_replay(argv: list[str]) -> int:
 
 def cmd_race(argv: list[str]) -> int:
     """`run-benchmark race`: the config's flags plus the race's own (the module
-    :mod:`..racing.race` says what it does); stage lines on stderr, the summary on stdout."""
+    :mod:`..racing.orchestration` says what it does); stage lines on stderr, the summary on stdout."""
     p = _run_parser()
     p.prog = "run-benchmark race"
     p.description = (SUBCOMMANDS["race"] + ". Per dataset: one Optuna study whose first choice "
@@ -486,12 +486,9 @@ def cmd_race(argv: list[str]) -> int:
     seeds_given = args.seeds is not None or (
         args.config is not None and "seeds" in load_config(args.config).model_fields_set)
     from metalr_bench.benchmark.planning.plan import StepTimings
-    from metalr_bench.benchmark.racing.race import (
-        DEFAULT_SEEDS,
-        RaceSettings,
-        format_race,
-        run_race,
-    )
+    from metalr_bench.benchmark.racing.formatting import format_race
+    from metalr_bench.benchmark.racing.orchestration import run_race
+    from metalr_bench.benchmark.racing.settings import DEFAULT_SEEDS, RaceSettings
     from metalr_bench.benchmark.tuning.studies import storage_url
 
     timings = None

@@ -339,7 +339,7 @@ class StudyRunner:
 
     def train_trial(self, trial: optuna.Trial, cell: Cell) -> float:
         """Train ``cell`` as ``trial`` in its MLflow trial run; the objective's value. (The
-        race's study, :mod:`.race`, samples the strategy first and trains through here too.)"""
+        race's study, :mod:`.race_study`, samples the strategy first and trains through here too.)"""
         t, cfg = self.target, self.cfg
         worker = stale_trials.worker_id()
         tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
@@ -435,7 +435,7 @@ class StudyRunner:
 
     def log_counts(self, study: optuna.Study, run_id: str) -> tuple[int, dict[str, int]]:
         """The study's trial count per state, logged on its MLflow run as ``n_<state>``; returns
-        (number of trials, the counts). Shared with the race's study (:mod:`.race`)."""
+        (number of trials, the counts). Shared with the race's study (:mod:`.race_study`)."""
         trials = study.get_trials(deepcopy=False)
         counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
         self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
@@ -467,7 +467,7 @@ def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: Stud
     Several workers may share a study: each reserves its trials under the storage's quota lock
     (:func:`study_storage.fill_study`), samples with its own seed, and logs its trial runs
     under the study's MLflow run. ``runner_cls`` (default :class:`StudyRunner`; the race's
-    :class:`~.race.RaceRunner`) built with ``options`` (:meth:`StudyRunner.worker_options`)
+    :class:`~.race_study.RaceRunner`) built with ``options`` (:meth:`StudyRunner.worker_options`)
     runs the trials. Returns the number of trials this worker ran.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
