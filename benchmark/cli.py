@@ -215,7 +215,7 @@ def cmd_run(argv: list[str]) -> int:
     if outcome.report is not None:
         print(f"Report: {outcome.report.html} (notebook, results.csv/.parquet alongside)")
     for r in outcome.failed:
-        print(f"FAILED {r.cell.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}",
+        print(f"FAILED {r.cell.dataset.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}",
               file=sys.stderr)
     return 1 if outcome.failed else 0
 

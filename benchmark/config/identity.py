@@ -93,12 +93,6 @@ class Cell:
         inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
         return f"{self.strategy}({inner})"
 
-    @property
-    def dataset_key(self) -> str:
-        """``<dataset name>@<size>`` (the reports' ``dataset_key``): the same dataset at two
-        sizes is two tasks."""
-        return f"{self.dataset.dataset_name}@{self.dataset.size}"
-
 
 def cells(cfg: BenchmarkConfig) -> list[Cell]:
     """The grid, dataset-major then strategy, params and seed (stable order)."""

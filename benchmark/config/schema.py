@@ -84,6 +84,12 @@ class DatasetSpec(_Strict):
         image folders never merge."""
         return self.cv_group if self.fold is None else f"{self.cv_group}-fold{self.fold}"
 
+    @property
+    def dataset_key(self) -> str:
+        """``<dataset name>@<size>`` (the reports' ``dataset_key``; a cell's, a study's and a
+        race's task): the same dataset at two sizes is two tasks."""
+        return f"{self.dataset_name}@{self.size}"
+
     def expand_folds(self) -> list[DatasetSpec]:
         """One entry per fold when the adapter's options give ``n_folds`` without ``fold``
         (k-fold cross-validation as a grid dimension), else ``[self]``."""

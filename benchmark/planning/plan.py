@@ -271,7 +271,7 @@ def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,
             secs = None
             if timings is not None:
                 secs = (run_seconds(cfg, cell, c, timings) + timings.per_run_s) * runs_per_cell
-            rows.append(PlanRow(phase, cell.dataset_key, cell.strategy, runs_per_cell, epochs,
+            rows.append(PlanRow(phase, cell.dataset.dataset_key, cell.strategy, runs_per_cell, epochs,
                                 steps, fwd, secs))
 
     if cfg.tune.enabled:

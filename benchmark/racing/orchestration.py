@@ -138,7 +138,7 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
                   t: RaceTarget, tracker: Tracker, parent: str, storage: Any, url: str,
                   data: DataCache, executor: Any, uri: str, progress: bool,
                   n_races: int) -> DatasetRace:
-    label = t.dataset_key
+    label = t.dataset.dataset_key
     bundle = data.get(t.data_cell(rcfg.tune.seed))
     # the pretrain stage runs (once, cached) here, never in the search's workers
     weights, source = starting_weights(rcfg, bundle, tracker, parent, progress=progress,

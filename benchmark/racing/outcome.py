@@ -137,7 +137,7 @@ class RaceOutcome:
     @property
     def failed(self) -> list[str]:
         out = [f"{r.dataset}: {r.error}" for r in self.races if r.error]
-        out += [f"{r.cell.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}"
+        out += [f"{r.cell.dataset.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}"
                 for race in self.races for r in race.results if r.status != "FINISHED"]
         return out
 

@@ -145,10 +145,6 @@ class StudyTarget:
     space: dict[str, SearchDim]
     name: str
 
-    @property
-    def dataset_key(self) -> str:
-        return f"{self.dataset.dataset_name}@{self.dataset.size}"
-
     def data_cell(self, seed: int) -> Cell:
         """The cell whose data (and starting weights) the study's trials train on."""
         return Cell(dataset=self.dataset, strategy=self.strategy, params=self.fixed, seed=seed)
@@ -397,7 +393,7 @@ class StudyRunner:
                 "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
                 "pruner": cfg.tune.pruner}
         reopen = self._find_study_run()
-        with self.tracker.run(f"{t.dataset_key}/{t.strategy}/study", tags,
+        with self.tracker.run(f"{t.dataset.dataset_key}/{t.strategy}/study", tags,
                               parent_id=parent_id, reopen=reopen) as run_id:
             self.tracker.log_params(run_id, {
                 "metric": cfg.tune.metric, "tune_epochs": self.epochs,
@@ -555,7 +551,7 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     try:
         for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
             bundle = data.get(t.data_cell(cfg.tune.seed))
-            bar.set_postfix_str(f"{t.dataset_key} {t.strategy}: loading {cfg.model.weights} "
+            bar.set_postfix_str(f"{t.dataset.dataset_key} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress,
                                                dataset=t.dataset)
@@ -592,7 +588,7 @@ def tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id:
             for w in range(per_study):
                 calls.append((r.target, r.storage_label, run_id, parent_id, w, type(r),
                               r.worker_options()))
-                labels.append(f"{r.target.dataset_key} {r.target.strategy} worker {w}")
+                labels.append(f"{r.target.dataset.dataset_key} {r.target.strategy} worker {w}")
         names = [r.target.name for r in runners]
         bar.n = study_storage.count_finished(runners[0].storage, names)
         bar.refresh()
