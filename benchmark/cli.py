@@ -139,7 +139,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.allow_md5_mismatch:
         dataset_fields["allow_md5_mismatch"] = True
     if args.datasets:
-        o["datasets"] = [{"name": d, **dataset_fields} for d in args.datasets]
+        o["datasets"] = [{"adapter": d, **dataset_fields} for d in args.datasets]
     elif dataset_fields:
         o["_dataset_fields"] = dataset_fields  # applied to the file's datasets below
     return o
@@ -150,7 +150,7 @@ def resolve_config(args: argparse.Namespace):
     fields = overrides.pop("_dataset_fields", None)
     cfg = load_config(args.config, overrides)
     if fields:
-        data = cfg.model_dump(mode="json")
+        data = cfg.model_dump(mode="json", by_alias=False)  # `adapter`, not the old `name`
         data["datasets"] = [{**d, **fields} for d in data["datasets"]]
         cfg = load_config(None, data)
     return cfg

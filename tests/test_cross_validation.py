@@ -25,7 +25,7 @@ def frames(tmp_path: Path) -> Path:
 
 def _cv_config(tiny_config: dict[str, Any], root: Path, **extra: Any) -> dict[str, Any]:
     return {**tiny_config, "seeds": [0], "epochs": 1, "strategies": ["full", "last_k"],
-            "datasets": [{"name": "imagefolder", "root": str(root), "size": 16,
+            "datasets": [{"adapter": "imagefolder", "root": str(root), "size": 16,
                           "options": {"group_pattern": PATTERN, "n_folds": 3}, **extra}]}
 
 
@@ -88,7 +88,7 @@ def test_two_image_folders_with_the_same_options_stay_apart(tiny_config, tmp_pat
     for name in ("busi", "pocus"):
         make_folder(tmp_path / name, videos=4, frames=2, sizes=((20, 20),))
     base = {**tiny_config, "seeds": [0], "epochs": 1, "strategies": ["full"]}
-    ds = [{"name": "imagefolder", "root": str(tmp_path / n), "size": 16,
+    ds = [{"adapter": "imagefolder", "root": str(tmp_path / n), "size": 16,
            "options": {"group_pattern": PATTERN}} for n in ("busi", "pocus")]
     cfg = validate_config({**base, "datasets": ds})
     outcome = run_benchmark(cfg, progress=False)

@@ -70,7 +70,7 @@ def inverted_registered() -> Iterator[None]:
 def race_data(tiny: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Two strategies, one clearly best, on the easy 4-class synthetic source domain (the
     lesion task does not learn from scratch in 2 epochs); 2-epoch trials, 1-epoch runs."""
-    return {**tiny, "datasets": [{"name": "synthetic-source", "size": 16,
+    return {**tiny, "datasets": [{"adapter": "synthetic-source", "size": 16,
                                   "options": {"n_images": 200}}],
             "strategies": ["full", "inverted"], "seeds": [0, 1], "epochs": 1,
             "batch_size": 32, "precise_bn": False, "system_metrics": False,

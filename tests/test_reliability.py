@@ -190,7 +190,7 @@ def test_runs_log_their_splits_as_mlflow_dataset_inputs(tiny_config, tmp_path):
     files = make_folder(tmp_path / "us", videos=4, frames=2, sizes=((16, 16),))
     cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1,
                              "system_metrics": False,
-                             "datasets": [{"name": "imagefolder", "root": str(tmp_path / "us"),
+                             "datasets": [{"adapter": "imagefolder", "root": str(tmp_path / "us"),
                                            "size": 16,
                                            "options": {"group_pattern": PATTERN}}]})
     client = MlflowClient(tracking_uri=cfg.tracking_uri)

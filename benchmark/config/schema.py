@@ -43,7 +43,21 @@ def _check_dataset(name: str, options: dict[str, Any]) -> None:
 
 
 class DatasetSpec(_Strict):
-    name: str = Field(description="dataset name (see `run-benchmark list`)")
+    """One ``datasets:`` entry: the adapter that reads it (``adapter``), where its files are and
+    at what size; how it is named is ``label`` / :attr:`dataset_name`.
+
+    ``adapter`` was called ``name`` (which read as the dataset's name); ``name:`` still loads,
+    with a one-line warning. Dumps keep the key ``name`` (``serialization_alias``), so the cell
+    identity and config hash of every existing run, the logged ``config.json`` and the MLflow
+    dataset inputs are exactly what they were.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              serialize_by_alias=True)
+
+    adapter: str = Field(serialization_alias="name",
+                         description="the adapter that reads this dataset (see `run-benchmark "
+                         "list`), e.g. pneumoniamnist, imagefolder, csv")
     root: str | None = Field(None, description="folder holding the dataset files")
     size: int = Field(28, ge=8, le=1024, description="image side in pixels")
     download: bool = False
@@ -64,13 +78,36 @@ class DatasetSpec(_Strict):
         "-fold<k>",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_is_adapter(cls, data: Any) -> Any:
+        """``name:`` (the old key) -> ``adapter``, with one warning line per entry."""
+        if isinstance(data, dict) and "name" in data:
+            if "adapter" in data:
+                raise ValueError("give the dataset's adapter once: `adapter` (`name` is its "
+                                 "old spelling); drop `name`")
+            import warnings
+
+            from metalr_bench.datasets.core.errors import DatasetWarning
+
+            data = {("adapter" if k == "name" else k): v for k, v in data.items()}
+            warnings.warn(f"datasets: `name: {data['adapter']}` is deprecated, write "
+                          f"`adapter: {data['adapter']}` (the adapter that reads the dataset; "
+                          "`label` names it)", DatasetWarning, stacklevel=2)
+        return data
+
+    @property
+    def name(self) -> str:
+        """The adapter, under its old attribute name (read-only; kept for callers)."""
+        return self.adapter
+
     @property
     def cv_group(self) -> str:
         """The dataset's name without its fold (the tag ``cv_group`` of a fold's runs): the
         entry's ``label``, else the adapter's default name."""
         from metalr_bench.datasets.core.registry import get_entry
 
-        return self.label or get_entry(self.name).default_name(self.root, self.options)
+        return self.label or get_entry(self.adapter).default_name(self.root, self.options)
 
     @property
     def fold(self) -> int | None:
@@ -95,7 +132,7 @@ class DatasetSpec(_Strict):
         (k-fold cross-validation as a grid dimension), else ``[self]``."""
         from metalr_bench.datasets.core.registry import get_entry
 
-        opts = get_entry(self.name).options_model(**self.options)
+        opts = get_entry(self.adapter).options_model(**self.options)
         n_folds = getattr(opts, "n_folds", None)
         if n_folds is None or getattr(opts, "fold", None) is not None:
             return [self]
@@ -104,7 +141,7 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSpec:
-        _check_dataset(self.name, self.options)
+        _check_dataset(self.adapter, self.options)
         return self
 
 
@@ -251,7 +288,7 @@ class ReferenceSpec(_Strict):
 
 
 def _dataset_default() -> list[DatasetSpec]:
-    return [DatasetSpec(name="synthetic")]
+    return [DatasetSpec(adapter="synthetic")]
 
 
 def _strategy_default() -> list[StrategySpec]:
@@ -390,7 +427,7 @@ class BenchmarkConfig(_Strict):
     @field_validator("datasets", mode="before")
     @classmethod
     def _dataset_shorthand(cls, v: Any) -> Any:
-        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+        return [{"adapter": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
 
     @field_validator("strategies", mode="before")
     @classmethod

@@ -89,7 +89,7 @@ def check_tune_storage(cfg: BenchmarkConfig) -> None:
 
 def _describe_dataset(spec: Any) -> str:
     root = f", root={spec.root}" if spec.root else ""
-    return f"dataset {spec.name!r} (size={spec.size}{root})"
+    return f"dataset {spec.adapter!r} (size={spec.size}{root})"
 
 
 def check_datasets(cfg: BenchmarkConfig, data: Any) -> None:

@@ -59,7 +59,7 @@ class BenchmarkOutcome:
 
 def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
     """How a run names its dataset: display name, adapter, size, and its fold when it is one."""
-    tags: dict[str, Any] = {T.DATASET: dataset.dataset_name, T.DATASET_ADAPTER: dataset.name,
+    tags: dict[str, Any] = {T.DATASET: dataset.dataset_name, T.DATASET_ADAPTER: dataset.adapter,
                             T.IMAGE_SIZE: dataset.size}
     if dataset.fold is not None:
         tags |= {T.FOLD: dataset.fold, T.CV_GROUP: dataset.cv_group}
