@@ -139,7 +139,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.allow_md5_mismatch:
         dataset_fields["allow_md5_mismatch"] = True
     if args.datasets:
-        o["datasets"] = [{"name": d, **dataset_fields} for d in args.datasets]
+        o["datasets"] = [{"adapter": d, **dataset_fields} for d in args.datasets]
     elif dataset_fields:
         o["_dataset_fields"] = dataset_fields  # applied to the file's datasets below
     return o
@@ -150,7 +150,7 @@ def resolve_config(args: argparse.Namespace):
     fields = overrides.pop("_dataset_fields", None)
     cfg = load_config(args.config, overrides)
     if fields:
-        data = cfg.model_dump(mode="json")
+        data = cfg.model_dump(mode="json", by_alias=False)  # `adapter`, not the old `name`
         data["datasets"] = [{**d, **fields} for d in data["datasets"]]
         cfg = load_config(None, data)
     return cfg
@@ -215,7 +215,7 @@ def cmd_run(argv: list[str]) -> int:
     if outcome.report is not None:
         print(f"Report: {outcome.report.html} (notebook, results.csv/.parquet alongside)")
     for r in outcome.failed:
-        print(f"FAILED {r.cell.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}",
+        print(f"FAILED {r.cell.dataset.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}",
               file=sys.stderr)
     return 1 if outcome.failed else 0
 
@@ -422,7 +422,7 @@ def cmd_replay(argv: list[str]) -> int:
 
 def cmd_race(argv: list[str]) -> int:
     """`run-benchmark race`: the config's flags plus the race's own (the module
-    :mod:`..racing.race` says what it does); stage lines on stderr, the summary on stdout."""
+    :mod:`..racing.orchestration` says what it does); stage lines on stderr, the summary on stdout."""
     p = _run_parser()
     p.prog = "run-benchmark race"
     p.description = (SUBCOMMANDS["race"] + ". Per dataset: one Optuna study whose first choice "
@@ -486,12 +486,9 @@ def cmd_race(argv: list[str]) -> int:
     seeds_given = args.seeds is not None or (
         args.config is not None and "seeds" in load_config(args.config).model_fields_set)
     from metalr_bench.benchmark.planning.plan import StepTimings
-    from metalr_bench.benchmark.racing.race import (
-        DEFAULT_SEEDS,
-        RaceSettings,
-        format_race,
-        run_race,
-    )
+    from metalr_bench.benchmark.racing.formatting import format_race
+    from metalr_bench.benchmark.racing.orchestration import run_race
+    from metalr_bench.benchmark.racing.settings import DEFAULT_SEEDS, RaceSettings
     from metalr_bench.benchmark.tuning.studies import storage_url
 
     timings = None

@@ -58,7 +58,7 @@ def tiny_config(tmp_path: Path, mlflow_uri: str) -> dict[str, Any]:
     """A config dict that trains in about a second per cell on CPU."""
     return {
         "name": "test",
-        "datasets": [{"name": "synthetic", "size": 16, "options": {"n_patients": 48}}],
+        "datasets": [{"adapter": "synthetic", "size": 16, "options": {"n_patients": 48}}],
         "strategies": ["full", "last_k"],
         "seeds": [0, 1],
         "model": {"arch": "smallcnn", "weights": "none"},

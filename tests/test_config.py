@@ -33,7 +33,7 @@ def test_defaults_are_the_quick_benchmark() -> None:
         ({"model": {"weights": "hub://x"}}, "expected none, imagenet, pretrain or a path"),
         ({"seeds": [1, 1]}, "seeds must be distinct"),
         ({"device": "gpu"}, "expected auto, cpu, cuda or cuda:N"),
-        ({"datasets": [{"name": "synthetic", "options": {"n_patients": 2}}]},
+        ({"datasets": [{"adapter": "synthetic", "options": {"n_patients": 2}}]},
          "options of dataset 'synthetic': `n_patients`: Input should be greater than or equal"),
     ],
 )
@@ -100,3 +100,58 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys) -> None:
     assert main(["--strategy", "nope", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "unknown strategy 'nope'" in err and "available:" in err
+
+
+# -- the dataset entry's adapter field (issue 40: `name` held the adapter) ---------------------------
+_ADAPTER_CFG = {"strategies": ["full"], "seeds": [0], "epochs": 1}
+
+
+def _identity_hash(cfg) -> str:
+    from metalr_bench.benchmark.config import stable_hash
+
+    ident = cfg.cell_identity(cfg.cells()[0])
+    ident.pop("code_fingerprint"), ident.pop("code_version")  # these move with every code change
+    return stable_hash(ident)[:16]
+
+
+def test_dataset_name_key_still_loads_and_warns_once() -> None:
+    import warnings
+
+    from metalr_bench.datasets.core.errors import DatasetWarning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cfg = validate_config({**_ADAPTER_CFG, "datasets": [{"name": "synthetic", "size": 16}]})
+    lines = [str(w.message) for w in seen if issubclass(w.category, DatasetWarning)]
+    assert len(lines) == 1 and "`adapter: synthetic`" in lines[0], lines
+    assert cfg.datasets[0].adapter == "synthetic"
+
+
+def test_dataset_adapter_key_loads_silently() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = validate_config({**_ADAPTER_CFG, "datasets": [{"adapter": "synthetic"}, "synthetic"]})
+    assert [d.adapter for d in cfg.datasets] == ["synthetic", "synthetic"]
+    with pytest.raises(ConfigError, match="adapter.*once"):
+        validate_config({**_ADAPTER_CFG, "datasets": [{"adapter": "synthetic",
+                                                       "name": "synthetic"}]})
+
+
+def test_adapter_rename_keeps_every_cell_hash() -> None:
+    """The identity hash of a config written with `name:` equals the one with `adapter:` and
+    the one main computed before the rename (commit 0d4c25b, code fields left out: they move
+    with any code change)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = validate_config({**_ADAPTER_CFG, "datasets": [{"name": "synthetic"}]})
+    new = validate_config({**_ADAPTER_CFG, "datasets": [{"adapter": "synthetic"}]})
+    assert _identity_hash(old) == _identity_hash(new) == "c8e8a1768d91071c"
+    cell_old, cell_new = old.cells()[0], new.cells()[0]
+    assert old.config_hash(cell_old) == new.config_hash(cell_new)
+    assert old.cell_params(cell_old) == new.cell_params(cell_new)
+    assert new.cell_params(cell_new)["dataset.adapter"] == "synthetic"
+    assert new.datasets[0].model_dump()["name"] == "synthetic"  # dumps keep the old key

@@ -50,7 +50,7 @@ def _config(tmp_path: Path, dataset: dict[str, Any], **extra: Any) -> Any:
     })
 
 
-SYNTHETIC = {"name": "synthetic", "size": 16, "options": {"n_patients": 24}}
+SYNTHETIC = {"adapter": "synthetic", "size": 16, "options": {"n_patients": 24}}
 
 
 def _finite(values: dict[str, Any], where: str) -> None:

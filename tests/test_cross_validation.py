@@ -25,7 +25,7 @@ def frames(tmp_path: Path) -> Path:
 
 def _cv_config(tiny_config: dict[str, Any], root: Path, **extra: Any) -> dict[str, Any]:
     return {**tiny_config, "seeds": [0], "epochs": 1, "strategies": ["full", "last_k"],
-            "datasets": [{"name": "imagefolder", "root": str(root), "size": 16,
+            "datasets": [{"adapter": "imagefolder", "root": str(root), "size": 16,
                           "options": {"group_pattern": PATTERN, "n_folds": 3}, **extra}]}
 
 
@@ -39,7 +39,7 @@ def test_n_folds_runs_every_fold_under_its_own_name(tiny_config, frames) -> None
                                                                 "references": [published]})
     cells = cfg.cells()
     assert len(cells) == 6
-    assert sorted({c.dataset_key for c in cells}) == [
+    assert sorted({c.dataset.dataset_key for c in cells}) == [
         "pocus-frames-fold0@16", "pocus-frames-fold1@16", "pocus-frames-fold2@16"]
     data = DataCache()
     tests = [set(data.get(c).test.groups.tolist()) for c in cells if c.strategy == "full"]
@@ -88,14 +88,14 @@ def test_two_image_folders_with_the_same_options_stay_apart(tiny_config, tmp_pat
     for name in ("busi", "pocus"):
         make_folder(tmp_path / name, videos=4, frames=2, sizes=((20, 20),))
     base = {**tiny_config, "seeds": [0], "epochs": 1, "strategies": ["full"]}
-    ds = [{"name": "imagefolder", "root": str(tmp_path / n), "size": 16,
+    ds = [{"adapter": "imagefolder", "root": str(tmp_path / n), "size": 16,
            "options": {"group_pattern": PATTERN}} for n in ("busi", "pocus")]
     cfg = validate_config({**base, "datasets": ds})
     outcome = run_benchmark(cfg, progress=False)
-    assert [(r.cell.dataset_key, r.status, r.skipped) for r in outcome.results] == [
+    assert [(r.cell.dataset.dataset_key, r.status, r.skipped) for r in outcome.results] == [
         ("busi@16", "FINISHED", False), ("pocus@16", "FINISHED", False)]
     labelled = validate_config({**base, "datasets": [{**ds[0], "label": "BUSI-2018"}]})
-    assert labelled.cells()[0].dataset_key == "BUSI-2018@16"
+    assert labelled.cells()[0].dataset.dataset_key == "BUSI-2018@16"
     with pytest.raises(ValueError, match="label"):
         validate_config({**base, "datasets": [{**ds[0], "label": "a/b"}]})
 
@@ -107,7 +107,7 @@ def test_a_fold_without_n_folds_is_refused(tiny_config, frames) -> None:
         validate_config(bad)
     one = _cv_config(tiny_config, frames)
     one["datasets"][0]["options"]["fold"] = 2  # one fold only: no expansion
-    assert [c.dataset_key for c in validate_config(one).cells()] == [
+    assert [c.dataset.dataset_key for c in validate_config(one).cells()] == [
         "pocus-frames-fold2@16"] * 2
 
 

@@ -106,7 +106,7 @@ def _readme_filters() -> list[str]:
 def test_readme_mlflow_filters_select_what_they_say(tiny_config) -> None:
     """Every filter the docs tell users to type into the MLflow UI parses and selects the runs
     it describes, in a real store written by the runner."""
-    tiny_config |= {"datasets": [{"name": "synthetic", "size": 28, "options": {"n_patients": 48}}],
+    tiny_config |= {"datasets": [{"adapter": "synthetic", "size": 28, "options": {"n_patients": 48}}],
                     "strategies": ["metalr", {"name": "last_k", "params": {"k": 2}}],
                     "seeds": [0], "epochs": 1}
     cfg = validate_config(tiny_config)

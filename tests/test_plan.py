@@ -94,13 +94,13 @@ def _write_npz(path: Path, counts: tuple[int, int, int]) -> None:
 
 def test_split_sizes_from_the_file_else_the_catalogue(tmp_path: Path) -> None:
     _write_npz(tmp_path / "pneumoniamnist.npz", (30, 7, 9))
-    got = split_sizes(DatasetSpec(name="pneumoniamnist", root=str(tmp_path), size=28))
+    got = split_sizes(DatasetSpec(adapter="pneumoniamnist", root=str(tmp_path), size=28))
     assert (got.train, got.val, got.test) == (30, 7, 9)
     assert got.source == str(tmp_path / "pneumoniamnist.npz")
-    missing = split_sizes(DatasetSpec(name="bloodmnist", root=str(tmp_path), size=64))
+    missing = split_sizes(DatasetSpec(adapter="bloodmnist", root=str(tmp_path), size=64))
     assert (missing.train, missing.val, missing.test) == tuple(N_SAMPLES["bloodmnist"].values())
     assert "catalogue" in missing.source and "bloodmnist_64.npz" in missing.source
-    sub = split_sizes(DatasetSpec(name="bloodmnist", root=str(tmp_path), size=28,
+    sub = split_sizes(DatasetSpec(adapter="bloodmnist", root=str(tmp_path), size=28,
                                   options={"subsample_train": 500}))
     assert sub.train == 500
 
@@ -150,7 +150,7 @@ def test_metalr_interval_and_missing_timings(cfg, timings_file: Path) -> None:
     small = Cell(dataset=cfg.datasets[0], strategy="metalr", params={"meta_batch_size": 4},
                  seed=0)
     assert timings.train_s_per_image(small, 16) == pytest.approx(rows["full"] + extra / 4)
-    other = cfg.model_copy(update={"datasets": [DatasetSpec(name="synthetic", size=32)]})
+    other = cfg.model_copy(update={"datasets": [DatasetSpec(adapter="synthetic", size=32)]})
     with pytest.raises(PlanError, match=r"'full' at 32 px.*--size 32 --json"):
         plan_rows(other, timings)
     resnet = cfg.model_copy(update={"model": cfg.model.model_copy(update={"arch": "resnet18"})})

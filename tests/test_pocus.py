@@ -177,7 +177,7 @@ def test_clear_errors_for_missing_bad_and_out_of_range(tmp_path) -> None:
         with pytest.raises(ValueError, match=msg):
             load_dataset("pocus", root=tmp_path, size=16, options=opts)
     with pytest.raises(ConfigError, match="fold must be in 0..4"):
-        validate_config({"datasets": [{"name": "pocus", "root": str(tmp_path),
+        validate_config({"datasets": [{"adapter": "pocus", "root": str(tmp_path),
                                        "options": {"fold": 7}}]})
 
 
@@ -255,7 +255,7 @@ def test_pocus_runs_end_to_end_from_a_positional_checkpoint(tiny_config, tmp_pat
     data = tmp_path / "data"
     data.mkdir()
     fake_pickle(data / "pocus_data_all.pkl", sizes=(16, 14, 18, 15, 17))
-    dataset = {"name": "pocus", "root": str(data), "size": 16, "options": {"fold": 1}}
+    dataset = {"adapter": "pocus", "root": str(data), "size": 16, "options": {"fold": 1}}
     tiny_config |= {"datasets": [dataset], "strategies": ["full"], "seeds": [0], "epochs": 1}
     cfg = validate_config(tiny_config)
     outcome = run_benchmark(cfg, progress=False)

@@ -21,16 +21,16 @@ import pytest
 import torch
 from metalr_bench.benchmark.cli import main
 from metalr_bench.benchmark.config import Cell, load_config, validate_config
-from metalr_bench.benchmark.racing.race import (
+from metalr_bench.benchmark.racing.orchestration import run_race
+from metalr_bench.benchmark.racing.settings import (
     RaceError,
     RaceSettings,
     check_settings,
     race_config,
-    run_race,
 )
 from metalr_bench.benchmark.training.cell import DataCache
 from metalr_bench.benchmark.training.metrics import compute_metrics
-from metalr_bench.benchmark.tuning import race as race_study
+from metalr_bench.benchmark.tuning import race_study
 from metalr_bench.benchmark.tuning import studies as tuning
 from metalr_bench.strategies.core.base import STRATEGIES, Strategy
 from mlflow import MlflowClient
@@ -70,7 +70,7 @@ def inverted_registered() -> Iterator[None]:
 def race_data(tiny: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Two strategies, one clearly best, on the easy 4-class synthetic source domain (the
     lesion task does not learn from scratch in 2 epochs); 2-epoch trials, 1-epoch runs."""
-    return {**tiny, "datasets": [{"name": "synthetic-source", "size": 16,
+    return {**tiny, "datasets": [{"adapter": "synthetic-source", "size": 16,
                                   "options": {"n_images": 200}}],
             "strategies": ["full", "inverted"], "seeds": [0, 1], "epochs": 1,
             "batch_size": 32, "precise_bn": False, "system_metrics": False,
@@ -193,7 +193,8 @@ KILL_SCRIPT = textwrap.dedent("""
     STRATEGIES[Inverted.name] = Inverted
     from metalr_bench.benchmark.tuning import studies as tuning
     from metalr_bench.benchmark.config import validate_config
-    from metalr_bench.benchmark.racing.race import RaceSettings, run_race
+    from metalr_bench.benchmark.racing.orchestration import run_race
+    from metalr_bench.benchmark.racing.settings import RaceSettings
 
     orig = tuning.PruningReporter.on_epoch_end
     def on_epoch_end(self, epoch, metrics):
@@ -429,7 +430,7 @@ def test_every_named_strategy_is_raced_to_full_resource_and_listed(
     others may be pruned. The old race confirmed what had a COMPLETE trial and said nothing of
     the rest; now each named strategy gets a trial at full resource (a top-up, unpruned, with
     its best params so far) and the summary lists every one of them."""
-    from metalr_bench.benchmark.racing.race import format_race
+    from metalr_bench.benchmark.racing.formatting import format_race
 
     names = ["full", "inverted", "last_k"]
     with inverted_registered():
@@ -479,7 +480,7 @@ def test_the_share_is_also_against_the_grid_as_it_runs_measured_or_estimated(
     when no grid ran, measured from the grid's trial runs (same study names) when one did.
     Hand computation: every strategy trains the same number of steps per epoch here."""
     from metalr_bench.benchmark.planning.plan import cached_sizes, count_run
-    from metalr_bench.benchmark.racing.race import compute_spent
+    from metalr_bench.benchmark.racing.outcome import compute_spent
     from metalr_bench.benchmark.tracking import tags as T
     from metalr_bench.benchmark.tracking.client import Tracker
 

@@ -76,7 +76,7 @@ def test_a_dataset_pretrains_on_its_own_source(tiny_config) -> None:
     base = {**tiny_config, "seeds": [0], "epochs": 1, "strategies": ["full"],
             "model": {"arch": "smallcnn", "weights": "pretrain",
                       "pretrain": {"epochs": 1, "batch_size": 16}}}
-    plain = {"name": "synthetic", "size": 16, "options": {"n_patients": 24}}
+    plain = {"adapter": "synthetic", "size": 16, "options": {"n_patients": 24}}
     own = {**plain, "label": "own", "pretrain": {"epochs": 1, "batch_size": 16, "lr": 2e-3}}
     before = validate_config({**base, "datasets": [plain]})
     cfg = validate_config({**base, "datasets": [plain, own]})
@@ -149,7 +149,7 @@ def test_the_per_dataset_real3_configs_are_the_grid_restricted_to_one_dataset(da
     time) are medmnist-real3.yaml with that dataset's entry only: the same cells."""
     whole = yaml.safe_load((CONFIGS / "medmnist-real3.yaml").read_text())
     part = yaml.safe_load((CONFIGS / f"medmnist-real3-{dataset}.yaml").read_text())
-    (entry,) = [d for d in whole["datasets"] if d["name"] == dataset]
+    (entry,) = [d for d in whole["datasets"] if d["adapter"] == dataset]
     assert part == {**whole, "datasets": [entry]}
 
 

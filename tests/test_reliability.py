@@ -190,7 +190,7 @@ def test_runs_log_their_splits_as_mlflow_dataset_inputs(tiny_config, tmp_path):
     files = make_folder(tmp_path / "us", videos=4, frames=2, sizes=((16, 16),))
     cfg = load_config(None, {**tiny_config, "seeds": [0], "strategies": ["full"], "epochs": 1,
                              "system_metrics": False,
-                             "datasets": [{"name": "imagefolder", "root": str(tmp_path / "us"),
+                             "datasets": [{"adapter": "imagefolder", "root": str(tmp_path / "us"),
                                            "size": 16,
                                            "options": {"group_pattern": PATTERN}}]})
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
@@ -206,7 +206,7 @@ def test_runs_log_their_splits_as_mlflow_dataset_inputs(tiny_config, tmp_path):
                    i.dataset.source_type, i.dataset.source) for i in inputs}
     name, digest, source_type, source = dataset
     assert len({i.dataset.digest for i in inputs}) == 3  # one per split
-    assert name == cfg.cells()[0].dataset_key and source_type == "local"
+    assert name == cfg.cells()[0].dataset.dataset_key and source_type == "local"
     assert (tmp_path / "us").resolve().as_uri() in source
     profile = json.loads(inputs[0].dataset.profile)
     assert profile["num_train"] + profile["num_val"] + profile["num_test"] == len(files)

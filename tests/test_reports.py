@@ -38,7 +38,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory, _mlflow_template: Path):
     uri = f"sqlite:///{db}"
     cfg = load_config(None, {
         "name": "test",
-        "datasets": [{"name": "synthetic", "size": s, "options": {"n_patients": 48}}
+        "datasets": [{"adapter": "synthetic", "size": s, "options": {"n_patients": 48}}
                      for s in SIZES],
         "strategies": list(STRATEGIES),
         "seeds": [0, 1],

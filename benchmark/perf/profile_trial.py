@@ -3,7 +3,7 @@
     python -m metalr_bench.benchmark.perf.profile_trial --root ../shared/data \\
         --dataset breastmnist --size 28 --arch resnet18 --n-trials 4 --trial-epochs 3
 
-Runs a real, small, serial `run-benchmark race` (:func:`racing.race.run_race`: the study, its
+Runs a real, small, serial `run-benchmark race` (:func:`racing.orchestration.run_race`: the study, its
 MLflow trial runs, the top-up, one confirmation cell per seed, the winner's model) in a temporary
 folder (SQLite MLflow store and Optuna storage), with the suite's own functions wrapped by a
 timer. Times are *exclusive* (a wrapped call inside another is counted once, in its own phase),
@@ -36,13 +36,14 @@ from typing import Any
 
 import optuna
 from metalr_bench.benchmark.config import validate_config
-from metalr_bench.benchmark.racing import race as racing
+from metalr_bench.benchmark.racing import orchestration as racing
+from metalr_bench.benchmark.racing.settings import RaceSettings
 from metalr_bench.benchmark.tracking.client import Tracker
 from metalr_bench.benchmark.training import cell as cell_mod
 from metalr_bench.benchmark.training.trainer import Trainer
 from metalr_bench.benchmark.tuning import storage as study_storage
 from metalr_bench.benchmark.tuning import studies
-from metalr_bench.benchmark.tuning.race import RaceRunner
+from metalr_bench.benchmark.tuning.race_study import RaceRunner
 from metalr_bench.strategies.core.registry import discover
 
 #: (owner, attribute, phase): the timed boundaries
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         prof.install()
         t0 = time.perf_counter()
         try:
-            racing.run_race(cfg, racing.RaceSettings(n_trials=args.n_trials, top_k=1),
+            racing.run_race(cfg, RaceSettings(n_trials=args.n_trials, top_k=1),
                             progress=False)
         finally:
             wall = time.perf_counter() - t0

@@ -59,21 +59,21 @@ class SplitSizes:
 
 def split_sizes(spec: DatasetSpec) -> SplitSizes:
     """Image counts of ``spec``'s splits, without loading its images where that can be avoided."""
-    if spec.name in INFO:
+    if spec.adapter in INFO:
         root = Path(spec.root).expanduser() if spec.root else default_root()
-        path = root / npz_name(spec.name, spec.size)
+        path = root / npz_name(spec.adapter, spec.size)
         if path.exists():
             with np.load(path) as z:  # NpzFile: only the arrays asked for are decompressed
                 n = {s: len(z[f"{s}_labels"]) for s in ("train", "val", "test")}
             source = str(path)
         else:
-            n = dict(N_SAMPLES[spec.name])
+            n = dict(N_SAMPLES[spec.adapter])
             source = f"MedMNIST catalogue ({path.name} not in {root})"
         sub = spec.options.get("subsample_train")
         if sub is not None:
             n["train"] = min(int(sub), n["train"])
         return SplitSizes(n["train"], n["val"], n["test"], source)
-    b = load_dataset(spec.name, root=spec.root, size=spec.size, download=False,
+    b = load_dataset(spec.adapter, root=spec.root, size=spec.size, download=False,
                      allow_md5_mismatch=spec.allow_md5_mismatch, options=spec.options)
     return SplitSizes(len(b.train), len(b.val), len(b.test), "loaded")
 
@@ -271,7 +271,7 @@ def plan_rows(cfg: BenchmarkConfig, timings: StepTimings | None = None,
             secs = None
             if timings is not None:
                 secs = (run_seconds(cfg, cell, c, timings) + timings.per_run_s) * runs_per_cell
-            rows.append(PlanRow(phase, cell.dataset_key, cell.strategy, runs_per_cell, epochs,
+            rows.append(PlanRow(phase, cell.dataset.dataset_key, cell.strategy, runs_per_cell, epochs,
                                 steps, fwd, secs))
 
     if cfg.tune.enabled:

@@ -64,7 +64,7 @@ WorkerFn = Callable[..., Any]
 
 
 def _cell_name(cell: Cell) -> str:
-    return f"{cell.dataset_key} {cell.strategy_label} seed={cell.seed}"
+    return f"{cell.dataset.dataset_key} {cell.strategy_label} seed={cell.seed}"
 
 
 def _failed(cfg: BenchmarkConfig, cell: Cell, exc: BaseException) -> CellResult:

@@ -89,7 +89,7 @@ def check_tune_storage(cfg: BenchmarkConfig) -> None:
 
 def _describe_dataset(spec: Any) -> str:
     root = f", root={spec.root}" if spec.root else ""
-    return f"dataset {spec.name!r} (size={spec.size}{root})"
+    return f"dataset {spec.adapter!r} (size={spec.size}{root})"
 
 
 def check_datasets(cfg: BenchmarkConfig, data: Any) -> None:
@@ -118,7 +118,7 @@ def warn_large_batch(cfg: BenchmarkConfig, cell: Any, data: Any) -> None:
     if batch > n:
         warnings.warn(DatasetWarning(
             f"`batch_size` {batch} is larger than the {n} training images of "
-            f"{cell.dataset_key}: one batch per epoch (of all {n}); pass a smaller "
+            f"{cell.dataset.dataset_key}: one batch per epoch (of all {n}); pass a smaller "
             "`--batch-size` for several steps per epoch"), stacklevel=2)
 
 

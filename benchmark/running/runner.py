@@ -59,7 +59,7 @@ class BenchmarkOutcome:
 
 def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
     """How a run names its dataset: display name, adapter, size, and its fold when it is one."""
-    tags: dict[str, Any] = {T.DATASET: dataset.dataset_name, T.DATASET_ADAPTER: dataset.name,
+    tags: dict[str, Any] = {T.DATASET: dataset.dataset_name, T.DATASET_ADAPTER: dataset.adapter,
                             T.IMAGE_SIZE: dataset.size}
     if dataset.fold is not None:
         tags |= {T.FOLD: dataset.fold, T.CV_GROUP: dataset.cv_group}
@@ -98,7 +98,7 @@ def run_cell(
     cfg = cfg.effective(cell)
     h = cfg.config_hash(cell)
     bundle = data.get(cell)
-    name = f"{cell.dataset_key}/{cell.strategy_label}/seed{cell.seed}"
+    name = f"{cell.dataset.dataset_key}/{cell.strategy_label}/seed{cell.seed}"
     result = CellResult(cell, "", h, "RUNNING")
     ckpt = CellCheckpoint(Path(cfg.output_dir) / "checkpoints", h)
     plan = plan_cell(tracker, h, ckpt, force=cfg.force)
@@ -123,7 +123,7 @@ def run_cell(
                                             **({T.TUNED_FROM: cell.tuned_from}
                                                if cell.tuned_from else {})})
                 tracker.log_inputs(run_id, dataset_inputs(
-                    cell.dataset_key, bundle.info, cell.dataset.model_dump(mode="json"),
+                    cell.dataset.dataset_key, bundle.info, cell.dataset.model_dump(mode="json"),
                     {"train": len(bundle.train), "val": len(bundle.val),
                      "test": len(bundle.test)}))
                 tracker.log_dict(run_id, {
@@ -287,7 +287,7 @@ LEADERBOARD_METRICS = ("test_auc", "test_acc", "test_balanced_acc", "test_f1",
 
 def leaderboard(results: list[CellResult]) -> pd.DataFrame:
     """Mean and std over seeds per (dataset, strategy), sorted by test AUC."""
-    rows = [{"dataset": r.cell.dataset_key, "strategy": r.cell.strategy_label, "seed": r.cell.seed,
+    rows = [{"dataset": r.cell.dataset.dataset_key, "strategy": r.cell.strategy_label, "seed": r.cell.seed,
              **r.summary} for r in results if r.status == "FINISHED"]
     if not rows:
         return pd.DataFrame()

@@ -145,10 +145,6 @@ class StudyTarget:
     space: dict[str, SearchDim]
     name: str
 
-    @property
-    def dataset_key(self) -> str:
-        return f"{self.dataset.dataset_name}@{self.dataset.size}"
-
     def data_cell(self, seed: int) -> Cell:
         """The cell whose data (and starting weights) the study's trials train on."""
         return Cell(dataset=self.dataset, strategy=self.strategy, params=self.fixed, seed=seed)
@@ -339,7 +335,7 @@ class StudyRunner:
 
     def train_trial(self, trial: optuna.Trial, cell: Cell) -> float:
         """Train ``cell`` as ``trial`` in its MLflow trial run; the objective's value. (The
-        race's study, :mod:`.race`, samples the strategy first and trains through here too.)"""
+        race's study, :mod:`.race_study`, samples the strategy first and trains through here too.)"""
         t, cfg = self.target, self.cfg
         worker = stale_trials.worker_id()
         tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
@@ -397,7 +393,7 @@ class StudyRunner:
                 "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
                 "pruner": cfg.tune.pruner}
         reopen = self._find_study_run()
-        with self.tracker.run(f"{t.dataset_key}/{t.strategy}/study", tags,
+        with self.tracker.run(f"{t.dataset.dataset_key}/{t.strategy}/study", tags,
                               parent_id=parent_id, reopen=reopen) as run_id:
             self.tracker.log_params(run_id, {
                 "metric": cfg.tune.metric, "tune_epochs": self.epochs,
@@ -435,7 +431,7 @@ class StudyRunner:
 
     def log_counts(self, study: optuna.Study, run_id: str) -> tuple[int, dict[str, int]]:
         """The study's trial count per state, logged on its MLflow run as ``n_<state>``; returns
-        (number of trials, the counts). Shared with the race's study (:mod:`.race`)."""
+        (number of trials, the counts). Shared with the race's study (:mod:`.race_study`)."""
         trials = study.get_trials(deepcopy=False)
         counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
         self.tracker.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()},
@@ -467,7 +463,7 @@ def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: Stud
     Several workers may share a study: each reserves its trials under the storage's quota lock
     (:func:`study_storage.fill_study`), samples with its own seed, and logs its trial runs
     under the study's MLflow run. ``runner_cls`` (default :class:`StudyRunner`; the race's
-    :class:`~.race.RaceRunner`) built with ``options`` (:meth:`StudyRunner.worker_options`)
+    :class:`~.race_study.RaceRunner`) built with ``options`` (:meth:`StudyRunner.worker_options`)
     runs the trials. Returns the number of trials this worker ran.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -555,7 +551,7 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     try:
         for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
             bundle = data.get(t.data_cell(cfg.tune.seed))
-            bar.set_postfix_str(f"{t.dataset_key} {t.strategy}: loading {cfg.model.weights} "
+            bar.set_postfix_str(f"{t.dataset.dataset_key} {t.strategy}: loading {cfg.model.weights} "
                                 "weights (the pretrain stage runs once, then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress,
                                                dataset=t.dataset)
@@ -592,7 +588,7 @@ def tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id:
             for w in range(per_study):
                 calls.append((r.target, r.storage_label, run_id, parent_id, w, type(r),
                               r.worker_options()))
-                labels.append(f"{r.target.dataset_key} {r.target.strategy} worker {w}")
+                labels.append(f"{r.target.dataset.dataset_key} {r.target.strategy} worker {w}")
         names = [r.target.name for r in runners]
         bar.n = study_storage.count_finished(runners[0].storage, names)
         bar.refresh()

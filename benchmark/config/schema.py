@@ -1,14 +1,11 @@
-"""The typed benchmark config: YAML file and/or CLI flags (CLI overrides file).
+"""The typed benchmark config (pydantic models): datasets x strategies (each with its
+parameters) x seeds, as in benchopt, with the model, training, tuning and execution settings.
 
-A benchmark is datasets x strategies (each with its parameters) x seeds, as in benchopt. A list
-value in a strategy's parameters expands to several grid cells (``k: [1, 2]`` -> two cells).
-Unknown keys and bad values are rejected with a :class:`ConfigError` that names the field, the
-allowed values and what to do.
-
-``cell_identity`` is everything that changes one cell's result (dataset, size, split options,
-model, weights, strategy + params, seed, ``RESULT_FIELDS``, code version and the fingerprint of
-the code the cell depends on, :mod:`.fingerprint`); ``config_hash``,
-the Optuna study names and the logged params are all derived from it, so they cannot disagree.
+A list value in a strategy's parameters expands to several grid cells (``k: [1, 2]`` -> two
+cells). Unknown keys and bad values are rejected with a message that names the field, the
+allowed values and what to do. The grid and a cell's identity live in
+:mod:`metalr_bench.benchmark.config.identity` (the methods here delegate to it); reading YAML
+and CLI flags in :mod:`metalr_bench.benchmark.config.loading`.
 
 The validators look strategies and datasets up in their registries inside the functions, on
 purpose: discovery imports every strategy and adapter module (torch), which `--help` must not.
@@ -16,26 +13,15 @@ purpose: discovery imports every strategy and adapter module (torch), which `--h
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from metalr_bench.benchmark import __version__
-from metalr_bench.benchmark.fingerprint import code_fingerprint, shared_fingerprint
+from metalr_bench.benchmark.config import identity
+from metalr_bench.benchmark.config.errors import ConfigError
+from metalr_bench.benchmark.config.errors import explain as _explain
+from metalr_bench.benchmark.config.identity import Cell
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-#: the package version, logged with every run; what invalidates resume when the code changes is
-#: the cell's ``code_fingerprint`` (:mod:`.fingerprint`), which needs no one to remember a bump
-CODE_VERSION = __version__
-
-
-class ConfigError(ValueError):
-    """A config problem the user can fix; the message names the field and the fix."""
 
 
 class _Strict(BaseModel):
@@ -57,7 +43,21 @@ def _check_dataset(name: str, options: dict[str, Any]) -> None:
 
 
 class DatasetSpec(_Strict):
-    name: str = Field(description="dataset name (see `run-benchmark list`)")
+    """One ``datasets:`` entry: the adapter that reads it (``adapter``), where its files are and
+    at what size; how it is named is ``label`` / :attr:`dataset_name`.
+
+    ``adapter`` was called ``name`` (which read as the dataset's name); ``name:`` still loads,
+    with a one-line warning. Dumps keep the key ``name`` (``serialization_alias``), so the cell
+    identity and config hash of every existing run, the logged ``config.json`` and the MLflow
+    dataset inputs are exactly what they were.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              serialize_by_alias=True)
+
+    adapter: str = Field(serialization_alias="name",
+                         description="the adapter that reads this dataset (see `run-benchmark "
+                         "list`), e.g. pneumoniamnist, imagefolder, csv")
     root: str | None = Field(None, description="folder holding the dataset files")
     size: int = Field(28, ge=8, le=1024, description="image side in pixels")
     download: bool = False
@@ -78,13 +78,36 @@ class DatasetSpec(_Strict):
         "-fold<k>",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_is_adapter(cls, data: Any) -> Any:
+        """``name:`` (the old key) -> ``adapter``, with one warning line per entry."""
+        if isinstance(data, dict) and "name" in data:
+            if "adapter" in data:
+                raise ValueError("give the dataset's adapter once: `adapter` (`name` is its "
+                                 "old spelling); drop `name`")
+            import warnings
+
+            from metalr_bench.datasets.core.errors import DatasetWarning
+
+            data = {("adapter" if k == "name" else k): v for k, v in data.items()}
+            warnings.warn(f"datasets: `name: {data['adapter']}` is deprecated, write "
+                          f"`adapter: {data['adapter']}` (the adapter that reads the dataset; "
+                          "`label` names it)", DatasetWarning, stacklevel=2)
+        return data
+
+    @property
+    def name(self) -> str:
+        """The adapter, under its old attribute name (read-only; kept for callers)."""
+        return self.adapter
+
     @property
     def cv_group(self) -> str:
         """The dataset's name without its fold (the tag ``cv_group`` of a fold's runs): the
         entry's ``label``, else the adapter's default name."""
         from metalr_bench.datasets.core.registry import get_entry
 
-        return self.label or get_entry(self.name).default_name(self.root, self.options)
+        return self.label or get_entry(self.adapter).default_name(self.root, self.options)
 
     @property
     def fold(self) -> int | None:
@@ -98,12 +121,18 @@ class DatasetSpec(_Strict):
         image folders never merge."""
         return self.cv_group if self.fold is None else f"{self.cv_group}-fold{self.fold}"
 
+    @property
+    def dataset_key(self) -> str:
+        """``<dataset name>@<size>`` (the reports' ``dataset_key``; a cell's, a study's and a
+        race's task): the same dataset at two sizes is two tasks."""
+        return f"{self.dataset_name}@{self.size}"
+
     def expand_folds(self) -> list[DatasetSpec]:
         """One entry per fold when the adapter's options give ``n_folds`` without ``fold``
         (k-fold cross-validation as a grid dimension), else ``[self]``."""
         from metalr_bench.datasets.core.registry import get_entry
 
-        opts = get_entry(self.name).options_model(**self.options)
+        opts = get_entry(self.adapter).options_model(**self.options)
         n_folds = getattr(opts, "n_folds", None)
         if n_folds is None or getattr(opts, "fold", None) is not None:
             return [self]
@@ -112,7 +141,7 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSpec:
-        _check_dataset(self.name, self.options)
+        _check_dataset(self.adapter, self.options)
         return self
 
 
@@ -259,7 +288,7 @@ class ReferenceSpec(_Strict):
 
 
 def _dataset_default() -> list[DatasetSpec]:
-    return [DatasetSpec(name="synthetic")]
+    return [DatasetSpec(adapter="synthetic")]
 
 
 def _strategy_default() -> list[StrategySpec]:
@@ -322,28 +351,6 @@ class TuneSpec(_Strict):
         )
 
 
-#: config fields that change a cell's result, besides its dataset, model, strategy, params and
-#: seed (see :meth:`BenchmarkConfig.cell_identity`)
-RESULT_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
-                 "augment", "input_pipeline", "precise_bn", "selection_metric")
-
-#: config fields a cell may override (tuning sets the base LR per strategy)
-#: control -> the strategy it controls: in one tuned grid with both, the control gets no study of
-#: its own and runs at the controlled strategy's tuned parameters (``tuning.studies``), so the
-#: paired difference measures only what the controlled strategy adds (MetaLR's hyper-gradient)
-CONTROLS = {"discriminative": "metalr"}
-
-
-def tuned_controls(cfg: BenchmarkConfig) -> dict[str, str]:
-    """The controls of ``cfg`` that take another strategy's tuned parameters: tuning on, both
-    the control and the strategy it controls listed."""
-    if not cfg.tune.enabled:
-        return {}
-    names = {s.name for s in cfg.strategies}
-    return {c: of for c, of in CONTROLS.items() if c in names and of in names}
-
-
-CELL_OVERRIDABLE = ("lr", "weight_decay", "momentum", "batch_size", "epochs")
 
 
 class BenchmarkConfig(_Strict):
@@ -420,7 +427,7 @@ class BenchmarkConfig(_Strict):
     @field_validator("datasets", mode="before")
     @classmethod
     def _dataset_shorthand(cls, v: Any) -> Any:
-        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+        return [{"adapter": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
 
     @field_validator("strategies", mode="before")
     @classmethod
@@ -507,237 +514,23 @@ class BenchmarkConfig(_Strict):
         """The datasets of the grid, cross-validation folds expanded (one entry per fold)."""
         return [f for d in self.datasets for f in d.expand_folds()]
 
+    # -- the grid and a cell's identity (config.identity) ------------------------------------------
     def cells(self) -> list[Cell]:
         """The grid, dataset-major then strategy, params and seed (stable order)."""
-        return [
-            Cell(dataset=d, strategy=s.name, params=p, seed=seed)
-            for d in self.dataset_specs()
-            for s in self.strategies
-            for p in s.expand()
-            for seed in self.seeds
-        ]
+        return identity.cells(self)
 
     def effective(self, cell: Cell) -> BenchmarkConfig:
         """This config with ``cell.overrides`` applied (idempotent; self when none)."""
-        if not cell.overrides:
-            return self
-        bad = sorted(set(cell.overrides) - set(CELL_OVERRIDABLE))
-        if bad:
-            raise ConfigError(
-                f"cell overrides {bad} are not allowed; a cell may override {CELL_OVERRIDABLE}"
-            )
-        return self.model_copy(update=cell.overrides)
+        return identity.effective(self, cell)
 
     def cell_identity(self, cell: Cell, *, tuned: Iterable[str] = ()) -> dict[str, Any]:
-        """Everything that changes the result of ``cell``: the one definition behind
-        :meth:`config_hash` (resume, de-duplication), the Optuna study name
-        (``tuning.studies.study_name``) and the params every run logs (:meth:`cell_params`).
-
-        ``tuned``: names a study searches (``lr`` or strategy params), left out because every
-        trial sets them.
-        """
-        from metalr_bench.strategies.core.registry import get_strategy
-
-        eff = self.effective(cell)
-        tuned = set(tuned)
-        strategy = get_strategy(cell.strategy)
-        params = strategy.Params(**cell.params).model_dump(mode="json")
-        return {
-            "dataset": {**cell.dataset.model_dump(
-                mode="json", exclude={"download", "root", "label"}
-                # no own source: the identity of the cells from before datasets could have one
-                | ({"pretrain"} if cell.dataset.pretrain is None else set())),
-                        # the root is left out (moving the data keeps the cells), its name not:
-                        # two image folders with the same options are two datasets
-                        # key "label" (not "dataset_name"): the identity hashes of existing
-                        # runs were computed with it
-                        "label": cell.dataset.dataset_name},
-            "model": eff.model.model_dump(mode="json"),
-            "strategy": cell.strategy,
-            "params": {k: v for k, v in params.items() if k not in tuned},
-            "seed": cell.seed,
-            **eff.model_dump(mode="json", include=set(RESULT_FIELDS) - tuned),
-            "code_version": CODE_VERSION,
-            "code_fingerprint": code_fingerprint(strategy),
-            # only when set: every cell from before the schedule keeps its hash
-            **({"lr_milestones": eff.lr_milestones, "lr_gamma": eff.lr_gamma}
-               if eff.lr_milestones else {}),
-        }
+        """Everything that changes the result of ``cell`` (:func:`.identity.cell_identity`)."""
+        return identity.cell_identity(self, cell, tuned=tuned)
 
     def config_hash(self, cell: Cell) -> str:
         """Hash of :meth:`cell_identity`: tags the cell's MLflow run, resume looks it up."""
-        payload = self.cell_identity(cell)
-        if cell.overrides:
-            payload["overrides"] = cell.overrides
-        if cell.tuned_from:
-            payload["tuned_from"] = cell.tuned_from
-        return stable_hash(payload)[:16]
+        return identity.config_hash(self, cell)
 
     def cell_params(self, cell: Cell) -> dict[str, Any]:
-        """The MLflow params of ``cell``'s run: :meth:`cell_identity`, flat, under the names
-        the README's filters and the reports use (``lr``, ``strategy.k``, ``image_size``)."""
-        ident = self.cell_identity(cell)
-        dataset, model = ident["dataset"], ident["model"]
-        return {
-            "dataset": dataset.pop("label"), "dataset.adapter": dataset.pop("name"),
-            "image_size": dataset.pop("size"),
-            **{f"dataset.{k}": v for k, v in dataset.items()},
-            "strategy": cell.strategy, "seed": cell.seed,
-            "model": model.pop("arch"), "weights": model.pop("weights"),
-            **{f"model.{k}": v for k, v in model.items()},
-            **{k: ident[k] for k in RESULT_FIELDS},
-            **{k: ident[k] for k in ("lr_milestones", "lr_gamma") if k in ident},
-            **{f"strategy.{k}": v for k, v in ident["params"].items()},
-            "code_version": ident["code_version"],
-            "code_fingerprint": ident["code_fingerprint"],
-            "code_fingerprint.shared": shared_fingerprint(),
-        }
-
-
-def stable_hash(payload: Any) -> str:
-    """sha256 of ``payload`` as sorted JSON (the same on every machine and run)."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One (dataset, strategy, params, seed) run of the grid."""
-
-    dataset: DatasetSpec
-    strategy: str
-    params: dict[str, Any]
-    seed: int
-    #: config fields replaced for this cell only (e.g. the tuned ``lr``), see ``CELL_OVERRIDABLE``
-    overrides: dict[str, Any] = field(default_factory=dict)
-    #: the Optuna study whose best trial chose ``params``/``overrides`` (None: not tuned)
-    study: str | None = None
-    #: the strategy whose study chose them when that is another strategy's: ``discriminative``
-    #: runs at ``metalr``'s tuned parameters when both are in one tuned grid (:data:`CONTROLS`)
-    tuned_from: str | None = None
-
-    @property
-    def strategy_label(self) -> str:
-        """``strategy``, ``strategy(k=2)`` when parameters were set, ``strategy(tuned)``; a
-        tuned cell keeps the params that name a variant of the method (``Strategy.label_params``,
-        e.g. ``bitfit(train_norm_scale=True,tuned)``), so two methods never share a label."""
-        if self.study is not None:
-            from metalr_bench.strategies.core.registry import get_strategy
-
-            try:
-                keep = get_strategy(self.strategy).label_params
-            except KeyError:  # a name no longer registered: its label as it was
-                keep = ()
-            shown = "".join(f"{k}={self.params[k]}," for k in sorted(keep) if k in self.params)
-            return f"{self.strategy}({shown}tuned)"
-        if not self.params:
-            return self.strategy
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.strategy}({inner})"
-
-    @property
-    def dataset_key(self) -> str:
-        """``<dataset name>@<size>`` (the reports' ``dataset_key``): the same dataset at two
-        sizes is two tasks."""
-        return f"{self.dataset.dataset_name}@{self.dataset.size}"
-
-
-def _explain(exc: ValidationError, sep: str = "; ") -> str:
-    """One line per problem: ``field: message (got value)``. Several problems are numbered,
-    each under its own heading (``(1) `strategies[0]`: ... (2) `lr`: ...``), so a top-level
-    error never reads as part of a strategy's params' (``sep``: how a nested list joins)."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
-        loc = loc.replace(".[", "[")
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        got = err.get("input")
-        show_got = err["type"] not in ("extra_forbidden", "missing") and not isinstance(
-            got, dict | list
-        )
-        lines.append(f"`{loc}`: {msg}" + (f" (got {got!r})" if show_got else "") if loc else msg)
-    if len(lines) > 1 and sep == "; ":
-        return f"{len(lines)} problems: " + " ".join(f"({i}) {ln}"
-                                                    for i, ln in enumerate(lines, 1))
-    return sep.join(lines)
-
-
-def _allowed_keys(model: type[BaseModel]) -> str:
-    return ", ".join(model.model_fields)
-
-
-def validate_config(data: dict[str, Any]) -> BenchmarkConfig:
-    """Validate a plain dict; raise :class:`ConfigError` with one readable line per problem."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"the config must be a mapping of keys to values, got {type(data).__name__}")
-    try:
-        return BenchmarkConfig(**data)
-    except ValidationError as exc:
-        extra = [e for e in exc.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
-        hint = f" Allowed top-level keys: {_allowed_keys(BenchmarkConfig)}." if extra else ""
-        raise ConfigError(
-            f"invalid config: {_explain(exc)}.{hint} Fix the value in the YAML file or with the "
-            "matching flag (`run-benchmark --help`)."
-        ) from None
-    except TypeError as exc:  # e.g. a non-string key
-        raise ConfigError(f"invalid config: {exc}") from None
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
-    """Read YAML ``path`` (optional), apply CLI ``overrides`` on top, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
-    data = deep_merge(data, overrides or {})
-    if isinstance(data.get("references"), list):
-        data["references"] = _expand_references(data["references"],
-                                                Path(path).parent if path is not None else None)
-    return validate_config(data)
-
-
-def _expand_references(entries: list[Any], base: Path | None) -> list[Any]:
-    """``references:`` entries that are file names become that file's rows: a YAML list of
-    reference rows, or a mapping with a ``references`` list (a file beside the config is found
-    relative to the config's folder, else to the working directory)."""
-    out: list[Any] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, str):
-            out.append(entry)
-            continue
-        candidates = ([base / entry] if base is not None else []) + [Path(entry)]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise ConfigError(
-                f"`references[{i}]`: file {entry!r} not found (looked in "
-                f"{', '.join(str(c) for c in candidates)}); give a YAML file of reference rows "
-                "relative to the config file, or the rows themselves")
-        try:
-            rows = yaml.safe_load(found.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"`references[{i}]`: {found} is not valid YAML: {exc}") from None
-        if isinstance(rows, dict):
-            rows = rows.get("references")
-        if not isinstance(rows, list):
-            raise ConfigError(f"`references[{i}]`: {found} must hold a list of reference rows "
-                              "(or a mapping with a `references` list)")
-        out += rows
-    return out
+        """The MLflow params of ``cell``'s run (:func:`.identity.cell_params`)."""
+        return identity.cell_params(self, cell)

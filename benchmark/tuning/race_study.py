@@ -66,7 +66,7 @@ class RaceTarget:
     """One race: a dataset and its arms (one grid study target per strategy, in config order).
 
     It quacks like a :class:`StudyTarget` for :class:`StudyRunner` (``strategy``, ``fixed``,
-    ``space``, ``name``, ``dataset_key``): the study run logs the namespaced space.
+    ``space``, ``name``): the study run logs the namespaced space.
     """
 
     dataset: DatasetSpec
@@ -75,10 +75,6 @@ class RaceTarget:
     strategy: str = "race"
     space: dict[str, SearchDim] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def dataset_key(self) -> str:
-        return f"{self.dataset.dataset_name}@{self.dataset.size}"
 
     def data_cell(self, seed: int) -> Cell:
         """The cell whose data (and starting weights) every arm trains on: the first arm's
