@@ -75,6 +75,7 @@ class Discriminative(MetaLR):
     #: MetaLR's search space and budget, less hyper_lr (nothing is learned)
     search_space = {"lr": SearchDim("float", 1e-5, 1e-2, log=True)}
     default_rank = 5  # right after metalr in the default grid: its control
+    controls = "metalr"  # tuned alongside it, it runs at metalr's tuned parameters
 
     @classmethod
     def constrain_space(

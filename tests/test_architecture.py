@@ -202,3 +202,21 @@ def test_strategy_docstrings_fit_a_screen_and_docs_hold_the_full_notes() -> None
         doc = importlib.import_module(f"metalr_bench.strategies.{mod.name}").__doc__ or ""
         assert len(doc.strip().splitlines()) <= 30, f"{mod.name}: {len(doc.splitlines())} lines"
         assert f"\n## {mod.name}\n" in docs, f"docs/strategies.md has no section {mod.name}"
+
+
+# -- a regular (non-editable) install ships every package ---------------------------------------
+def test_pyproject_lists_every_package_folder() -> None:
+    """setuptools installs only the packages pyproject.toml lists (``[tool.setuptools]
+    packages``); an editable install finds the others anyway, so a new sub-package (the
+    ``config`` package of issue 40's split) would work here and be missing from a wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {
+        "metalr_bench." + ".".join(init.parent.relative_to(root).parts)
+        for top in ("benchmark", "strategies", "datasets", "reports")
+        for init in (root / top).rglob("__init__.py")
+    }
+    assert found - listed == set(), sorted(found - listed)

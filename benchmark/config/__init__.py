@@ -18,7 +18,6 @@ from metalr_bench.benchmark.config.errors import ConfigError
 from metalr_bench.benchmark.config.identity import (
     CELL_OVERRIDABLE,
     CODE_VERSION,
-    CONTROLS,
     RESULT_FIELDS,
     Cell,
     stable_hash,
@@ -37,7 +36,7 @@ from metalr_bench.benchmark.config.schema import (
 )
 
 __all__ = [
-    "CELL_OVERRIDABLE", "CODE_VERSION", "CONTROLS", "RESULT_FIELDS", "BenchmarkConfig", "Cell",
+    "CELL_OVERRIDABLE", "CODE_VERSION", "RESULT_FIELDS", "BenchmarkConfig", "Cell",
     "ConfigError", "DatasetSpec", "ModelSpec", "PretrainSpec", "ReferenceSpec", "SearchDimSpec",
     "StrategySpec", "TuneSpec", "deep_merge", "load_config", "stable_hash", "tuned_controls",
     "validate_config",

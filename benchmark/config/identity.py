@@ -34,10 +34,15 @@ CODE_VERSION = __version__
 RESULT_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum",
                  "augment", "input_pipeline", "precise_bn", "selection_metric")
 
-#: control -> the strategy it controls: in one tuned grid with both, the control gets no study of
-#: its own and runs at the controlled strategy's tuned parameters (``tuning.studies``), so the
-#: paired difference measures only what the controlled strategy adds (MetaLR's hyper-gradient)
-CONTROLS = {"discriminative": "metalr"}
+def controls() -> dict[str, str]:
+    """Control -> the strategy it controls, as each strategy declares it (``Strategy.controls``:
+    ``discriminative`` -> ``metalr``). In one tuned grid with both, the control gets no study
+    of its own and runs at the controlled strategy's tuned parameters (``tuning.studies``), so
+    the paired difference measures only what the controlled strategy adds (MetaLR's
+    hyper-gradient). The pairing lives with the strategy, so a new control is one file."""
+    from metalr_bench.strategies.core.registry import discover
+
+    return {name: cls.controls for name, cls in discover().items() if cls.controls}
 
 
 def tuned_controls(cfg: BenchmarkConfig) -> dict[str, str]:
@@ -46,7 +51,7 @@ def tuned_controls(cfg: BenchmarkConfig) -> dict[str, str]:
     if not cfg.tune.enabled:
         return {}
     names = {s.name for s in cfg.strategies}
-    return {c: of for c, of in CONTROLS.items() if c in names and of in names}
+    return {c: of for c, of in controls().items() if c in names and of in names}
 
 
 #: config fields a cell may override (tuning sets the base LR per strategy)
@@ -71,7 +76,7 @@ class Cell:
     #: the Optuna study whose best trial chose ``params``/``overrides`` (None: not tuned)
     study: str | None = None
     #: the strategy whose study chose them when that is another strategy's: ``discriminative``
-    #: runs at ``metalr``'s tuned parameters when both are in one tuned grid (:data:`CONTROLS`)
+    #: runs at ``metalr``'s tuned parameters when both are in one tuned grid (:func:`controls`)
     tuned_from: str | None = None
 
     @property

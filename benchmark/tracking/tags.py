@@ -40,7 +40,7 @@ CODE_FINGERPRINT = "code_fingerprint"
 CODE_FINGERPRINT_SHARED = "code_fingerprint.shared"
 TUNED = "tuned"
 #: (tag and param) a tuned cell that took another strategy's tuned parameters: ``metalr`` on
-#: ``discriminative``'s cells when both are in one tuned grid (its control, ``config.CONTROLS``)
+#: ``discriminative``'s cells when both are in one tuned grid (its control, ``Strategy.controls``)
 TUNED_FROM = "tuned_from"
 #: the strategy's ``Strategy.mechanism``: the logged metric that shows its mechanism acted
 #: (absent for a strategy without one, ``full``); the report's "Did each strategy act?" reads it

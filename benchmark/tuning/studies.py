@@ -27,7 +27,7 @@ uses the fluent API's global active run)::
     └── final cell runs                    tuned=true, optuna.study_name, the tuned params
 
 A control runs at the parameters of the strategy it controls: with ``metalr`` and
-``discriminative`` in one tuned grid (``config.CONTROLS``), ``discriminative`` gets no study;
+``discriminative`` in one tuned grid (``Strategy.controls``), ``discriminative`` gets no study;
 each of its cells takes metalr's best parameters less the hyper-gradient (:func:`control_cells`:
 the same lr and overrides, backbone_lr_scale, head pin and optimizer) and is logged with
 ``tuned_from=metalr`` (param and tag) and metalr's study name. Two separate studies would end at

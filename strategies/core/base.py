@@ -161,6 +161,11 @@ class Strategy:
     #: row's label also when the cell is tuned (``bitfit(train_norm_scale=True,tuned)``), where
     #: other params are hidden behind ``(tuned)``
     label_params: ClassVar[tuple[str, ...]] = ()
+    #: the strategy this one is the control of (``discriminative``: ``metalr``, the same
+    #: method without its learned rates): in one tuned grid with both, the control gets no
+    #: study of its own and runs at that strategy's tuned parameters, so the paired difference
+    #: measures only what the other strategy adds
+    controls: ClassVar[str | None] = None
 
     def __init__(
         self,
