@@ -61,7 +61,7 @@ def test_counts_match_the_trainer(cfg, strategy: str, monkeypatch: pytest.Monkey
                         evaluate_test=True)
     assert planned.train_steps > 0
     assert seen["grad"] == planned.train_steps * cfg.batch_size  # drop_last batches, every epoch
-    assert seen["no_grad"] == planned.forward_images  # precise-BN + val each epoch + test once
+    assert seen["no_grad"] == planned.forward_images  # precise-BN + val each epoch + test twice
 
 
 def test_metalr_counts_its_held_out_split(cfg) -> None:
@@ -166,12 +166,13 @@ def test_tuning_phase_counts_trials(cfg) -> None:
     final = [r for r in plan if r.phase == "final"]
     assert [r.runs for r in tuning] == [3] * 4 and {r.epochs for r in tuning} == {1}
     assert [r.runs for r in final] == [len(cfg.seeds)] * 4 and {r.epochs for r in final} == {2}
-    # tuning trials never touch the test split; final runs evaluate it once
+    # tuning trials never touch the test split; final runs evaluate it twice (the checkpoint
+    # chosen on validation, and the last epoch's weights for last_test_*)
     t_full = next(r for r in tuning if r.strategy == "full")
     f_full = next(r for r in final if r.strategy == "full")
     sizes = split_sizes(cfg.datasets[0])
     assert f_full.forward_images / f_full.runs - 2 * t_full.forward_images / t_full.runs \
-        == sizes.test
+        == 2 * sizes.test
 
 
 def test_cli_plan(tiny_config: dict[str, Any], tmp_path: Path, timings_file: Path,

@@ -105,7 +105,9 @@ class RunCount:
     """What one run of a cell does, in iterations and forward-only images."""
 
     train_steps: int  # optimizer steps, all epochs
-    forward_images: int  # precise-BN passes + validation each epoch + test once (final runs)
+    #: precise-BN passes + validation each epoch + test twice (final runs: the checkpoint chosen
+    #: on validation, and the last epoch's weights for ``last_test_*``)
+    forward_images: int
 
 
 def count_run(cfg: BenchmarkConfig, cell: Cell, sizes: SplitSizes, *, epochs: int,
@@ -120,7 +122,7 @@ def count_run(cfg: BenchmarkConfig, cell: Cell, sizes: SplitSizes, *, epochs: in
         bn_batches = min(PRECISE_BN_BATCHES, math.ceil(n_train / eff.batch_size))
         forward += min(bn_batches * eff.batch_size, n_train)
     return RunCount(train_steps=epochs * per_epoch,
-                    forward_images=epochs * forward + (sizes.test if evaluate_test else 0))
+                    forward_images=epochs * forward + (2 * sizes.test if evaluate_test else 0))
 
 
 # -- timings ---------------------------------------------------------------------------------------
