@@ -31,6 +31,7 @@ from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.datasets.core.medmnist_info import INFO
 from metalr_bench.datasets.core.registry import available_datasets
 from metalr_bench.strategies.core.registry import available_strategies, get_strategy
+from test_cifar10 import write_official
 from test_folder import PATTERN, make_folder
 from test_medmnist import write_npz
 from test_pocus import SIDE, fake_pickle
@@ -139,12 +140,19 @@ def _csv(root: Path) -> dict[str, Any]:
     return {"root": str(root), "size": 16}
 
 
+def _cifar10(root: Path) -> dict[str, Any]:
+    write_official(root)  # the official pickles, tiny: their MD5s are not torchvision's
+    return {"root": str(root), "size": 16, "allow_md5_mismatch": True,
+            "options": {"val_fraction": 0.25, "cache_dir": str(root / "cache")}}
+
+
 #: adapter name -> ``make(tmp_dir) -> dataset entry of a config`` (tiny files in its format)
 ADAPTER_FIXTURES: dict[str, Callable[[Path], dict[str, Any]]] = {
     **{flag: _medmnist(flag) for flag in INFO},
     "pocus": _pocus,
     "imagefolder": _imagefolder,
     "csv": _csv,
+    "cifar10": _cifar10,
     "synthetic": lambda root: dict(SYNTHETIC),
     "synthetic-source": lambda root: {"size": 16, "options": {"n_images": 48}},
 }
