@@ -169,7 +169,7 @@ def test_every_adapter_has_a_fixture() -> None:
 def test_adapter_bundle_trains_one_epoch(tmp_path: Path, adapter: str) -> None:
     if adapter not in ADAPTER_FIXTURES:
         pytest.fail(f"no conformance fixture for adapter {adapter!r}")
-    entry = {"name": adapter, **ADAPTER_FIXTURES[adapter](tmp_path / "data")}
+    entry = {"adapter": adapter, **ADAPTER_FIXTURES[adapter](tmp_path / "data")}
     cfg = _config(tmp_path, entry)
     cell = Cell(dataset=cfg.datasets[0], strategy="full", params={}, seed=0)
     bundle = cell_mod.DataCache().get(cell)
