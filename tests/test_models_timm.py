@@ -79,7 +79,7 @@ def test_a_vit_is_built_for_the_datasets_image_size() -> None:
 def test_unknown_models_are_config_errors_naming_the_choices(tiny_config: dict) -> None:
     tiny_config["model"]["arch"] = "resnet99"
     with pytest.raises(ConfigError, match=r"model.arch.*unknown model 'resnet99'.*smallcnn, "
-                       r"resnet18, resnet50, densenet121, timm:<name>"):
+                       r"resnet18, resnet50, densenet121, resnet18_cifar, resnet50_cifar, timm:<name>"):
         load_config(None, tiny_config)
     tiny_config["model"]["arch"] = "timm:vit_tinyy_patch16_224"
     with pytest.raises(ConfigError, match=r"unknown timm model 'vit_tinyy_patch16_224'"):
