@@ -129,10 +129,11 @@ def test_two_strategies_three_trials_nested_runs_pruning_best_params_and_no_test
     assert not [m for m in said.messages if "study created" in m or "finished with" in m], \
         said.messages[:3]
 
-    # the test split: never loaded nor evaluated while tuning; once per final run afterwards
+    # the test split: never loaded nor evaluated while tuning; twice per final run afterwards
+    # (the checkpoint chosen on validation, and the last epoch's weights for last_test_*)
     assert ("tuning", "test") not in reads.loaded and ("tuning", "test") not in reads.evaluated
     assert ("tuning", "val") in reads.evaluated and "tuning" not in reads.tests
-    assert reads.tests == ["final"] * 4 and ("final", "test") in reads.loaded
+    assert reads.tests == ["final"] * 8 and ("final", "test") in reads.loaded
 
     storage = tuning.storage_url(cfg)
     assert storage == f"sqlite:///{Path(tiny_config['tracking_uri'][10:]).parent / 'optuna.db'}"
