@@ -111,8 +111,8 @@ def test_a_fold_without_n_folds_is_refused(tiny_config, frames) -> None:
         "pocus-frames-fold2@16"] * 2
 
 
-@pytest.mark.parametrize("name", ["medmnist", "metalr-paper", "metalr-pocus",
-                                  "pneumonia-fairness"])
+@pytest.mark.parametrize("name", sorted(
+    p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name: str) -> None:
     """Every ready-made grid in configs/ is a valid config (the paper protocol: 5 folds)."""
     from metalr_bench.benchmark.config import load_config
