@@ -275,6 +275,30 @@ def test_a_dataset_adapters_settings_are_called_options() -> None:
         ["name", "loader", "options"]
 
 
+def test_a_tuning_unit_is_a_spec_and_target_is_the_dataset() -> None:
+    """Issue 40: "target" meant both a tuning unit and the dataset being fine-tuned. A tuning
+    unit is now a *spec* (``StudySpec``, ``RaceSpec``, held as ``spec``); no name in the
+    benchmark package says "target" except the target dataset's (``target_size``)."""
+    import dataclasses
+    import inspect
+
+    from metalr_bench.benchmark.tuning import race_study, studies
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [f"{path.relative_to(root)}:{lineno}: {name}"
+                 for path in (root / "benchmark").rglob("*.py")
+                 for lineno, name in _identifiers(path)
+                 if "target" in name.lower() and name != "target_size"]
+    assert not offenders, "\n".join(offenders)
+    for module, gone in ((studies, "StudyTarget"), (race_study, "RaceTarget")):
+        assert not hasattr(module, gone), f"{module.__name__}.{gone} is back"
+    assert dataclasses.is_dataclass(studies.StudySpec) and dataclasses.is_dataclass(
+        race_study.RaceSpec)
+    assert "spec" in {f.name for f in dataclasses.fields(studies.StudyOutcome)}
+    assert "spec" in inspect.signature(studies.study_worker).parameters
+    assert "spec" in inspect.signature(studies.StudyRunner).parameters
+
+
 def test_register_dataset_still_takes_options_model_with_a_deprecation_warning() -> None:
     """``options_model=`` (the keyword before issue 40) still registers the adapter for one
     release, and the warning names the new keyword."""
