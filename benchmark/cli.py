@@ -275,8 +275,8 @@ def cmd_plan(argv: list[str]) -> int:
     p.prog = "run-benchmark plan"
     p.description = SUBCOMMANDS["plan"] + " (the same flags as a run, nothing is trained)"
     p.add_argument("--timings", nargs="+", metavar="JSON",
-                   help="bench_throughput --json files measured on the target device "
-                   "(one per image size)")
+                   help="bench_throughput --json files measured on the device the benchmark "
+                   "will run on (one per image size)")
     p.add_argument("--seconds-per-iter", type=float, metavar="S",
                    help="instead of --timings: one training-step time for every strategy, at "
                    "the config's batch size")
