@@ -275,8 +275,8 @@ def cmd_plan(argv: list[str]) -> int:
     p.prog = "run-benchmark plan"
     p.description = SUBCOMMANDS["plan"] + " (the same flags as a run, nothing is trained)"
     p.add_argument("--timings", nargs="+", metavar="JSON",
-                   help="bench_throughput --json files measured on the target device "
-                   "(one per image size)")
+                   help="bench_throughput --json files measured on the device the benchmark "
+                   "will run on (one per image size)")
     p.add_argument("--seconds-per-iter", type=float, metavar="S",
                    help="instead of --timings: one training-step time for every strategy, at "
                    "the config's batch size")
@@ -502,8 +502,8 @@ def cmd_race(argv: list[str]) -> int:
                             register=args.register, timings=timings,
                             seeds=None if seeds_given else DEFAULT_SEEDS)
 
-    def announce(rcfg: Any, targets: list[Any]) -> None:
-        print(f"run-benchmark race: {len(targets)} dataset(s) x {len(rcfg.strategies)} "
+    def announce(rcfg: Any, specs: list[Any]) -> None:
+        print(f"run-benchmark race: {len(specs)} dataset(s) x {len(rcfg.strategies)} "
               f"strateg(ies), {rcfg.tune.n_trials} trial(s) per dataset of up to "
               f"{rcfg.tune.epochs or rcfg.epochs} epoch(s) (Hyperband from {args.min_epochs}), "
               f"objective validation {rcfg.tune.metric}; then the top {args.top_k} on "

@@ -228,7 +228,7 @@ def _to_split(images: np.ndarray, labels: np.ndarray, size: int) -> Split:
 
 @register_dataset(
     "cifar10",
-    options_model=Cifar10Options,
+    options=Cifar10Options,
     description="CIFAR-10, 10 classes of natural RGB images (32 px): official files via "
     f"torchvision (download) or {JPEG_TAR} read offline; a natural-image pre-training source",
 )

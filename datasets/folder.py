@@ -207,7 +207,7 @@ def _root_name(root: Path | None, options: dict[str, Any]) -> str | None:
 
 @register_dataset(
     "imagefolder",
-    options_model=FolderOptions,
+    options=FolderOptions,
     naming=_root_name,
     description="root/<class>/<images>; group-aware stratified splits (group_pattern)",
 )
@@ -236,7 +236,7 @@ def load_imagefolder(
 
 @register_dataset(
     "csv",
-    options_model=CsvOptions,
+    options=CsvOptions,
     naming=_root_name,
     description="CSV manifest image,label[,group][,split]; multi-label as 'a|b'",
 )

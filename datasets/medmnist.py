@@ -200,7 +200,7 @@ def _register() -> None:
     for flag, info in INFO.items():
         register_dataset(
             flag,
-            options_model=MedMNISTOptions,
+            options=MedMNISTOptions,
             description=f"MedMNIST v2 {flag}: {info.task.value}, {len(info.labels)} classes, "
             f"{info.channels} channel(s), sizes {'/'.join(map(str, SIZES))}",
         )(functools.partial(load_medmnist, flag))

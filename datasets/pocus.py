@@ -220,7 +220,7 @@ def _resolve(root: Path | None, file: str) -> Path:
 
 @register_dataset(
     "pocus",
-    options_model=PocusOptions,
+    options=PocusOptions,
     description="the public MetaLR code's POCUS pickle (covid19/pneumonia/regular), its own "
     "five folds by video; fold = the test fold",
 )

@@ -122,7 +122,7 @@ def _scans(
 
 @register_dataset(
     "synthetic",
-    options_model=SyntheticOptions,
+    options=SyntheticOptions,
     description="binary benign/malignant lesions, patient-level splits (the quick benchmark)",
 )
 def load_synthetic(
@@ -172,7 +172,7 @@ def load_synthetic(
 
 @register_dataset(
     "synthetic-source",
-    options_model=SyntheticSourceOptions,
+    options=SyntheticSourceOptions,
     description="4-class source domain used by the `pretrain` stage",
 )
 def load_synthetic_source(

@@ -220,3 +220,110 @@ def test_pyproject_lists_every_package_folder() -> None:
         for init in (root / top).rglob("__init__.py")
     }
     assert found - listed == set(), sorted(found - listed)
+
+
+# -- one word per idea: params (a strategy's), options (a dataset adapter's), target (a dataset) --
+_PACKAGES = ("benchmark", "strategies", "datasets", "reports")
+
+
+def _identifiers(path: Path) -> list[tuple[int, str]]:
+    """Every name a module defines or uses: variables, arguments, attributes, keywords, defs,
+    imports. ``Thread(target=...)`` (the standard library's keyword) is left out."""
+    import ast
+
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            out.append((node.lineno, node.id))
+        elif isinstance(node, ast.arg):
+            out.append((node.lineno, node.arg))
+        elif isinstance(node, ast.Attribute):
+            out.append((node.lineno, node.attr))
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.append((node.lineno, node.name))
+        elif isinstance(node, ast.alias):
+            out.append((node.lineno, node.asname or node.name))
+        elif isinstance(node, ast.Call):
+            is_thread = getattr(node.func, "attr", getattr(node.func, "id", "")) == "Thread"
+            out += [(node.lineno, k.arg) for k in node.keywords
+                    if k.arg and not (is_thread and k.arg == "target")]
+    return out
+
+
+def test_a_dataset_adapters_settings_are_called_options() -> None:
+    """Issue 40: a dataset adapter's settings model is ``options`` (``register_dataset(name,
+    options=...)``, ``DatasetEntry.options``), like the config key ``options:``; a strategy's
+    are its ``Params``. ``options_model`` survives only as the deprecated keyword of
+    ``register_dataset``."""
+    import ast
+    import dataclasses
+
+    from metalr_bench.datasets.core import registry as dataset_registry
+
+    root = Path(__file__).resolve().parents[1]
+    shim = root / "datasets" / "core" / "registry.py"
+    fn = next(n for n in ast.walk(ast.parse(shim.read_text()))
+              if isinstance(n, ast.FunctionDef) and n.name == "register_dataset")
+    offenders = [
+        f"{path.relative_to(root)}:{i}: {line.strip()}"
+        for top in _PACKAGES for path in (root / top).rglob("*.py")
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if "options_model" in line and not (path == shim and fn.lineno <= i <= (fn.end_lineno or 0))
+    ]
+    assert not offenders, "\n".join(offenders)
+    assert [f.name for f in dataclasses.fields(dataset_registry.DatasetEntry)][:3] == \
+        ["name", "loader", "options"]
+
+
+def test_a_tuning_unit_is_a_spec_and_target_is_the_dataset() -> None:
+    """Issue 40: "target" meant both a tuning unit and the dataset being fine-tuned. A tuning
+    unit is now a *spec* (``StudySpec``, ``RaceSpec``, held as ``spec``); no name in the
+    benchmark package says "target" except the target dataset's (``target_size``)."""
+    import dataclasses
+    import inspect
+
+    from metalr_bench.benchmark.tuning import race_study, studies
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [f"{path.relative_to(root)}:{lineno}: {name}"
+                 for path in (root / "benchmark").rglob("*.py")
+                 for lineno, name in _identifiers(path)
+                 if "target" in name.lower() and name != "target_size"]
+    assert not offenders, "\n".join(offenders)
+    for module, gone in ((studies, "StudyTarget"), (race_study, "RaceTarget")):
+        assert not hasattr(module, gone), f"{module.__name__}.{gone} is back"
+    assert dataclasses.is_dataclass(studies.StudySpec) and dataclasses.is_dataclass(
+        race_study.RaceSpec)
+    assert "spec" in {f.name for f in dataclasses.fields(studies.StudyOutcome)}
+    assert "spec" in inspect.signature(studies.study_worker).parameters
+    assert "spec" in inspect.signature(studies.StudyRunner).parameters
+
+
+def test_register_dataset_still_takes_options_model_with_a_deprecation_warning() -> None:
+    """``options_model=`` (the keyword before issue 40) still registers the adapter for one
+    release, and the warning names the new keyword."""
+    from metalr_bench.datasets.core.registry import DATASETS, load_dataset, register_dataset
+    from pydantic import BaseModel, ConfigDict
+
+    class OldOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        n: int = 3
+
+    seen: dict[str, Any] = {}
+    try:
+        with pytest.warns(DeprecationWarning, match=r"options_model=.*deprecated.*options="):
+            @register_dataset("old-keyword-test", options_model=OldOptions)
+            def _load(**kwargs: Any) -> Any:
+                seen.update(kwargs)
+                return "bundle"
+
+        assert DATASETS["old-keyword-test"].options is OldOptions
+        assert load_dataset("old-keyword-test", options={"n": 5}) == "bundle"
+        assert seen["n"] == 5
+        with pytest.raises(ValueError, match="n"):  # the model still validates
+            load_dataset("old-keyword-test", options={"m": 1})
+        with pytest.raises(TypeError, match="options"):  # not both
+            register_dataset("old-keyword-test-2", options=OldOptions, options_model=OldOptions)
+    finally:
+        DATASETS.pop("old-keyword-test", None)
+        DATASETS.pop("old-keyword-test-2", None)

@@ -486,10 +486,10 @@ def test_the_share_is_also_against_the_grid_as_it_runs_measured_or_estimated(
 
     cfg = validate_config({**tiny_config, "precise_bn": False, "system_metrics": False})
     rcfg = race_config(cfg, RaceSettings(n_trials=4))
-    (t,) = race_study.race_targets(rcfg, DataCache())
+    (spec,) = race_study.race_specs(rcfg, DataCache())
     sizes: dict[str, Any] = {}
-    per_epoch = count_run(rcfg, Cell(dataset=t.dataset, strategy="full", params={}, seed=0),
-                          cached_sizes(sizes, t.dataset), epochs=1,
+    per_epoch = count_run(rcfg, Cell(dataset=spec.dataset, strategy="full", params={}, seed=0),
+                          cached_sizes(sizes, spec.dataset), epochs=1,
                           evaluate_test=False).train_steps
     full = rcfg.tune.epochs or rcfg.epochs  # 2
     n = cfg.tune.n_trials  # the grid's trials per strategy (20)
@@ -503,7 +503,7 @@ def test_the_share_is_also_against_the_grid_as_it_runs_measured_or_estimated(
         distributions={"strategy": optuna.distributions.CategoricalDistribution(
             ["linear_probe", "full", "last_k"])}, value=0.5, user_attrs={"race.top_up": True}))
     tracker = Tracker(cfg.tracking_uri, cfg.name)
-    c = compute_spent(rcfg, cfg, t, study, [], tracker, None)
+    c = compute_spent(rcfg, cfg, spec, study, [], tracker, None)
     assert c.grid_iters == tuning_bound + final  # the upper bound, as before
     assert c.grid_run_estimated and c.grid_run_iters == round(0.75 * tuning_bound) + final
     assert "estimated" in c.grid_run_how and "75 %" in c.grid_run_how
@@ -511,11 +511,11 @@ def test_the_share_is_also_against_the_grid_as_it_runs_measured_or_estimated(
     assert f"of an estimated {c.grid_run_iters:,}" in text and "an upper bound" in text
     # a grid ran in this experiment: its trials at the epochs they trained
     for strategy, epochs in (("full", 1), ("full", 2), ("last_k", 2), ("last_k", 2)):
-        tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.arms[strategy].name}
+        tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: spec.arms[strategy].name}
         with tracker.run(f"{strategy} trial", tags) as run_id:
             for e in range(epochs):
                 tracker.log_metrics(run_id, {"train_loss": 1.0}, step=e)
-    c = compute_spent(rcfg, cfg, t, study, [], tracker, None)
+    c = compute_spent(rcfg, cfg, spec, study, [], tracker, None)
     assert not c.grid_run_estimated and "measured" in c.grid_run_how
     assert c.grid_run_iters == n * per_epoch * (1.5 + 2) + final
     assert c.share_run_iters == pytest.approx(c.race_iters / c.grid_run_iters)

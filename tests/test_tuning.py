@@ -294,12 +294,12 @@ def test_journal_storage_and_study_name(tiny_config: dict[str, Any], tmp_path: P
     (trial,) = detail["trials"]
     assert {p["name"] for p in trial["params"]} == {"lr", "alpha"}
 
-    target = tuning.study_targets(cfg, _Data())[0]
-    assert target.name == summary.study_name  # derived from the config: stable
+    spec = tuning.study_specs(cfg, _Data())[0]
+    assert spec.name == summary.study_name  # derived from the config: stable
     more = validate_config({**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "n_trials": 9}})
-    assert tuning.study_targets(more, _Data())[0].name == target.name  # n_trials may grow
+    assert tuning.study_specs(more, _Data())[0].name == spec.name  # n_trials may grow
     other = validate_config({**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "epochs": 3}})
-    assert tuning.study_targets(other, _Data())[0].name != target.name
+    assert tuning.study_specs(other, _Data())[0].name != spec.name
 
 
 @contextlib.contextmanager
@@ -450,7 +450,7 @@ def test_search_space_is_narrowed_to_valid_points_and_bad_overrides_are_refused(
         search_space("metalr", 10, fixed={"backbone_lr_scale": 1e-5})
 
 
-def test_study_targets_pass_the_fixed_params_and_base_lr_to_the_space() -> None:
+def test_study_specs_pass_the_fixed_params_and_base_lr_to_the_space() -> None:
     from types import SimpleNamespace
 
     class Data:
@@ -461,11 +461,11 @@ def test_study_targets_pass_the_fixed_params_and_base_lr_to_the_space() -> None:
         "model": {"arch": "smallcnn", "weights": "none"},
         "strategies": ["full", {"name": "metalr", "params": {"backbone_lr_scale": 0.01}}],
         "tune": {"enabled": True}})
-    full, metalr = tuning.study_targets(cfg, Data())
+    full, metalr = tuning.study_specs(cfg, Data())
     assert full.space["lr"].high == 1e-1
     assert metalr.fixed == {"backbone_lr_scale": 0.01}
     assert metalr.space["lr"].low == pytest.approx(1e-4)  # backbone 0.01 * lr >= lr_min 1e-6
     fixed_lr = validate_config({**cfg.model_dump(include={"model", "strategies"}), "lr": 0.05,
                                 "tune": {"enabled": True, "params": {"metalr": {"lr": None}}}})
     with pytest.raises(ConfigError, match=r"'metalr' cannot be tuned .* from lr=0\.05"):
-        tuning.study_targets(fixed_lr, Data())
+        tuning.study_specs(fixed_lr, Data())

@@ -37,7 +37,7 @@ def _check_dataset(name: str, options: dict[str, Any]) -> None:
     if name not in names:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(names)}")
     try:
-        get_entry(name).options_model(**options)
+        get_entry(name).options(**options)
     except ValidationError as exc:
         raise ValueError(f"options of dataset {name!r}: {_explain(exc)}") from None
 
@@ -132,7 +132,7 @@ class DatasetSpec(_Strict):
         (k-fold cross-validation as a grid dimension), else ``[self]``."""
         from metalr_bench.datasets.core.registry import get_entry
 
-        opts = get_entry(self.adapter).options_model(**self.options)
+        opts = get_entry(self.adapter).options(**self.options)
         n_folds = getattr(opts, "n_folds", None)
         if n_folds is None or getattr(opts, "fold", None) is not None:
             return [self]

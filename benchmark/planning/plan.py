@@ -186,7 +186,7 @@ class StepTimings:
             raise PlanError(
                 f"no step time for strategy {cell.strategy!r} at {size} px in the timings "
                 f"(have: {', '.join(f'{s}@{z}' for s, z in sorted(self.train)) or 'none'}); "
-                f"measure it on the target device with `python -m "
+                f"measure it on the device the benchmark will run on with `python -m "
                 f"metalr_bench.benchmark.perf.bench_throughput --size {size} --json t{size}.json` "
                 "and pass every file to --timings"
             )
@@ -336,7 +336,8 @@ def format_plan(cfg: BenchmarkConfig, rows: list[PlanRow], timings: StepTimings 
     if timings is None:
         lines.append("No timings: pass --timings FILE.json (from `python -m "
                      "metalr_bench.benchmark.perf.bench_throughput --size N --json FILE.json` on the "
-                     "target device) or --seconds-per-iter S to price the plan.")
+                     "device the benchmark will run on) or --seconds-per-iter S to price the "
+                     "plan.")
         return "\n".join(lines)
     total = sum(r.seconds or 0.0 for r in rows)
     outside = (f"plus {timings.per_run_s:g} s per run outside training" if timings.per_run_s

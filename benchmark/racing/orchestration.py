@@ -60,10 +60,10 @@ from metalr_bench.benchmark.training.cell import CellResult, DataCache
 from metalr_bench.benchmark.training.pretrain import starting_weights
 from metalr_bench.benchmark.tuning.race_study import (
     RaceRunner,
-    RaceTarget,
+    RaceSpec,
     arm_cell,
     leaders,
-    race_targets,
+    race_specs,
     standings,
 )
 from metalr_bench.benchmark.tuning.studies import open_storage, storage_url, tune_in_workers
@@ -81,16 +81,16 @@ def race_cell_call(cfg: BenchmarkConfig, tracker: Tracker, data: DataCache, cell
 
 # -- the whole race ---------------------------------------------------------------------------------
 def run_race(cfg: BenchmarkConfig, settings: RaceSettings, *, progress: bool = True,
-             announce: Callable[[BenchmarkConfig, list[RaceTarget]], None] | None = None,
+             announce: Callable[[BenchmarkConfig, list[RaceSpec]], None] | None = None,
              ) -> RaceOutcome:
     """Race every dataset of ``cfg`` under one parent run (see the module docstring)."""
     check_settings(cfg, settings)
     rcfg = race_config(cfg, settings)
     data = DataCache()
     preflight(rcfg, data)
-    targets = race_targets(rcfg, data)  # every space resolved before any run exists
+    specs = race_specs(rcfg, data)  # every space resolved before any run exists
     if announce is not None:
-        announce(rcfg, targets)
+        announce(rcfg, specs)
     executor = get_executor(rcfg)
     url = storage_url(rcfg)
     storage = open_storage(url)
@@ -112,9 +112,9 @@ def run_race(cfg: BenchmarkConfig, settings: RaceSettings, *, progress: bool = T
                 "min_epochs": settings.min_epochs, "trial_epochs": rcfg.tune.epochs or rcfg.epochs,
                 "epochs": rcfg.epochs, "seeds": rcfg.seeds, "model": rcfg.model.arch,
                 "metric": rcfg.tune.metric, "register": settings.register or ""})
-            for t in targets:
-                races.append(_race_dataset(rcfg, cfg, settings, t, tracker, parent, storage, url,
-                                           data, executor, uri, progress, len(targets)))
+            for spec in specs:
+                races.append(_race_dataset(rcfg, cfg, settings, spec, tracker, parent, storage, url,
+                                           data, executor, uri, progress, len(specs)))
             summary = {"name": rcfg.name, "parent_run_id": parent,
                        "settings": {"n_trials": rcfg.tune.n_trials, "top_k": settings.top_k,
                                     "min_epochs": settings.min_epochs, "seeds": rcfg.seeds,
@@ -135,16 +135,16 @@ def run_race(cfg: BenchmarkConfig, settings: RaceSettings, *, progress: bool = T
 
 
 def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSettings,
-                  t: RaceTarget, tracker: Tracker, parent: str, storage: Any, url: str,
+                  spec: RaceSpec, tracker: Tracker, parent: str, storage: Any, url: str,
                   data: DataCache, executor: Any, uri: str, progress: bool,
                   n_races: int) -> DatasetRace:
-    label = t.dataset.dataset_key
-    bundle = data.get(t.data_cell(rcfg.tune.seed))
+    label = spec.dataset.dataset_key
+    bundle = data.get(spec.data_cell(rcfg.tune.seed))
     # the pretrain stage runs (once, cached) here, never in the search's workers
     weights, source = starting_weights(rcfg, bundle, tracker, parent, progress=progress,
-                                       dataset=t.dataset)
+                                       dataset=spec.dataset)
     # 1. the search: in this process, or on the executor's workers sharing the study
-    runner = RaceRunner(rcfg, t, tracker, storage, url, bundle, weights, source,
+    runner = RaceRunner(rcfg, spec, tracker, storage, url, bundle, weights, source,
                         min_epochs=settings.min_epochs)
     workers = search_workers(rcfg, executor)
     with tqdm(total=rcfg.tune.n_trials, desc=f"race {label}", unit="trial",
@@ -158,27 +158,27 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
     topped = runner.top_up(parent)
     if topped is not None:
         outcome = topped
-    study = optuna.load_study(study_name=t.name, storage=storage)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
     board = leaders(study, rcfg.tune.metric, rcfg.tune.epochs or rcfg.epochs)
-    race = DatasetRace(label, t.name, outcome.counts, board)
-    race.strategies = standings(study, list(t.arms), board, [], settings.top_k)
+    race = DatasetRace(label, spec.name, outcome.counts, board)
+    race.strategies = standings(study, list(spec.arms), board, [], settings.top_k)
     if not board:
-        race.error = (f"no trial of race {t.name} completed ({outcome.counts}); see the trial "
+        race.error = (f"no trial of race {spec.name} completed ({outcome.counts}); see the trial "
                       f"runs under MLflow run {outcome.run_id}")
         log.error(race.error)
         return race
     # 2. the confirmation
     top = board[:settings.top_k]
     race.confirmed = [b.strategy for b in top]
-    race.strategies = standings(study, list(t.arms), board, race.confirmed, settings.top_k)
-    cells = [arm_cell(rcfg, t, b.values, seed) for b in top for seed in rcfg.seeds]
+    race.strategies = standings(study, list(spec.arms), board, race.confirmed, settings.top_k)
+    cells = [arm_cell(rcfg, spec, b.values, seed) for b in top for seed in rcfg.seeds]
     if progress:
         tqdm.write(f"race {label}: confirming {', '.join(race.confirmed)} on "
                    f"{len(rcfg.seeds)} seed(s)")
     race.results = executor.map_cells(race_cell_call, rcfg, cells, parent, uri, tracker=tracker,
                                       data=data, progress=progress)
     # 3. what it spent, the answer, the winner
-    race.compute = compute_spent(rcfg, cfg, t, study, race.results, tracker, settings.timings)
+    race.compute = compute_spent(rcfg, cfg, spec, study, race.results, tracker, settings.timings)
     answer_race(rcfg, race)
     spent = {"train_iters": race.compute.race_iters, "grid_train_iters": race.compute.grid_iters,
              "share_iters": race.compute.share_iters, "wall_s": race.compute.race_s}
@@ -191,7 +191,7 @@ def _race_dataset(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, settings: RaceSet
     # 4. the model
     if race.winner is not None:
         race.model = log_winner_model(rcfg, race, bundle, weights, tracker, parent, uri,
-                                      registered_name(settings.register, t, n_races))
+                                      registered_name(settings.register, spec, n_races))
     return race
 
 

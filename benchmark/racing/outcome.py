@@ -27,7 +27,7 @@ from metalr_bench.benchmark.training.cell import CellResult
 from metalr_bench.benchmark.tuning.race_study import (
     STRATEGY_PARAM,
     Leader,
-    RaceTarget,
+    RaceSpec,
     trial_epochs,
 )
 from metalr_bench.reports.answer import ALPHA, dataset_answer
@@ -195,7 +195,7 @@ def answer_race(rcfg: BenchmarkConfig, race: DatasetRace) -> None:
     race.winner_seed, race.winner_run_id = int(best["seed"]), str(best["run_id"])
 
 
-def compute_spent(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, t: RaceTarget,
+def compute_spent(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, spec: RaceSpec,
                   study: optuna.Study, results: list[CellResult], tracker: Tracker,
                   timings: StepTimings | None) -> Compute:
     """Training iterations as `run-benchmark plan` counts them, for the trials (the epochs each
@@ -205,13 +205,13 @@ def compute_spent(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, t: RaceTarget,
     sizes: dict[str, SplitSizes] = {}
     search = 0
     for strategy, epochs, _ in trial_epochs(study):
-        if strategy not in t.arms or epochs == 0:
+        if strategy not in spec.arms or epochs == 0:
             continue
-        cell = Cell(dataset=t.dataset, strategy=strategy, params=t.arms[strategy].fixed,
+        cell = Cell(dataset=spec.dataset, strategy=strategy, params=spec.arms[strategy].fixed,
                     seed=rcfg.tune.seed)
-        search += count_run(rcfg, cell, cached_sizes(sizes, t.dataset), epochs=epochs,
+        search += count_run(rcfg, cell, cached_sizes(sizes, spec.dataset), epochs=epochs,
                             evaluate_test=False).train_steps
-    confirm = sum(count_run(rcfg, r.cell, cached_sizes(sizes, t.dataset), epochs=rcfg.epochs,
+    confirm = sum(count_run(rcfg, r.cell, cached_sizes(sizes, spec.dataset), epochs=rcfg.epochs,
                             evaluate_test=True).train_steps for r in results)
     search_s = sum((tr.datetime_complete - tr.datetime_start).total_seconds()
                    for tr in study.get_trials(deepcopy=False)
@@ -224,11 +224,11 @@ def compute_spent(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, t: RaceTarget,
         if info.end_time and info.start_time:
             confirm_s += (info.end_time - info.start_time) / 1000
     grid_cfg = cfg.model_copy(update={
-        "datasets": [t.dataset], "seeds": rcfg.seeds,
+        "datasets": [spec.dataset], "seeds": rcfg.seeds,
         "tune": cfg.tune.model_copy(update={"enabled": True})})
     rows = plan_rows(grid_cfg, timings, sizes)
     grid_iters = sum(r.train_steps for r in rows)
-    run_iters, run_how, estimated = grid_as_run(grid_cfg, t, study, tracker, sizes, rows)
+    run_iters, run_how, estimated = grid_as_run(grid_cfg, spec, study, tracker, sizes, rows)
     if timings is not None:
         grid_s: float | None = sum(r.seconds or 0.0 for r in rows)
         how = f"`run-benchmark plan` at the step times of {timings.device}"
@@ -241,7 +241,7 @@ def compute_spent(rcfg: BenchmarkConfig, cfg: BenchmarkConfig, t: RaceTarget,
                    run_iters, run_how, estimated)
 
 
-def grid_as_run(grid_cfg: BenchmarkConfig, t: RaceTarget, study: optuna.Study,
+def grid_as_run(grid_cfg: BenchmarkConfig, spec: RaceSpec, study: optuna.Study,
                 tracker: Tracker, sizes: dict[str, SplitSizes], rows: list[Any],
                 ) -> tuple[int | None, str, bool]:
     """The full grid's training iterations with its pruning: (iterations, how, estimated).
@@ -263,16 +263,17 @@ def grid_as_run(grid_cfg: BenchmarkConfig, t: RaceTarget, study: optuna.Study,
     spent = at_full = 0
     for tr in study.get_trials(deepcopy=False):
         s = tr.params.get(STRATEGY_PARAM)
-        if s not in t.arms or tr.user_attrs.get("race.top_up") or not tr.intermediate_values:
+        if s not in spec.arms or tr.user_attrs.get("race.top_up") or not tr.intermediate_values:
             continue
-        cell = Cell(dataset=t.dataset, strategy=s, params=t.arms[s].fixed, seed=grid_cfg.tune.seed)
-        one = count_run(grid_cfg, cell, cached_sizes(sizes, t.dataset), epochs=1,
+        cell = Cell(dataset=spec.dataset, strategy=s, params=spec.arms[s].fixed,
+                    seed=grid_cfg.tune.seed)
+        one = count_run(grid_cfg, cell, cached_sizes(sizes, spec.dataset), epochs=1,
                         evaluate_test=False).train_steps
         spent += one * len(tr.intermediate_values)
         at_full += one * full
     rate = spent / at_full if at_full else None
     total, measured, n_runs = final, [], 0
-    for s, arm in t.arms.items():
+    for s, arm in spec.arms.items():
         name = arm.name.replace("'", "\\'")
         runs = tracker.search_runs(f"tags.{T.KIND} = '{T.KIND_TRIAL}' and "
                                    f"tags.`{T.STUDY_NAME}` = '{name}'")
@@ -280,8 +281,8 @@ def grid_as_run(grid_cfg: BenchmarkConfig, t: RaceTarget, study: optuna.Study,
                   for r in runs]
         epochs = [e for e in epochs if e > 0]
         if epochs:
-            cell = Cell(dataset=t.dataset, strategy=s, params=arm.fixed, seed=grid_cfg.tune.seed)
-            one = count_run(grid_cfg, cell, cached_sizes(sizes, t.dataset), epochs=1,
+            cell = Cell(dataset=spec.dataset, strategy=s, params=arm.fixed, seed=grid_cfg.tune.seed)
+            one = count_run(grid_cfg, cell, cached_sizes(sizes, spec.dataset), epochs=1,
                             evaluate_test=False).train_steps
             total += round(n_trials * one * sum(epochs) / len(epochs))
             measured.append(s)
@@ -290,7 +291,7 @@ def grid_as_run(grid_cfg: BenchmarkConfig, t: RaceTarget, study: optuna.Study,
             total += round(tuning.get(s, 0) * rate)
         else:
             return None, "", True
-    if len(measured) == len(t.arms):
+    if len(measured) == len(spec.arms):
         return total, (f"measured: the grid's {n_runs} trial runs in this experiment, at the "
                        f"epochs they trained, scaled to {n_trials} trials per strategy"), False
     how = (f"estimated at the race's own pruning rate, its trials trained "

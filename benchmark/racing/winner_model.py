@@ -15,7 +15,7 @@ from metalr_bench.benchmark.training import export
 from metalr_bench.benchmark.training.cell import train_cell
 from metalr_bench.benchmark.training.cell import trainer_options as _trainer_options
 from metalr_bench.benchmark.tuning.race_study import (
-    RaceTarget,
+    RaceSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,10 @@ def _requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}"]
 
 
-def registered_name(register: str | None, target: RaceTarget, n_races: int) -> str | None:
+def registered_name(register: str | None, spec: RaceSpec, n_races: int) -> str | None:
     """``--register NAME``: NAME for a race of one dataset; ``NAME-<dataset>`` per dataset
     when the config races several (one model per dataset)."""
     if register is None or n_races == 1:
         return register
-    return f"{register}-{target.dataset.dataset_name}"
+    return f"{register}-{spec.dataset.dataset_name}"
 

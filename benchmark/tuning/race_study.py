@@ -9,7 +9,7 @@ configurations after their first epochs, on the same per-epoch validation metric
 tuning reports (:class:`studies.PruningReporter`, through :meth:`StudyRunner.train_trial`).
 
 * **No strategy gets a wider space than in the grid**: each arm is the
-  :class:`studies.StudyTarget` the grid's tuning would build (:func:`studies.study_targets`:
+  :class:`studies.StudySpec` the grid's tuning would build (:func:`studies.study_specs`:
   the declared space, ``tune.params`` overrides, ``constrain_space``, the fixed params).
 * **Namespaced names**: a strategy's dimensions are ``<strategy>.<name>`` (``l2sp.lr``,
   ``l2sp.alpha``), so two strategies' ``lr`` are two parameters and the conditional space is
@@ -49,9 +49,9 @@ from metalr_bench.benchmark.tuning.studies import (
     REPORT_STEPS,
     StudyOutcome,
     StudyRunner,
-    StudyTarget,
+    StudySpec,
     direction,
-    study_targets,
+    study_specs,
 )
 from optuna.trial import TrialState
 
@@ -62,15 +62,15 @@ STRATEGY_PARAM = "strategy"
 
 
 @dataclass(frozen=True)
-class RaceTarget:
-    """One race: a dataset and its arms (one grid study target per strategy, in config order).
+class RaceSpec:
+    """One race: a dataset and its arms (one grid study spec per strategy, in config order).
 
-    It quacks like a :class:`StudyTarget` for :class:`StudyRunner` (``strategy``, ``fixed``,
+    It quacks like a :class:`StudySpec` for :class:`StudyRunner` (``strategy``, ``fixed``,
     ``space``, ``name``): the study run logs the namespaced space.
     """
 
     dataset: DatasetSpec
-    arms: dict[str, StudyTarget]
+    arms: dict[str, StudySpec]
     name: str
     strategy: str = "race"
     space: dict[str, SearchDim] = field(default_factory=dict)
@@ -82,7 +82,7 @@ class RaceTarget:
         return Cell(dataset=self.dataset, strategy=next(iter(self.arms)), params={}, seed=seed)
 
 
-def race_name(cfg: BenchmarkConfig, dataset: DatasetSpec, arms: dict[str, StudyTarget]) -> str:
+def race_name(cfg: BenchmarkConfig, dataset: DatasetSpec, arms: dict[str, StudySpec]) -> str:
     """``<benchmark>-<dataset>@<size>-race-<hash>``; the hash covers every arm's study name
     (which hashes its trial identity, space and metric), in order: the categorical's choices."""
     payload = {"race": [arms[s].name for s in arms], "metric": cfg.tune.metric,
@@ -90,17 +90,17 @@ def race_name(cfg: BenchmarkConfig, dataset: DatasetSpec, arms: dict[str, StudyT
     return f"{cfg.name}-{dataset.dataset_name}@{dataset.size}-race-{stable_hash(payload)[:8]}"
 
 
-def race_targets(cfg: BenchmarkConfig, data: Any) -> list[RaceTarget]:
+def race_specs(cfg: BenchmarkConfig, data: Any) -> list[RaceSpec]:
     """One race per dataset (cross-validation folds: one each), validated before any training."""
-    by_dataset: dict[str, tuple[DatasetSpec, dict[str, StudyTarget]]] = {}
-    for t in study_targets(cfg, data):
-        key = t.dataset.model_dump_json()
-        by_dataset.setdefault(key, (t.dataset, {}))[1][t.strategy] = t
+    by_dataset: dict[str, tuple[DatasetSpec, dict[str, StudySpec]]] = {}
+    for spec in study_specs(cfg, data):
+        key = spec.dataset.model_dump_json()
+        by_dataset.setdefault(key, (spec.dataset, {}))[1][spec.strategy] = spec
     out = []
     for dataset, arms in by_dataset.values():
         space = {f"{s}.{k}": d for s, a in arms.items() for k, d in a.space.items()}
         fixed = {f"{s}.{k}": v for s, a in arms.items() for k, v in a.fixed.items()}
-        out.append(RaceTarget(dataset, arms, race_name(cfg, dataset, arms), space=space,
+        out.append(RaceSpec(dataset, arms, race_name(cfg, dataset, arms), space=space,
                               fixed=fixed))
     return out
 
@@ -111,21 +111,21 @@ def arm_values(values: dict[str, Any], strategy: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
 
 
-def arm_cell(cfg: BenchmarkConfig, target: RaceTarget, values: dict[str, Any], seed: int,
+def arm_cell(cfg: BenchmarkConfig, spec: RaceSpec, values: dict[str, Any], seed: int,
              ) -> Cell:
     """The cell of a trial's (or the best trial's) values, at ``seed``, marked with the race's
     study (``Cell.study``: its runs are tagged tuned, with the race's study name)."""
     strategy = values[STRATEGY_PARAM]
-    arm = target.arms[strategy]
+    arm = spec.arms[strategy]
     params, overrides = split_params(arm_values(values, strategy))
-    return Cell(dataset=target.dataset, strategy=strategy, params={**arm.fixed, **params},
-                seed=seed, overrides=overrides, study=target.name)
+    return Cell(dataset=spec.dataset, strategy=strategy, params={**arm.fixed, **params},
+                seed=seed, overrides=overrides, study=spec.name)
 
 
 class RaceRunner(StudyRunner):
     """:class:`StudyRunner` whose trial first picks the strategy; Hyperband-pruned."""
 
-    target: RaceTarget
+    spec: RaceSpec
 
     def __init__(self, *args: Any, min_epochs: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -148,12 +148,12 @@ class RaceRunner(StudyRunner):
         return {"min_epochs": self.min_epochs}
 
     def objective(self, trial: optuna.Trial) -> float:
-        t = self.target
-        strategy = trial.suggest_categorical(STRATEGY_PARAM, list(t.arms))
+        spec = self.spec
+        strategy = trial.suggest_categorical(STRATEGY_PARAM, list(spec.arms))
         values: dict[str, Any] = {STRATEGY_PARAM: strategy}
-        for name, dim in t.arms[str(strategy)].space.items():
+        for name, dim in spec.arms[str(strategy)].space.items():
             values[f"{strategy}.{name}"] = dim.suggest(trial, f"{strategy}.{name}")
-        return self.train_trial(trial, arm_cell(self.cfg, t, values, self.cfg.tune.seed))
+        return self.train_trial(trial, arm_cell(self.cfg, spec, values, self.cfg.tune.seed))
 
     def top_up(self, parent_id: str) -> StudyOutcome | None:
         """Race every named strategy to full resource: each strategy without a COMPLETE trial
@@ -168,12 +168,12 @@ class RaceRunner(StudyRunner):
         out of the race, and the summary says so (:func:`standings`). On a re-run the strategies
         that have a COMPLETE trial are not topped up again.
         """
-        study = optuna.load_study(study_name=self.target.name, storage=self.storage,
+        study = optuna.load_study(study_name=self.spec.name, storage=self.storage,
                                   sampler=self.sampler(self.cfg.tune.seed + 7919),
                                   pruner=optuna.pruners.NopPruner())
         complete = {t.params.get(STRATEGY_PARAM) for t in study.get_trials(
             deepcopy=False, states=(TrialState.COMPLETE,))}
-        missing = [s for s in self.target.arms if s not in complete]
+        missing = [s for s in self.spec.arms if s not in complete]
         if not missing:
             return None
         curves = _curves(study, self.epochs)
@@ -196,7 +196,7 @@ class RaceRunner(StudyRunner):
                     raise
                 except Exception as exc:
                     log.warning("race %s: the full-resource trial %d of %s failed (%s); it "
-                                "leaves the race", self.target.name, trial.number, s, exc)
+                                "leaves the race", self.spec.name, trial.number, s, exc)
                     trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
                     study.tell(trial, state=TrialState.FAIL)
                 else:
@@ -210,7 +210,7 @@ class RaceRunner(StudyRunner):
         board = leaders(study, self.cfg.tune.metric, self.epochs)
         if not board:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
-            return StudyOutcome(self.target, run_id, None, None, counts)
+            return StudyOutcome(self.spec, run_id, None, None, counts)
         top = board[0]
         self.tracker.set_tags(run_id, {"optuna.best_trial_number": top.trial_number,
                                        **{f"best.{k}": v for k, v in top.values.items()}})
@@ -219,7 +219,7 @@ class RaceRunner(StudyRunner):
             **{f"leader.{b.strategy}.value": b.value for b in board},
             **{f"n_complete.{s}": c for s, c in
                ((b.strategy, b.n_complete) for b in board)}}, step=n_trials)
-        return StudyOutcome(self.target, run_id, dict(top.values), top.value,
+        return StudyOutcome(self.spec, run_id, dict(top.values), top.value,
                             counts)
 
 

@@ -136,8 +136,11 @@ def make_pruner(tune: TuneSpec, epochs: int) -> optuna.pruners.BasePruner:
 
 # -- what is tuned ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class StudyTarget:
-    """One study: a dataset, a strategy, its fixed (untuned) params and its search space."""
+class StudySpec:
+    """One study: a dataset, a strategy, its fixed (untuned) params and its search space.
+
+    A tuning unit is a *spec* (this, and the race's :class:`~.race_study.RaceSpec`); it was
+    called a "target" before issue 40, which is the word for the dataset being fine-tuned."""
 
     dataset: DatasetSpec
     strategy: str
@@ -174,8 +177,8 @@ def study_name(
             f"{stable_hash(payload)[:8]}")
 
 
-def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
-    """Validate the whole tuning plan before any training: one target per (dataset, strategy)."""
+def study_specs(cfg: BenchmarkConfig, data: Any) -> list[StudySpec]:
+    """Validate the whole tuning plan before any training: one spec per (dataset, strategy)."""
     names = [s.name for s in cfg.strategies]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -184,7 +187,7 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
     unknown = sorted(set(cfg.tune.params) - set(names))
     if unknown:
         raise ConfigError(f"`tune.params`: {unknown} are not in `strategies` ({', '.join(names)})")
-    targets = []
+    specs = []
     for d in cfg.dataset_specs():  # a cross-validation fold is tuned on its own validation data
         bundle = data.get(Cell(dataset=d, strategy=names[0], params={}, seed=cfg.tune.seed))
         model = build_model(cfg.model.arch, bundle.in_channels, bundle.num_outputs, d.size)
@@ -203,8 +206,8 @@ def study_targets(cfg: BenchmarkConfig, data: Any) -> list[StudyTarget]:
                     "strategy is one study; give one value or tune them via `tune.params`"
                 )
             name = study_name(cfg, d, s.name, fixed, space)
-            targets.append(StudyTarget(d, s.name, fixed, space, name))
-    return targets
+            specs.append(StudySpec(d, s.name, fixed, space, name))
+    return specs
 
 
 def objective_value(values: list[float], end_val: dict[str, float] | None, metric: str) -> float:
@@ -255,7 +258,7 @@ def best_of(values: list[float], metric: str) -> float:
 
 @dataclass
 class StudyOutcome:
-    target: StudyTarget
+    spec: StudySpec
     run_id: str
     best_params: dict[str, Any] | None
     best_value: float | None
@@ -265,10 +268,10 @@ class StudyOutcome:
 class StudyRunner:
     """Runs one study: recovery of interrupted trials, the trials, and their MLflow runs."""
 
-    def __init__(self, cfg: BenchmarkConfig, target: StudyTarget, tracker: Tracker,
+    def __init__(self, cfg: BenchmarkConfig, spec: StudySpec, tracker: Tracker,
                  storage: optuna.storages.BaseStorage, storage_label: str, bundle: Any,
                  weights: Any, weights_source: str) -> None:
-        self.cfg, self.target, self.tracker = cfg, target, tracker
+        self.cfg, self.spec, self.tracker = cfg, spec, tracker
         self.storage, self.storage_label = storage, storage_label
         self.bundle, self.weights, self.weights_source = bundle, weights, weights_source
         self.epochs = cfg.tune.epochs or cfg.epochs
@@ -283,7 +286,7 @@ class StudyRunner:
 
     def create_study(self) -> optuna.Study:
         return optuna.create_study(
-            storage=self.storage, study_name=self.target.name, load_if_exists=True,
+            storage=self.storage, study_name=self.spec.name, load_if_exists=True,
             direction=direction(self.cfg.tune.metric), sampler=self.sampler(self.cfg.tune.seed),
             pruner=self.pruner(),
         )
@@ -292,7 +295,7 @@ class StudyRunner:
         """The (existing) study as parallel worker ``worker_index`` opens it: the study's
         pruner, and a sampler seeded apart from the other workers' (``tune.seed + 1000·i``),
         so that two workers do not propose the same parameters."""
-        return optuna.load_study(study_name=self.target.name, storage=self.storage,
+        return optuna.load_study(study_name=self.spec.name, storage=self.storage,
                                  sampler=self.sampler(self.cfg.tune.seed + 1000 * worker_index),
                                  pruner=self.pruner())
 
@@ -327,20 +330,20 @@ class StudyRunner:
         return len(stale)
 
     def objective(self, trial: optuna.Trial) -> float:
-        t, cfg = self.target, self.cfg
-        params, overrides = suggest(trial, t.space)
-        cell = Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
+        spec, cfg = self.spec, self.cfg
+        params, overrides = suggest(trial, spec.space)
+        cell = Cell(dataset=spec.dataset, strategy=spec.strategy, params={**spec.fixed, **params},
                     seed=cfg.tune.seed, overrides=overrides)
         return self.train_trial(trial, cell)
 
     def train_trial(self, trial: optuna.Trial, cell: Cell) -> float:
         """Train ``cell`` as ``trial`` in its MLflow trial run; the objective's value. (The
         race's study, :mod:`.race_study`, samples the strategy first and trains through here too.)"""
-        t, cfg = self.target, self.cfg
+        spec, cfg = self.spec, self.cfg
         worker = stale_trials.worker_id()
-        tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: t.name, "optuna.trial_number": trial.number,
-                "optuna.state": "RUNNING", T.DATASET: t.dataset.dataset_name,
-                T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: cell.strategy, T.SEED: cfg.tune.seed,
+        tags = {T.KIND: T.KIND_TRIAL, T.STUDY_NAME: spec.name, "optuna.trial_number": trial.number,
+                "optuna.state": "RUNNING", T.DATASET: spec.dataset.dataset_name,
+                T.IMAGE_SIZE: spec.dataset.size, T.STRATEGY: cell.strategy, T.SEED: cfg.tune.seed,
                 T.MODEL: cfg.model.arch, "worker": worker}
         eff = cfg.effective(cell).model_copy(update={"epochs": self.epochs})
         with self.tracker.run(f"{cell.strategy} trial {trial.number}", tags,
@@ -375,7 +378,7 @@ class StudyRunner:
 
     # -- the study's own MLflow run ---------------------------------------------------------------
     def _find_study_run(self) -> str | None:
-        name = self.target.name.replace("'", "\\'")
+        name = self.spec.name.replace("'", "\\'")
         runs = self.tracker.search_runs(
             f"tags.{T.KIND} = '{T.KIND_STUDY}' and tags.`{T.STUDY_NAME}` = '{name}'",
             max_results=1,
@@ -385,21 +388,21 @@ class StudyRunner:
     @contextmanager
     def study_run(self, parent_id: str) -> Iterator[str]:
         """The study's MLflow run: reused (and moved under ``parent_id``) when resuming."""
-        t, cfg = self.target, self.cfg
-        tags = {T.KIND: T.KIND_STUDY, T.STUDY_NAME: t.name, "optuna.storage": self.storage_label,
+        spec, cfg = self.spec, self.cfg
+        tags = {T.KIND: T.KIND_STUDY, T.STUDY_NAME: spec.name, "optuna.storage": self.storage_label,
                 "optuna.direction": direction(cfg.tune.metric),
-                T.DATASET: t.dataset.dataset_name,
-                T.IMAGE_SIZE: t.dataset.size, T.STRATEGY: t.strategy, T.MODEL: cfg.model.arch,
+                T.DATASET: spec.dataset.dataset_name,
+                T.IMAGE_SIZE: spec.dataset.size, T.STRATEGY: spec.strategy, T.MODEL: cfg.model.arch,
                 "n_trials": cfg.tune.n_trials, "sampler": cfg.tune.sampler,
                 "pruner": cfg.tune.pruner}
         reopen = self._find_study_run()
-        with self.tracker.run(f"{t.dataset.dataset_key}/{t.strategy}/study", tags,
+        with self.tracker.run(f"{spec.dataset.dataset_key}/{spec.strategy}/study", tags,
                               parent_id=parent_id, reopen=reopen) as run_id:
             self.tracker.log_params(run_id, {
                 "metric": cfg.tune.metric, "tune_epochs": self.epochs,
                 "tune_seed": cfg.tune.seed, "weights_source": self.weights_source,
-                **{f"space.{k}": v.describe() for k, v in t.space.items()},
-                **{f"strategy.{k}": v for k, v in t.fixed.items()},
+                **{f"space.{k}": v.describe() for k, v in spec.space.items()},
+                **{f"strategy.{k}": v for k, v in spec.fixed.items()},
             })
             self.study_run_id = run_id
             yield run_id
@@ -418,7 +421,7 @@ class StudyRunner:
                 if bar is not None:
                     bar.update(trial.state in FINISHED_STATES)
                     best = _best(study)
-                    bar.set_postfix_str(f"{self.target.strategy} trial {trial.number} "
+                    bar.set_postfix_str(f"{self.spec.strategy} trial {trial.number} "
                                         f"{trial.state.name}"
                                         + (f" best={best.value:.4f}" if best else ""))
 
@@ -444,17 +447,17 @@ class StudyRunner:
         best = _best(study)
         if best is None:
             self.tracker.set_tags(run_id, {"optuna.best_trial_number": "none"})
-            return StudyOutcome(self.target, run_id, None, None, counts)
+            return StudyOutcome(self.spec, run_id, None, None, counts)
         self.tracker.set_tags(run_id, {"optuna.best_trial_number": best.number,
                                        **{f"best.{k}": v for k, v in best.params.items()}})
         self.tracker.log_metrics(run_id, {"best_value": best.value,
                                           **{f"best.{k}": float(v)
                                              for k, v in best.params.items()}},
                                  step=n_trials)
-        return StudyOutcome(self.target, run_id, dict(best.params), best.value, counts)
+        return StudyOutcome(self.spec, run_id, dict(best.params), best.value, counts)
 
 
-def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: StudyTarget,
+def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, spec: StudySpec,
                  url: str, study_run_id: str, parent_id: str, worker_index: int,
                  runner_cls: type[StudyRunner] | None = None,
                  options: dict[str, Any] | None = None) -> int:
@@ -467,11 +470,11 @@ def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, target: Stud
     runs the trials. Returns the number of trials this worker ran.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    bundle = data.get(target.data_cell(cfg.tune.seed))
+    bundle = data.get(spec.data_cell(cfg.tune.seed))
     weights, source = starting_weights(cfg, bundle, tracker, parent_id,
-                                       dataset=target.dataset)
+                                       dataset=spec.dataset)
     storage = open_storage(url)
-    runner = (runner_cls or StudyRunner)(cfg, target, tracker, storage, url, bundle, weights,
+    runner = (runner_cls or StudyRunner)(cfg, spec, tracker, storage, url, bundle, weights,
                                          source, **(options or {}))
     runner.study_run_id = study_run_id
     return study_storage.fill_study(runner.load_study(worker_index), runner.objective,
@@ -498,9 +501,9 @@ def final_cells(cfg: BenchmarkConfig, outcome: StudyOutcome) -> list[Cell]:
     """The strategy's best parameters on every seed of the config."""
     assert outcome.best_params is not None
     params, overrides = split_params(outcome.best_params)
-    t = outcome.target
-    return [Cell(dataset=t.dataset, strategy=t.strategy, params={**t.fixed, **params},
-                 seed=seed, overrides=overrides, study=t.name) for seed in cfg.seeds]
+    spec = outcome.spec
+    return [Cell(dataset=spec.dataset, strategy=spec.strategy, params={**spec.fixed, **params},
+                 seed=seed, overrides=overrides, study=spec.name) for seed in cfg.seeds]
 
 
 def control_cells(cfg: BenchmarkConfig, outcome: StudyOutcome, control: str) -> list[Cell]:
@@ -510,21 +513,21 @@ def control_cells(cfg: BenchmarkConfig, outcome: StudyOutcome, control: str) -> 
     rest (hyper_lr, update rule, bounds, meta-step settings) is the hyper-gradient the control
     leaves out. The control's own params in the config are ignored (with a warning)."""
     assert outcome.best_params is not None
-    t = outcome.target
+    spec = outcome.spec
     params, overrides = split_params(outcome.best_params)
     fields = get_strategy(control).Params.model_fields
-    taken = {k: v for k, v in {**t.fixed, **params}.items() if k in fields}
+    taken = {k: v for k, v in {**spec.fixed, **params}.items() if k in fields}
     own = next((s.params for s in cfg.strategies if s.name == control), {})
     if own and any(taken.get(k) != v for k, v in own.items()):
         log.warning("strategy %s runs at %s's tuned parameters; its own params %s are ignored",
-                    control, t.strategy, own)
-    meta = {**t.fixed, **params}.get("meta_source")
+                    control, spec.strategy, own)
+    meta = {**spec.fixed, **params}.get("meta_source")
     if meta in ("holdout", "fixed"):
         log.warning("%s holds out 20 %% of the training images for its meta batches (meta_source "
                     "%s); %s trains on all of them, so the two do not see the same data",
-                    t.strategy, meta, control)
-    return [Cell(dataset=t.dataset, strategy=control, params=taken, seed=seed,
-                 overrides=overrides, study=t.name, tuned_from=t.strategy)
+                    spec.strategy, meta, control)
+    return [Cell(dataset=spec.dataset, strategy=control, params=taken, seed=seed,
+                 overrides=overrides, study=spec.name, tuned_from=spec.strategy)
             for seed in cfg.seeds]
 
 
@@ -538,7 +541,7 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     studies run one after the other in this process.
     """
     controls = tuned_controls(cfg)  # no study of their own: they take another's parameters
-    targets = [t for t in study_targets(cfg, data) if t.strategy not in controls]
+    specs = [spec for spec in study_specs(cfg, data) if spec.strategy not in controls]
     url = storage_url(cfg)
     storage = open_storage(url)
     tracker.set_tags(parent_id, {"tuned": "true", "optuna.storage": url})
@@ -546,21 +549,22 @@ def tune_all(cfg: BenchmarkConfig, tracker: Tracker, parent_id: str, data: Any,
     # says it, and --no-progress asks for silence; warnings still print
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     studies: list[StudyOutcome] = []
-    bar = tqdm(total=len(targets) * cfg.tune.n_trials, desc="tuning", unit="trial",
+    bar = tqdm(total=len(specs) * cfg.tune.n_trials, desc="tuning", unit="trial",
                disable=not progress)
     try:
-        for t in targets:  # the pretrain stage runs (once, cached) here, never in the workers
-            bundle = data.get(t.data_cell(cfg.tune.seed))
-            bar.set_postfix_str(f"{t.dataset.dataset_key} {t.strategy}: loading {cfg.model.weights} "
-                                "weights (the pretrain stage runs once, then is cached)")
+        for spec in specs:  # the pretrain stage runs (once, cached) here, never in the workers
+            bundle = data.get(spec.data_cell(cfg.tune.seed))
+            bar.set_postfix_str(f"{spec.dataset.dataset_key} {spec.strategy}: loading "
+                                f"{cfg.model.weights} weights (the pretrain stage runs once, "
+                                "then is cached)")
             weights, source = starting_weights(cfg, bundle, tracker, parent_id, progress=progress,
-                                               dataset=t.dataset)
+                                               dataset=spec.dataset)
             if executor is None or executor.name == "serial":
-                runner = StudyRunner(cfg, t, tracker, storage, url, bundle, weights, source)
+                runner = StudyRunner(cfg, spec, tracker, storage, url, bundle, weights, source)
                 studies.append(runner.run(parent_id, bar))
         if executor is not None and executor.name != "serial":
-            runners = [StudyRunner(cfg, t, tracker, storage, url, None, None, "")
-                       for t in targets]
+            runners = [StudyRunner(cfg, spec, tracker, storage, url, None, None, "")
+                       for spec in specs]
             studies = tune_in_workers(cfg, runners, parent_id, executor,
                                       tracking_uri or cfg.tracking_uri, bar)
     finally:
@@ -586,10 +590,10 @@ def tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id:
             r.recover_interrupted(study)  # before any worker starts: RUNNING means killed
             studies.append((r, study, run_id))
             for w in range(per_study):
-                calls.append((r.target, r.storage_label, run_id, parent_id, w, type(r),
+                calls.append((r.spec, r.storage_label, run_id, parent_id, w, type(r),
                               r.worker_options()))
-                labels.append(f"{r.target.dataset.dataset_key} {r.target.strategy} worker {w}")
-        names = [r.target.name for r in runners]
+                labels.append(f"{r.spec.dataset.dataset_key} {r.spec.strategy} worker {w}")
+        names = [r.spec.name for r in runners]
         bar.n = study_storage.count_finished(runners[0].storage, names)
         bar.refresh()
         results = executor.map_calls(
@@ -600,7 +604,7 @@ def tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id:
             if isinstance(res, BaseException):
                 log.error("tuning %s: worker failed (%s); its study may miss trials",
                           label, res)
-        return [r.record_outcome(optuna.load_study(study_name=r.target.name, storage=r.storage),
+        return [r.record_outcome(optuna.load_study(study_name=r.spec.name, storage=r.storage),
                             run_id) for r, _, run_id in studies]
 
 
@@ -611,20 +615,20 @@ def _outcome(cfg: BenchmarkConfig, studies: list[StudyOutcome]) -> TuningOutcome
     failed: list[Any] = []
     controls = tuned_controls(cfg)
     for outcome in studies:
-        t = outcome.target
-        mine = [c for c, of in controls.items() if of == t.strategy]
+        spec = outcome.spec
+        mine = [c for c, of in controls.items() if of == spec.strategy]
         if outcome.best_params is not None:
             cells += final_cells(cfg, outcome)
             for control in mine:
                 cells += control_cells(cfg, outcome, control)
             continue
-        error = (f"study {t.name} completed no trial ({outcome.counts}); "
+        error = (f"study {spec.name} completed no trial ({outcome.counts}); "
                  f"see the trial runs under MLflow run {outcome.run_id}")
         log.error(error)
-        for name in (t.strategy, *mine):
-            failed += [CellResult(Cell(dataset=t.dataset, strategy=name,
-                                       params=t.fixed if name == t.strategy else {},
-                                       seed=s, study=t.name,
-                                       tuned_from=None if name == t.strategy else t.strategy),
+        for name in (spec.strategy, *mine):
+            failed += [CellResult(Cell(dataset=spec.dataset, strategy=name,
+                                       params=spec.fixed if name == spec.strategy else {},
+                                       seed=s, study=spec.name,
+                                       tuned_from=None if name == spec.strategy else spec.strategy),
                                   outcome.run_id, "", "FAILED", error=error) for s in cfg.seeds]
     return TuningOutcome(cells, failed, studies)

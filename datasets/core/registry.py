@@ -5,8 +5,10 @@ every entry point in the group ``metalr_bench.datasets`` (a user's package adds 
 without touching this one); nothing lists adapter names. Discovery runs once, lazily.
 
 An adapter is a function ``(root, size, seed, download, allow_md5_mismatch, **options)`` that
-returns a :class:`DatasetBundle`. ``options_model`` (a pydantic model) validates the adapter's own
-options so a typo in the config is reported with the field name, not deep inside a loader.
+returns a :class:`DatasetBundle`. Its ``options`` (a pydantic model, the config entry's
+``options:``) validate the adapter's own loading settings so a typo in the config is reported with
+the field name, not deep inside a loader. A dataset's *options* are never tuned; a strategy's
+tunable settings are its *params* (``Strategy.Params``), one word per idea.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class NoOptions(BaseModel):
 class DatasetEntry:
     name: str
     loader: Callable[..., DatasetBundle]
-    options_model: type[BaseModel]
+    #: the pydantic model of the adapter's ``options:`` (renamed in issue 40, see register_dataset)
+    options: type[BaseModel]
     description: str
     #: ``(root, options) -> str | None``: how a dataset of this adapter is named by default
     #: (imagefolder/csv: the root folder's name); None or returning None: the adapter's name
@@ -51,11 +54,26 @@ _discovered = False
 
 
 def register_dataset(
-    name: str, *, options_model: type[BaseModel] = NoOptions, description: str = "",
+    name: str, *, options: type[BaseModel] = NoOptions, description: str = "",
     naming: Callable[[Path | None, dict[str, Any]], str | None] | None = None,
+    options_model: type[BaseModel] | None = None,
 ) -> Callable[[Callable[..., DatasetBundle]], Callable[..., DatasetBundle]]:
+    """Register the decorated function as adapter ``name``; ``options`` validates its config
+    ``options:``. ``options_model`` is the keyword's name before issue 40, accepted for one
+    release with a DeprecationWarning (a user's adapter package keeps loading meanwhile)."""
+    if options_model is not None:
+        if options is not NoOptions:
+            raise TypeError(f"register_dataset({name!r}): give `options=` only "
+                            "(`options_model=` is its deprecated spelling)")
+        import warnings
+
+        warnings.warn(f"register_dataset({name!r}, options_model=...) is deprecated; write "
+                      "`options=` (removed in the next release)", DeprecationWarning,
+                      stacklevel=2)
+        options = options_model
+
     def deco(fn: Callable[..., DatasetBundle]) -> Callable[..., DatasetBundle]:
-        DATASETS[name] = DatasetEntry(name, fn, options_model, description or (fn.__doc__ or ""),
+        DATASETS[name] = DatasetEntry(name, fn, options, description or (fn.__doc__ or ""),
                                       naming)
         return fn
 
@@ -101,9 +119,9 @@ def load_dataset(
     allow_md5_mismatch: bool = False,
     options: dict[str, Any] | None = None,
 ) -> DatasetBundle:
-    """Load dataset ``name``; ``options`` are validated by the adapter's options model."""
+    """Load dataset ``name``; ``options`` are validated by the adapter's ``options`` model."""
     entry = get_entry(name)
-    opts = entry.options_model(**(options or {}))
+    opts = entry.options(**(options or {}))
     return entry.loader(
         root=Path(root) if root is not None else None,
         size=size,
