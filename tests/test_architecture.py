@@ -222,7 +222,8 @@ def test_pyproject_lists_every_package_folder() -> None:
     assert found - listed == set(), sorted(found - listed)
 
 
-# -- one word per idea: params (a strategy's), options (a dataset adapter's), target (a dataset) --
+# -- one word per idea: params (a strategy's), options (a dataset adapter's), settings (a run's),
+#    target (a dataset) --
 _PACKAGES = ("benchmark", "strategies", "datasets", "reports")
 
 
@@ -297,6 +298,32 @@ def test_a_tuning_unit_is_a_spec_and_target_is_the_dataset() -> None:
     assert "spec" in {f.name for f in dataclasses.fields(studies.StudyOutcome)}
     assert "spec" in inspect.signature(studies.study_worker).parameters
     assert "spec" in inspect.signature(studies.StudyRunner).parameters
+
+
+def test_a_runs_knobs_are_called_settings() -> None:
+    """Issue 40: "options" is a dataset adapter's word only. A run's knobs are *settings*, as
+    in ``TrainSettings`` (what a strategy is told), ``RaceSettings`` and ``OptimizerSettings``:
+    the trainer's are ``TrainerSettings`` (``Trainer(..., settings=...)``, built by
+    ``trainer_settings``; ``build_parts(..., trainer_settings=...)``, whose ``settings`` are the
+    strategy's), a tuning worker's are ``worker_settings``."""
+    import inspect
+
+    from metalr_bench.benchmark.training import cell, trainer
+    from metalr_bench.benchmark.tuning import studies
+
+    root = Path(__file__).resolve().parents[1]
+    gone = ("TrainerOptions", "trainer_options", "worker_options")
+    offenders = [f"{path.relative_to(root)}:{lineno}: {name}"
+                 for top in (*_PACKAGES, "tests") for path in (root / top).rglob("*.py")
+                 for lineno, name in _identifiers(path)
+                 if any(g in name for g in gone)]
+    assert not offenders, "\n".join(offenders)
+    assert not hasattr(trainer, "TrainerOptions") and not hasattr(cell, "trainer_options")
+    assert "settings" in inspect.signature(trainer.Trainer).parameters
+    assert "trainer_settings" in inspect.signature(cell.build_parts).parameters
+    assert "worker_settings" in inspect.signature(studies.study_worker).parameters
+    for fn in (trainer.Trainer, cell.build_parts, studies.study_worker):
+        assert "options" not in inspect.signature(fn).parameters, fn
 
 
 def test_register_dataset_still_takes_options_model_with_a_deprecation_warning() -> None:

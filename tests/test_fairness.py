@@ -9,7 +9,7 @@ import pytest
 import torch
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import TrainerOptions
+from metalr_bench.benchmark.training.trainer import TrainerSettings
 from metalr_bench.strategies import TrainSettings, available_strategies, get_strategy
 
 
@@ -39,8 +39,8 @@ def test_every_strategy_derives_its_tensors_where_the_model_trains(name, params)
     tensor the strategy keeps must live there too."""
     bundle = random_bundle(16, 64, channels=1)
     built = build_parts("smallcnn", 1, 2, name, params, TrainSettings(), bundle=bundle,
-                  options=TrainerOptions(epochs=1, batch_size=8, device="meta", augment=False,
-                                         precise_bn=False))
+                  trainer_settings=TrainerSettings(epochs=1, batch_size=8, device="meta",
+                                                   augment=False, precise_bn=False))
     assert built.trainer is not None
     x, y = next(iter(built.trainer.train_loader))
     try:
@@ -94,7 +94,8 @@ def test_an_augmented_batch_keeps_its_labels(override, flips) -> None:
     side, unless the config forces flips (`datasets[].hflip: true`), which must then flip."""
     bundle = _sided(64)
     built = build_parts("smallcnn", 1, 2, "full", {}, TrainSettings(), bundle=bundle,
-                  options=TrainerOptions(epochs=1, batch_size=16, augment=True, hflip=override))
+                  trainer_settings=TrainerSettings(epochs=1, batch_size=16, augment=True,
+                                                   hflip=override))
     assert built.trainer is not None
     moved = 0
     for _ in range(3):
@@ -106,12 +107,12 @@ def test_an_augmented_batch_keeps_its_labels(override, flips) -> None:
 
 def test_config_hflip_reaches_the_trainer(tiny_config) -> None:
     from metalr_bench.benchmark.config import validate_config
-    from metalr_bench.benchmark.training.cell import trainer_options
+    from metalr_bench.benchmark.training.cell import trainer_settings
 
     tiny_config["datasets"][0]["hflip"] = False
     cfg = validate_config(tiny_config)
     cell = cfg.cells()[0]
-    assert trainer_options(cfg, seed=0, epochs=1, hflip=cell.dataset.hflip).hflip is False
+    assert trainer_settings(cfg, seed=0, epochs=1, hflip=cell.dataset.hflip).hflip is False
     on = validate_config({**tiny_config, "datasets": [{**tiny_config["datasets"][0],
                                                          "hflip": True}]})
     assert cfg.config_hash(cell) != on.config_hash(on.cells()[0])
@@ -166,8 +167,8 @@ def test_train_meta_batches_are_fresh_and_unaugmented() -> None:
     code's data source without its always-the-first-batch bug), never augmented."""
     bundle = _sided(64)
     built = build_parts("smallcnn", 1, 2, "metalr", {"meta_batch_size": 8}, TrainSettings(),
-                  bundle=bundle, options=TrainerOptions(epochs=1, batch_size=16, augment=True,
-                                                        hflip=True))
+                  bundle=bundle, trainer_settings=TrainerSettings(epochs=1, batch_size=16,
+                                                                  augment=True, hflip=True))
     trainer = built.trainer
     assert trainer is not None and trainer.n_train_images == 64
     originals = {tuple(img.flatten().tolist()) for img in
@@ -186,13 +187,13 @@ def test_imagenet_weights_get_imagenet_normalisation(tiny_config) -> None:
     """torchvision's ImageNet weights expect ImageNet's mean/std; every other weight source
     (the suite's own pre-training, random init) trains with [-1, 1]."""
     from metalr_bench.benchmark.config import validate_config
-    from metalr_bench.benchmark.training.cell import trainer_options
+    from metalr_bench.benchmark.training.cell import trainer_settings
     from metalr_bench.datasets.core.tensors import IMAGENET_MEAN, IMAGENET_STD, to_float
 
     plain = validate_config(tiny_config)
-    assert trainer_options(plain, seed=0, epochs=1).normalize == "symmetric"
+    assert trainer_settings(plain, seed=0, epochs=1).normalize == "symmetric"
     inet = validate_config({**tiny_config, "model": {"arch": "resnet18", "weights": "imagenet"}})
-    assert trainer_options(inet, seed=0, epochs=1).normalize == "imagenet"
+    assert trainer_settings(inet, seed=0, epochs=1).normalize == "imagenet"
 
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -208,13 +209,13 @@ def test_metalr_public_input_pipeline(tiny_config) -> None:
     """`input_pipeline: metalr_public`: RandomResizedCrop(0.8-1) + flips (by the dataset's
     policy), mean 0.18 / std 0.24, for every strategy; the suite's pipeline is unchanged."""
     from metalr_bench.benchmark.config import validate_config
-    from metalr_bench.benchmark.training.cell import trainer_options
+    from metalr_bench.benchmark.training.cell import trainer_settings
     from metalr_bench.datasets.core.tensors import AugmentSpec, augment_batch, to_float
 
     public = validate_config({**tiny_config, "input_pipeline": "metalr_public"})
-    opts = trainer_options(public, seed=0, epochs=1)
-    assert (opts.normalize, opts.resized_crop) == ("metalr_public", (0.8, 1.0))
-    suite = trainer_options(validate_config(tiny_config), seed=0, epochs=1)
+    pub = trainer_settings(public, seed=0, epochs=1)
+    assert (pub.normalize, pub.resized_crop) == ("metalr_public", (0.8, 1.0))
+    suite = trainer_settings(validate_config(tiny_config), seed=0, epochs=1)
     assert (suite.normalize, suite.resized_crop) == ("symmetric", None)
 
     x = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
@@ -239,8 +240,9 @@ def test_metalr_public_input_pipeline(tiny_config) -> None:
     # the side-labelled images keep their labels through the trainer with this pipeline
     bundle = _sided(64)
     built = build_parts("smallcnn", 1, 2, "full", {}, TrainSettings(), bundle=bundle,
-                  options=TrainerOptions(epochs=1, batch_size=16, augment=True,
-                                         normalize="metalr_public", resized_crop=(0.8, 1.0)))
+                  trainer_settings=TrainerSettings(epochs=1, batch_size=16, augment=True,
+                                                   normalize="metalr_public",
+                                                   resized_crop=(0.8, 1.0)))
     assert built.trainer is not None
     for xb, yb in built.trainer.train_loader:
         right_half = xb[:, 0, :, 8:].sum((1, 2)) > xb[:, 0, :, :8].sum((1, 2))

@@ -11,20 +11,20 @@ import pytest
 import torch
 from metalr_bench.benchmark.config import BenchmarkConfig, Cell
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions, seed_everything
+from metalr_bench.benchmark.training.trainer import Trainer, TrainerSettings, seed_everything
 from metalr_bench.datasets.synthetic import load_synthetic
 from metalr_bench.strategies import TrainSettings
 
 
-def _trainer(epochs: int, **options) -> Trainer:
+def _trainer(epochs: int, **settings) -> Trainer:
     seed_everything(0)
     bundle = load_synthetic(root=None, size=16, seed=0, download=False,
                             allow_md5_mismatch=False, n_patients=40)
     built = build_parts(
         "smallcnn", bundle.in_channels, bundle.num_outputs, "full", None,
         TrainSettings(lr=0.1, optimizer="sgd", epochs=epochs), bundle=bundle,
-        options=TrainerOptions(epochs=epochs, batch_size=16, augment=False, device="cpu",
-                               **options),
+        trainer_settings=TrainerSettings(epochs=epochs, batch_size=16, augment=False, device="cpu",
+                                         **settings),
     )
     assert built.trainer is not None
     return built.trainer

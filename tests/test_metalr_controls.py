@@ -10,7 +10,7 @@ import pytest
 import torch
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import TrainerOptions, TrainResult, seed_everything
+from metalr_bench.benchmark.training.trainer import TrainerSettings, TrainResult, seed_everything
 from metalr_bench.strategies.core.base import TrainSettings
 from metalr_bench.strategies.core.registry import default_strategies, get_strategy
 from metalr_bench.strategies.metalr import MetaLR, pinned_epochs
@@ -23,7 +23,8 @@ def _fit(strategy: str, params: dict, *, epochs: int = 5, lr: float = 1e-3,
     bundle = random_bundle(16, n, channels=1)
     seed_everything(seed)
     built = build_parts("smallcnn", 1, 2, strategy, params, TrainSettings(lr=lr, epochs=epochs),
-                  bundle=bundle, options=TrainerOptions(epochs=epochs, batch_size=16, seed=seed))
+                  bundle=bundle, trainer_settings=TrainerSettings(epochs=epochs, batch_size=16,
+                                                                  seed=seed))
     assert built.trainer is not None
     return built.trainer.fit(), built.trainer
 
@@ -142,13 +143,13 @@ def test_metalr_public_crop_pipeline(tiny_config: dict) -> None:
     0.8-1.25) with the weights' own normalisation; a cell of its own. `metalr_public` has the
     code's aspect range too (it had torchvision's default 3/4-4/3)."""
     from metalr_bench.benchmark.config import validate_config
-    from metalr_bench.benchmark.training.cell import trainer_options
+    from metalr_bench.benchmark.training.cell import trainer_settings
     from metalr_bench.datasets.core.tensors import AugmentSpec, augment_batch
 
     def opts(pipeline: str, weights: str = "none"):
         cfg = validate_config({**tiny_config, "input_pipeline": pipeline,
                                "model": {"arch": "smallcnn", "weights": weights}})
-        o = trainer_options(cfg, seed=0, epochs=1)
+        o = trainer_settings(cfg, seed=0, epochs=1)
         return cfg, (o.normalize, o.resized_crop, o.crop_ratio)
 
     crop, public_crop = opts("metalr_public_crop")

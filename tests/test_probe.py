@@ -12,7 +12,7 @@ import pytest
 import torch
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import BuiltCell, build_parts
-from metalr_bench.benchmark.training.trainer import TrainerOptions
+from metalr_bench.benchmark.training.trainer import TrainerSettings
 from metalr_bench.strategies import TrainSettings, get_strategy
 from metalr_bench.strategies.core.probe import L2_GRID, fit_probe
 from scipy.optimize import minimize
@@ -26,8 +26,8 @@ def _cell(strategy: str, params: dict[str, Any], *, n_classes: int = 2, epochs: 
     bundle = random_bundle(16, 96, channels=1, n_classes=n_classes, n_val=48)
     built = build_parts("smallcnn", 1, bundle.num_outputs, strategy, params,
                   TrainSettings(lr=lr, epochs=epochs), bundle=bundle,
-                  options=TrainerOptions(epochs=epochs, batch_size=16, augment=False,
-                                         evaluate_test=False))
+                  trainer_settings=TrainerSettings(epochs=epochs, batch_size=16, augment=False,
+                                                   evaluate_test=False))
     assert built.trainer is not None
     return built
 

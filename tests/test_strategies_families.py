@@ -16,7 +16,7 @@ from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.running.runner import run_benchmark
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import TrainerOptions, seed_everything
+from metalr_bench.benchmark.training.trainer import TrainerSettings, seed_everything
 from metalr_bench.strategies import StepContext, TrainSettings, get_strategy
 from metalr_bench.strategies.core.layers import layer_groups
 from torch import nn
@@ -401,7 +401,7 @@ def test_new_strategy_trains_through_the_cell_builder(name: str, arch: str) -> N
     built = build_parts(arch, 1, 2, name, get_strategy(name).test_params[0],
                   TrainSettings(lr=1e-3, epochs=1), weights=_pretrained(arch),
                   weights_source="pretrain", bundle=bundle,
-                  options=TrainerOptions(epochs=1, batch_size=8, precise_bn_batches=2))
+                  trainer_settings=TrainerSettings(epochs=1, batch_size=8, precise_bn_batches=2))
     assert built.trainer is not None
     result = built.trainer.fit()
     assert math.isfinite(result.test["loss"]) and len(result.history) == 1

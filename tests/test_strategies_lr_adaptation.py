@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from metalr_bench.benchmark.models.zoo import SmallCNN
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import TrainerOptions
+from metalr_bench.benchmark.training.trainer import TrainerSettings
 from metalr_bench.datasets.core.tensors import to_float
 from metalr_bench.strategies.core.base import StepContext, TrainSettings
 from metalr_bench.strategies.core.layers import layer_groups
@@ -172,7 +172,7 @@ def test_hd_rates_move_at_the_defaults() -> None:
     bundle = load_dataset("synthetic", size=16, options={"n_patients": 48})
     seed_everything(0)
     built = build_parts("smallcnn", 1, 2, "hd", {}, TrainSettings(lr=1e-3, epochs=5), bundle=bundle,
-                  options=TrainerOptions(epochs=5, batch_size=16, seed=0))
+                  trainer_settings=TrainerSettings(epochs=5, batch_size=16, seed=0))
     assert built.trainer is not None
     last = built.trainer.fit().history[-1]
     rates = [v for k, v in last.items() if k.startswith("lr/")]
@@ -280,7 +280,7 @@ def test_public_meta_batches_are_always_the_first_training_batch() -> None:
     the first 8 stored training images, un-augmented, and nothing is held out."""
     bundle = random_bundle(16, 64, channels=1)
     built = build_parts("smallcnn", 1, 2, "metalr_public", {}, TrainSettings(), bundle=bundle,
-                  options=TrainerOptions(epochs=1, batch_size=8))
+                  trainer_settings=TrainerSettings(epochs=1, batch_size=8))
     trainer = built.trainer
     assert trainer is not None and trainer.strategy.meta_source == "first"
     assert trainer.n_train_images == 64

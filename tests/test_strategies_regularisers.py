@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import BuiltCell, build_parts
-from metalr_bench.benchmark.training.trainer import TrainerOptions
+from metalr_bench.benchmark.training.trainer import TrainerSettings
 from metalr_bench.strategies import StepContext, TrainSettings
 from torch import nn
 
@@ -29,8 +29,8 @@ def _cell(arch: str, strategy: str, params: dict[str, Any], size: int = 16) -> B
     torch.manual_seed(0)
     bundle = random_bundle(size, 32, channels=1)
     built = build_parts(arch, 1, 2, strategy, params, TrainSettings(), bundle=bundle,
-                  options=TrainerOptions(epochs=1, batch_size=8, augment=False,
-                                         precise_bn=False))
+                  trainer_settings=TrainerSettings(epochs=1, batch_size=8, augment=False,
+                                                   precise_bn=False))
     assert built.trainer is not None
     return built
 

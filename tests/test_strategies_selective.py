@@ -13,7 +13,7 @@ import torch
 from metalr_bench.benchmark.models.zoo import build_model
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import TrainerCallback, TrainerOptions
+from metalr_bench.benchmark.training.trainer import TrainerCallback, TrainerSettings
 from metalr_bench.strategies import StepContext, TrainSettings, get_strategy
 from metalr_bench.strategies.core.layers import layer_groups
 from torch import nn
@@ -37,8 +37,8 @@ def _trainer(strategy: str, params: dict[str, Any], *, epochs: int, optimizer: s
     settings = TrainSettings(lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              epochs=epochs)
     built = build_parts("smallcnn", 1, 2, strategy, params, settings, bundle=bundle,
-                  options=TrainerOptions(epochs=epochs, batch_size=16, augment=False,
-                                         precise_bn=precise_bn, evaluate_test=False))
+                  trainer_settings=TrainerSettings(epochs=epochs, batch_size=16, augment=False,
+                                                   precise_bn=precise_bn, evaluate_test=False))
     assert built.trainer is not None
     return built
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions
+from metalr_bench.benchmark.training.trainer import Trainer, TrainerSettings
 from metalr_bench.datasets.core.base import DatasetBundle, Split, TaskType
 from metalr_bench.strategies import TrainSettings
 
@@ -42,7 +42,8 @@ def _trainer(epochs: int) -> Trainer:
     built = build_parts(
         "smallcnn", 1, 2, "metalr", {"meta_source": "holdout"}, TrainSettings(lr=1e-2),
         bundle=_bundle(),
-        options=TrainerOptions(epochs=epochs, batch_size=BATCH, augment=False, device="cpu"),
+        trainer_settings=TrainerSettings(epochs=epochs, batch_size=BATCH, augment=False,
+                                         device="cpu"),
     )
     assert built.trainer is not None
     return built.trainer

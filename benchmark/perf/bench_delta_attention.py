@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from metalr_bench.benchmark.perf.bench_throughput import device_name, random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import TrainerOptions, seed_everything
+from metalr_bench.benchmark.training.trainer import TrainerSettings, seed_everything
 from metalr_bench.strategies.core.base import TrainSettings
 
 
@@ -33,8 +33,8 @@ def measure(arch: str, size: int, batch_size: int, batches: int, device: str,
     bundle = random_bundle(size, batch_size * batches, channels=1)
     built = build_parts(arch, 1, 2, "delta", {"attention": True, "attention_batches": batches},
                         TrainSettings(), bundle=bundle, device=device,
-                        options=TrainerOptions(epochs=1, batch_size=batch_size, augment=False,
-                                               precise_bn=False))
+                        trainer_settings=TrainerSettings(epochs=1, batch_size=batch_size,
+                                                         augment=False, precise_bn=False))
     delta = built.strategy
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(batch_size, 1, size, size, generator=g).to(device),

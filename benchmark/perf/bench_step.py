@@ -39,7 +39,7 @@ import torch
 from metalr_bench.benchmark.models.zoo import get_card
 from metalr_bench.benchmark.perf.bench_throughput import random_bundle
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions
+from metalr_bench.benchmark.training.trainer import Trainer, TrainerSettings
 from metalr_bench.strategies.core.base import TrainSettings
 from metalr_bench.strategies.core.optim import optimizer_names
 
@@ -84,7 +84,7 @@ class Bench:
         self.batch = (torch.randn(shape, generator=g).to(self.device, memory_format=fmt),
                       torch.randint(0, 2, (args.batch,), generator=g).to(self.device))
         self.settings = TrainSettings(lr=1e-3, optimizer=args.optimizer, weight_decay=1e-4)
-        self.options = TrainerOptions(
+        self.trainer_settings = TrainerSettings(
             epochs=1, batch_size=args.batch, device=args.device, amp=args.amp,
             channels_last=args.channels_last, augment=False, precise_bn=False,
         )
@@ -99,7 +99,7 @@ class Bench:
         params = ({"head_pin_epochs": 0, "meta_interval": self.meta_interval,
                    "meta_batch_size": self.meta} if mode == "metalr" else {})
         built = build_parts(self.args.arch, self.args.in_channels, 2, mode, params, self.settings,
-                      bundle=self.bundle, options=self.options)
+                      bundle=self.bundle, trainer_settings=self.trainer_settings)
         assert built.trainer is not None
         built.strategy.set_train_mode(built.trainer.model)
         self.state[mode] = built.trainer

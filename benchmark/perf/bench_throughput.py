@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import Trainer, TrainerOptions, seed_everything
+from metalr_bench.benchmark.training.trainer import Trainer, TrainerSettings, seed_everything
 from metalr_bench.datasets.core.base import DatasetBundle, Split, TaskType
 from metalr_bench.strategies.core.base import TrainSettings
 from metalr_bench.strategies.core.registry import default_strategies
@@ -50,10 +50,10 @@ def random_bundle(size: int, n_train: int, channels: int = 1, n_classes: int = 2
 
 
 def _trainer(arch: str, bundle: DatasetBundle, strategy: str, settings: TrainSettings,
-             options: TrainerOptions) -> Trainer:
+             trainer_settings: TrainerSettings) -> Trainer:
     """A run's trainer, built by the one cell builder (what a run trains is what is timed)."""
     built = build_parts(arch, bundle.in_channels, bundle.num_outputs, strategy, {}, settings,
-                  bundle=bundle, options=options)
+                  bundle=bundle, trainer_settings=trainer_settings)
     assert built.trainer is not None
     return built.trainer
 
@@ -63,11 +63,11 @@ def measure(strategy_name: str, *, arch: str, size: int, batch_size: int, iters:
     seed_everything(0)
     # enough training images for warmup + iters batches, plus MetaLR's held-out meta split
     bundle = random_bundle(size, int(batch_size * (warmup + iters + 1) * 1.3) + batch_size)
-    options = TrainerOptions(epochs=1, batch_size=batch_size, device=device, amp=amp,
-                             channels_last=channels_last, compile=compile, augment=True)
+    trainer_settings = TrainerSettings(epochs=1, batch_size=batch_size, device=device, amp=amp,
+                                       channels_last=channels_last, compile=compile, augment=True)
     settings = TrainSettings(lr=1e-3, optimizer="adam", weight_decay=1e-4, momentum=0.9,
                              epochs=1, steps_per_epoch=warmup + iters)
-    trainer = _trainer(arch, bundle, strategy_name, settings, options)
+    trainer = _trainer(arch, bundle, strategy_name, settings, trainer_settings)
     trainer.strategy.set_train_mode(trainer.model)
     dev = trainer.device
 
@@ -101,12 +101,12 @@ def measure_eval(*, arch: str, size: int, batch_size: int, iters: int, device: s
     test and precise-BN passes with it."""
     seed_everything(0)
     bundle = random_bundle(size, 2 * batch_size, n_val=batch_size * iters)
-    options = TrainerOptions(epochs=1, batch_size=batch_size, eval_batch_size=batch_size,
-                             device=device, amp=amp, channels_last=channels_last,
-                             compile=compile)
+    trainer_settings = TrainerSettings(epochs=1, batch_size=batch_size, eval_batch_size=batch_size,
+                                       device=device, amp=amp, channels_last=channels_last,
+                                       compile=compile)
     settings = TrainSettings(lr=1e-3, optimizer="adam", weight_decay=0.0, momentum=0.9,
                              epochs=1, steps_per_epoch=1)
-    trainer = _trainer(arch, bundle, "full", settings, options)
+    trainer = _trainer(arch, bundle, "full", settings, trainer_settings)
     trainer.evaluate("val")  # warm-up (and compile)
     t0 = time.perf_counter()
     trainer.evaluate("val")  # ends with the metrics on the host: synchronised

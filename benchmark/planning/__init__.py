@@ -4,5 +4,5 @@ Holds: ``plan`` (runs, training iterations and forward passes counted as the tra
 them, priced with measured step times) and ``check`` (planned vs measured time of a pilot's
 finished runs in MLflow).
 
-May import: training (its options), tracking, config, strategies, datasets; never running.
+May import: training (its settings), tracking, config, strategies, datasets; never running.
 """

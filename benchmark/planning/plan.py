@@ -32,7 +32,7 @@ from metalr_bench.benchmark.config import (
     DatasetSpec,
     tuned_controls,
 )
-from metalr_bench.benchmark.training.trainer import TrainerOptions
+from metalr_bench.benchmark.training.trainer import TrainerSettings
 from metalr_bench.datasets.core.medmnist_info import INFO, N_SAMPLES, npz_name
 from metalr_bench.datasets.core.registry import load_dataset
 from metalr_bench.datasets.medmnist import default_root
@@ -41,8 +41,8 @@ from metalr_bench.strategies.core.registry import get_strategy
 #: the trainer's defaults the runner keeps: BatchNorm re-estimation batches before each
 #: evaluation, and the share of train held out for strategies with meta_source holdout/fixed
 #: (meta_source train draws meta batches from the whole training set: nothing held out)
-PRECISE_BN_BATCHES = TrainerOptions.precise_bn_batches
-META_FRACTION = TrainerOptions.meta_fraction
+PRECISE_BN_BATCHES = TrainerSettings.precise_bn_batches
+META_FRACTION = TrainerSettings.meta_fraction
 
 
 class PlanError(ConfigError):

@@ -13,7 +13,7 @@ from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import Tracker
 from metalr_bench.benchmark.training import export
 from metalr_bench.benchmark.training.cell import train_cell
-from metalr_bench.benchmark.training.cell import trainer_options as _trainer_options
+from metalr_bench.benchmark.training.cell import trainer_settings as _trainer_settings
 from metalr_bench.benchmark.tuning.race_study import (
     RaceSpec,
 )
@@ -34,7 +34,7 @@ def log_winner_model(rcfg: BenchmarkConfig, race: DatasetRace, bundle: Any, weig
 
     winner = next(r for r in race.results if r.run_id == race.winner_run_id)
     eff = rcfg.effective(winner.cell)
-    normalize = _trainer_options(eff, seed=winner.cell.seed, epochs=1).normalize
+    normalize = _trainer_settings(eff, seed=winner.cell.seed, epochs=1).normalize
     state = export.load_selected(rcfg.output_dir, winner.config_hash)
     retrained = state is None
     if retrained:  # a run FINISHED before without keeping it (e.g. by the plain grid): the same

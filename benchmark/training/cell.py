@@ -32,7 +32,7 @@ from metalr_bench.benchmark.training.checkpoint import CellCheckpoint
 from metalr_bench.benchmark.training.trainer import (
     Trainer,
     TrainerCallback,
-    TrainerOptions,
+    TrainerSettings,
     TrainResult,
     place_model,
     seed_everything,
@@ -100,14 +100,15 @@ def build_parts(
     device: str = "cpu",
     channels_last: bool = False,
     bundle: DatasetBundle | None = None,
-    options: TrainerOptions | None = None,
+    trainer_settings: TrainerSettings | None = None,
     callbacks: list[TrainerCallback] | None = None,
     checkpoint: CellCheckpoint | None = None,
 ) -> BuiltCell:
     """Build a cell's parts from explicit arguments, in the one order of the module docstring
     (the pre-training stage, the pre-flight check and the speed benchmarks, which have no grid
     cell, call this; :func:`build_cell` is the same for a config's grid cell); with ``bundle``
-    and ``options`` also its trainer (whose device and memory format then win over ``device``/``channels_last``).
+    and ``trainer_settings`` also its trainer (whose device and memory format then win over
+    ``device``/``channels_last``; ``settings`` are the strategy's).
     ``image_size`` (default: the bundle's) sizes models with a fixed input size (a timm ViT).
     """
     if image_size is None and bundle is not None:
@@ -120,14 +121,14 @@ def build_parts(
     if weights is not None and cls.pretrained_start:  # `scratch` keeps the random start
         load_state(model, arch, weights, weights_source, keep_head=keep_head,
                    mapping=weights_mapping, drop_prefixes=drop_prefixes)
-    if options is not None:
-        device, channels_last = options.device, options.channels_last
+    if trainer_settings is not None:
+        device, channels_last = trainer_settings.device, trainer_settings.channels_last
     model = place_model(model, torch.device(device), channels_last)
     groups = layer_groups(model)
     strat = cls(params, model, groups, settings)
     trainer = None
-    if bundle is not None and options is not None:
-        trainer = Trainer(bundle, model, groups, strat, options, callbacks, checkpoint)
+    if bundle is not None and trainer_settings is not None:
+        trainer = Trainer(bundle, model, groups, strat, trainer_settings, callbacks, checkpoint)
     return BuiltCell(model, groups, strat, trainer)
 
 
@@ -156,10 +157,10 @@ def _pipeline(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {"normalize": weights_norm}
 
 
-def trainer_options(cfg: BenchmarkConfig, *, seed: int, epochs: int,
-                    evaluate_test: bool = True, hflip: bool | None = None) -> TrainerOptions:
-    """The trainer's options from the config (``cfg`` with the cell's overrides)."""
-    return TrainerOptions(
+def trainer_settings(cfg: BenchmarkConfig, *, seed: int, epochs: int,
+                     evaluate_test: bool = True, hflip: bool | None = None) -> TrainerSettings:
+    """The trainer's settings from the config (``cfg`` with the cell's overrides)."""
+    return TrainerSettings(
         epochs=epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         device=cfg.resolved_device(), amp=cfg.use_amp(), channels_last=cfg.use_channels_last(),
         compile=cfg.compile, augment=cfg.augment, hflip=hflip, precise_bn=cfg.precise_bn,
@@ -195,8 +196,8 @@ def build_cell(
         weights=weights, weights_source=cfg.model.weights, keep_head=cfg.model.keep_head,
         weights_mapping=cfg.model.weights_mapping, drop_prefixes=cfg.model.drop_prefixes,
         bundle=bundle,
-        options=trainer_options(cfg, seed=cell.seed, epochs=epochs, evaluate_test=evaluate_test,
-                                hflip=cell.dataset.hflip),
+        trainer_settings=trainer_settings(cfg, seed=cell.seed, epochs=epochs,
+                                          evaluate_test=evaluate_test, hflip=cell.dataset.hflip),
         callbacks=callbacks, checkpoint=checkpoint,
     )
 

@@ -40,7 +40,11 @@ from metalr_bench.benchmark.models.zoo import imagenet_state, read_checkpoint
 from metalr_bench.benchmark.tracking import tags as T
 from metalr_bench.benchmark.tracking.client import MetricsLogger, Tracker
 from metalr_bench.benchmark.training.cell import build_parts
-from metalr_bench.benchmark.training.trainer import TrainerCallback, TrainerOptions, seed_everything
+from metalr_bench.benchmark.training.trainer import (
+    TrainerCallback,
+    TrainerSettings,
+    seed_everything,
+)
 from metalr_bench.datasets.core.base import DatasetBundle
 from metalr_bench.datasets.core.medmnist_info import INFO as MEDMNIST
 from metalr_bench.datasets.core.registry import load_dataset
@@ -196,8 +200,8 @@ def pretrained_checkpoint(
     bundle = load_source(spec, size)
     settings = TrainSettings(lr=spec.lr, optimizer="adam", weight_decay=1e-4,
                              epochs=spec.epochs)
-    options = TrainerOptions(epochs=spec.epochs, batch_size=spec.batch_size, device=device,
-                             amp=amp, channels_last=channels_last, seed=0)
+    trainer_settings = TrainerSettings(epochs=spec.epochs, batch_size=spec.batch_size,
+                                       device=device, amp=amp, channels_last=channels_last, seed=0)
     name = spec.dataset if bundle.name in ("", spec.dataset) else f"{spec.dataset} {bundle.name}"
     lines = EpochLines(f"pretrain {arch} on {name}@{size}", spec.epochs) if progress else None
 
@@ -208,7 +212,8 @@ def pretrained_checkpoint(
             callbacks = [*callbacks, lines]
         t0 = time.perf_counter()
         built = build_parts(arch, bundle.in_channels, bundle.num_outputs, "full", None, settings,
-                      bundle=bundle, options=options, callbacks=callbacks)
+                            bundle=bundle, trainer_settings=trainer_settings,
+                            callbacks=callbacks)
         assert built.trainer is not None
         result = built.trainer.fit()
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -36,7 +36,11 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class TrainerOptions:
+class TrainerSettings:
+    """How the trainer runs a cell: epochs, batch sizes, device, augmentation, model selection.
+    *Settings*, like the strategy's ``TrainSettings``: a run's knobs ("options" are a dataset
+    adapter's). Built from the config by ``training.cell.trainer_settings``."""
+
     epochs: int = 5
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -211,34 +215,34 @@ class Trainer:
         model: nn.Module,
         groups: list[LayerGroup],
         strategy: Strategy,
-        options: TrainerOptions,
+        settings: TrainerSettings,
         callbacks: list[TrainerCallback] | None = None,
         checkpoint: CellCheckpoint | None = None,
     ) -> None:
         self.bundle = bundle
         self.checkpoint = checkpoint  # saved after every epoch when given (resume)
-        self.options = options
-        self.device = torch.device(options.device)
+        self.settings = settings
+        self.device = torch.device(settings.device)
         _check_placed(model, self.device)
         self.model = model
         self.groups = groups
         self.strategy = strategy
         self.callbacks = callbacks or []
         self.loss_fn = loss_fn_for(bundle.task)
-        self.forward = torch.compile(self.model) if options.compile else self.model
+        self.forward = torch.compile(self.model) if settings.compile else self.model
         strategy.build_optimizer()  # the strategy owns it: ``self.optimizer`` reads it
         self._start = strategy.start_state()  # the model's state, in the final model's names
         self.n_trainable_params = sum(p.numel() for p in self.model.parameters()
                                       if p.requires_grad)
 
-        common = dict(device=self.device, channels_last=options.channels_last,
+        common = dict(device=self.device, channels_last=settings.channels_last,
                       image_size=bundle.image_size, in_channels=bundle.in_channels,
-                      normalize=options.normalize)
+                      normalize=settings.normalize)
         # the strategy's meta source (``datasets.core.meta``): what the model trains on, and
         # the meta batches with their own resume position
         self.meta = open_meta_source(
-            strategy.meta_source, bundle, fraction=options.meta_fraction, seed=options.seed,
-            batch_size=strategy.meta_batch_size or options.batch_size,
+            strategy.meta_source, bundle, fraction=settings.meta_fraction, seed=settings.seed,
+            batch_size=strategy.meta_batch_size or settings.batch_size,
             loader=lambda split, batch_size, **kw: make_loader(split, batch_size, **kw,
                                                                **common),
             owner=strategy.name,
@@ -248,20 +252,20 @@ class Trainer:
         #: what this run trains on, logged with every run (a fair comparison shows it)
         self.n_train_images = len(train)
         self.train_loader = make_loader(
-            train, options.batch_size, shuffle=True, drop_last=True, seed=options.seed,
-            augment=AugmentSpec(hflip=bundle.hflip_safe if options.hflip is None
-                                else options.hflip, resized_crop=options.resized_crop,
-                                crop_ratio=options.crop_ratio)
-            if options.augment else None, **common,
+            train, settings.batch_size, shuffle=True, drop_last=True, seed=settings.seed,
+            augment=AugmentSpec(hflip=bundle.hflip_safe if settings.hflip is None
+                                else settings.hflip, resized_crop=settings.resized_crop,
+                                crop_ratio=settings.crop_ratio)
+            if settings.augment else None, **common,
         )
         self._eval_loaders = {
-            name: make_loader(split, options.eval_batch_size, shuffle=False, **common)
+            name: make_loader(split, settings.eval_batch_size, shuffle=False, **common)
             for name, split in (("val", bundle.val), ("test", bundle.test))
-            if name == "val" or options.evaluate_test
+            if name == "val" or settings.evaluate_test
         }
         self._epoch = -1  # for divergence messages from evaluate()
         self._meta_iter = self.meta.batches
-        self._bn_loader = make_loader(train, options.batch_size, shuffle=False, **common)
+        self._bn_loader = make_loader(train, settings.batch_size, shuffle=False, **common)
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -271,7 +275,7 @@ class Trainer:
         return self.strategy.optimizer
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.options.amp:
+        if not self.settings.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -284,7 +288,7 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
             autocast=self.autocast, epoch=epoch, step=step,
             meta_batch=(lambda: next(self._meta_iter)) if self._meta_iter else None,
-            forward=self.forward, compile=self.options.compile,
+            forward=self.forward, compile=self.settings.compile,
         )
         loss = self.strategy.train_step(ctx, (x, y))
         return self._default_step(x, y) if loss is None else loss
@@ -321,7 +325,7 @@ class Trainer:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches below
         for i, (x, _) in enumerate(self._bn_loader):
-            if i >= self.options.precise_bn_batches:
+            if i >= self.settings.precise_bn_batches:
                 break
             with self.autocast():
                 # eager on purpose: with momentum None, BatchNorm reads num_batches_tracked as
@@ -355,7 +359,7 @@ class Trainer:
     def _better(self, val: dict[str, float], best: dict[str, float] | None) -> bool:
         if best is None:
             return True
-        key = self.options.selection_metric
+        key = self.settings.selection_metric
         a, b = val.get(key, math.nan), best.get(key, math.nan)
         if math.isnan(a) or math.isnan(b) or a == b:
             return val["loss"] < best["loss"]
@@ -397,7 +401,7 @@ class Trainer:
     def fit(self, resume: dict[str, Any] | None = None) -> TrainResult:
         """Train; ``resume`` (a :class:`CellCheckpoint` payload) continues after its epoch."""
         t_start = time.perf_counter()
-        if self.options.deterministic:
+        if self.settings.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -413,14 +417,14 @@ class Trainer:
             self.strategy.before_fit(FitData(train=self._bn_loader,
                                              val=self._eval_loaders["val"],
                                              loss_fn=self.loss_fn, autocast=self.autocast))
-        n = self.options.log_every_n_steps
+        n = self.settings.log_every_n_steps
         kill_at = kill_point()  # fault injection (tests): kill -9 mid-epoch at a known batch
-        for epoch in range(first_epoch, self.options.epochs):
+        for epoch in range(first_epoch, self.settings.epochs):
             t0 = time.perf_counter()
             oneoff_before = self.strategy.oneoff_total()
-            if epoch in self.options.lr_milestones:  # resume: the optimizer state holds the lr
+            if epoch in self.settings.lr_milestones:  # resume: the optimizer state holds the lr
                 for g in self.optimizer.param_groups:
-                    g["lr"] *= self.options.lr_gamma
+                    g["lr"] *= self.settings.lr_gamma
             self.strategy.on_epoch_start(epoch)
             self.strategy.set_train_mode(self.model)
             loss_sum = torch.zeros((), device=self.device)
@@ -469,17 +473,17 @@ class Trainer:
                 }))
         assert best_state is not None and best_val is not None, "epochs must be >= 1"
         # the last epoch's weights (BatchNorm recalibrated by its validation pass), once
-        last_test = self._test()[0] if self.options.evaluate_test else {}
+        last_test = self._test()[0] if self.settings.evaluate_test else {}
         self.model.load_state_dict(best_state)
         # the strategy's last word on the selected weights (LoRA merges, WiSE-FT interpolates);
         # new validation numbers replace the checkpoint's: best_val is the tested model's
         end_val = self.strategy.on_train_end(EndContext(
             model=self.model, evaluate_val=self._evaluate_val,
-            selection_metric=self.options.selection_metric, best_val=dict(best_val),
+            selection_metric=self.settings.selection_metric, best_val=dict(best_val),
             evaluate_val_as_is=lambda: self.evaluate("val")))
         if end_val is not None:
             best_val = end_val
-        test, predictions = self._test() if self.options.evaluate_test else ({}, None)
+        test, predictions = self._test() if self.settings.evaluate_test else ({}, None)
         times = [h["epoch_time_s"] for h in history]
         return TrainResult(
             best_epoch=best_epoch,
@@ -518,7 +522,7 @@ class Trainer:
 
     def _evaluate_val(self) -> dict[str, float]:
         """Validation numbers of the current weights, measured as every epoch's are."""
-        if self.options.precise_bn:
+        if self.settings.precise_bn:
             self.recalibrate_bn()
         return self.evaluate("val")
 

@@ -144,7 +144,7 @@ class RaceRunner(StudyRunner):
         return optuna.pruners.HyperbandPruner(min_resource=self.min_epochs,
                                               max_resource=self.epochs)
 
-    def worker_options(self) -> dict[str, Any]:
+    def worker_settings(self) -> dict[str, Any]:
         return {"min_epochs": self.min_epochs}
 
     def objective(self, trial: optuna.Trial) -> float:

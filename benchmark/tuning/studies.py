@@ -299,7 +299,7 @@ class StudyRunner:
                                  sampler=self.sampler(self.cfg.tune.seed + 1000 * worker_index),
                                  pruner=self.pruner())
 
-    def worker_options(self) -> dict[str, Any]:
+    def worker_settings(self) -> dict[str, Any]:
         """Keyword arguments a worker process passes to this runner's class to build its twin
         (:func:`study_worker`); a subclass adds its own."""
         return {}
@@ -460,14 +460,15 @@ class StudyRunner:
 def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, spec: StudySpec,
                  url: str, study_run_id: str, parent_id: str, worker_index: int,
                  runner_cls: type[StudyRunner] | None = None,
-                 options: dict[str, Any] | None = None) -> int:
+                 worker_settings: dict[str, Any] | None = None) -> int:
     """One tuning worker (a local process or a Ray task): fill the study up to ``n_trials``.
 
     Several workers may share a study: each reserves its trials under the storage's quota lock
     (:func:`study_storage.fill_study`), samples with its own seed, and logs its trial runs
     under the study's MLflow run. ``runner_cls`` (default :class:`StudyRunner`; the race's
-    :class:`~.race_study.RaceRunner`) built with ``options`` (:meth:`StudyRunner.worker_options`)
-    runs the trials. Returns the number of trials this worker ran.
+    :class:`~.race_study.RaceRunner`) built with ``worker_settings`` (what
+    :meth:`StudyRunner.worker_settings` returned) runs the trials. Returns the number of
+    trials this worker ran.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     bundle = data.get(spec.data_cell(cfg.tune.seed))
@@ -475,7 +476,7 @@ def study_worker(cfg: BenchmarkConfig, tracker: Tracker, data: Any, spec: StudyS
                                        dataset=spec.dataset)
     storage = open_storage(url)
     runner = (runner_cls or StudyRunner)(cfg, spec, tracker, storage, url, bundle, weights,
-                                         source, **(options or {}))
+                                         source, **(worker_settings or {}))
     runner.study_run_id = study_run_id
     return study_storage.fill_study(runner.load_study(worker_index), runner.objective,
                                     n_trials=cfg.tune.n_trials, url=url, timeout=cfg.tune.timeout)
@@ -577,7 +578,7 @@ def tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id:
                     workers: int | None = None) -> list[StudyOutcome]:
     """Create the studies and their MLflow runs here, run the workers through ``executor``:
     ``workers`` per study (default ``tune.workers_per_study``), each a :func:`study_worker`
-    building a twin of its runner (same class, :meth:`StudyRunner.worker_options`)."""
+    building a twin of its runner (same class, :meth:`StudyRunner.worker_settings`)."""
     per_study = workers or cfg.tune.workers_per_study
     if executor.name == "ray" and study_storage.is_journal(runners[0].storage_label):
         log.warning("tuning on Ray with a journal file: every node must see %s (shared file "
@@ -591,7 +592,7 @@ def tune_in_workers(cfg: BenchmarkConfig, runners: list[StudyRunner], parent_id:
             studies.append((r, study, run_id))
             for w in range(per_study):
                 calls.append((r.spec, r.storage_label, run_id, parent_id, w, type(r),
-                              r.worker_options()))
+                              r.worker_settings()))
                 labels.append(f"{r.spec.dataset.dataset_key} {r.spec.strategy} worker {w}")
         names = [r.spec.name for r in runners]
         bar.n = study_storage.count_finished(runners[0].storage, names)
