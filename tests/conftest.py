@@ -147,6 +147,31 @@ SLOW_TESTS = {
     "test_warnings_in_local_workers_are_one_line",
     "test_kill_9_mid_epoch_resumes_the_cell_to_the_uninterrupted_result",
     "test_n_folds_runs_every_fold_under_its_own_name",
+    # end-to-end runs through the runner, a report's kernel, a study or a subprocess, each 3-40 s
+    # (the lane timed with --durations=0 on 2026-12-07, fifth session): CI runs them, the lane
+    # keeps the math and the conformance suite
+    "test_every_sampled_point_builds",
+    "test_report_built_by_the_benchmark_holds_the_right_leaderboard",
+    "test_no_progress_silences_pretraining_and_stdout_holds_only_results",
+    "test_compile_runs_metalr_through_compiled_graphs",
+    "test_a_dataset_pretrains_on_its_own_source",
+    "test_report_builds_when_strategies_share_a_param_name_of_other_types",
+    "test_kill_and_rerun_continues_the_same_study",
+    "test_check_compares_the_plan_with_the_runs_in_mlflow",
+    "test_every_named_strategy_is_raced_to_full_resource_and_listed",
+    "test_delta_on_timm_backbones_uses_every_feature_map_of_the_model",
+    "test_gpu_figures_runs_every_tool_and_writes_markdown",
+    "test_adapter_bundle_trains_one_epoch",
+    "test_new_strategies_run_through_the_runner",
+    "test_ctrl_c_marks_killed_keeps_checkpoint_and_resumes_exactly",
+    "test_every_training_run_logs_system_metrics_unless_turned_off",
+    "test_journal_storage_and_study_name",
+    "test_a_strategy_in_one_file_runs_everywhere",
+    "test_runs_log_their_splits_as_mlflow_dataset_inputs",
+    "test_grid_lands_child_runs_with_tags",
+    "test_pretrain_stage_is_cached_and_logged",
+    "test_new_strategy_trains_through_the_cell_builder",
+    "test_two_strategies_three_trials_nested_runs_pruning_best_params_and_no_test_reads",
 }
 
 
