@@ -8,7 +8,7 @@ An adapter is a function ``(root, size, seed, download, allow_md5_mismatch, **op
 returns a :class:`DatasetBundle`. Its ``options`` (a pydantic model, the config entry's
 ``options:``) validate the adapter's own loading settings so a typo in the config is reported with
 the field name, not deep inside a loader. A dataset's *options* are never tuned; a strategy's
-tunable settings are its *params* (``Strategy.Params``), one word per idea.
+tunable hyper-parameters are its *params* (``Strategy.Params``), one word per idea.
 """
 
 from __future__ import annotations
