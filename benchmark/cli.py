@@ -214,10 +214,17 @@ def cmd_run(argv: list[str]) -> int:
           + mlflow_ui_hint(cfg.tracking_uri, outcome.experiment_id))
     if outcome.report is not None:
         print(f"Report: {outcome.report.html} (notebook, results.csv/.parquet alongside)")
+    for r in outcome.busy:
+        print(f"BUSY {r.cell.dataset.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}",
+              file=sys.stderr)
+    if outcome.busy:
+        print(f"run-benchmark: {len(outcome.busy)} cell(s) held by another process are not in this "
+              "leaderboard; run the same command again once it has finished them", file=sys.stderr)
     for r in outcome.failed:
         print(f"FAILED {r.cell.dataset.dataset_key} {r.cell.strategy_label} seed={r.cell.seed}: {r.error}",
               file=sys.stderr)
-    return 1 if outcome.failed else 0
+    # 1: something failed here; 4: nothing failed, but the grid is not complete yet (busy cells)
+    return 1 if outcome.failed else 4 if outcome.busy else 0
 
 
 def cmd_list(argv: list[str]) -> int:

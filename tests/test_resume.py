@@ -280,3 +280,22 @@ def test_kill_9_during_pretraining_leaves_no_running_run(tiny_config, tmp_path) 
     assert "process died" in old.data.tags["failure_reason"]
     fresh = [r for r in runs if r.data.tags.get("kind") == "pretrain" and r.info.run_id != killed]
     assert len(fresh) == 1 and fresh[0].info.status == "FINISHED"
+
+
+def test_a_busy_cell_is_reported_as_busy_not_failed(tiny_config, tmp_path, capsys) -> None:
+    """A cell another live process is running is not a failure of this command: it says BUSY
+    (with who holds it), keeps FAILED for cells that failed, and exits 4 ("incomplete: run the
+    same command again later"), not 1. It said `FAILED ... is still RUNNING` and exited 1."""
+    import yaml
+    from metalr_bench.benchmark.cli import main
+
+    conf = {**tiny_config, "seeds": [0], "strategies": ["full"]}
+    path = tmp_path / "busy.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    orphan = _orphan(load_config(None, conf), 60.0)  # beating a minute ago: alive
+    rc = main(["--config", str(path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert "FAILED" not in err
+    assert f"BUSY synthetic@16 full seed=0: run {orphan} is still RUNNING" in err
+    assert "1 cell(s) held by another process" in err
+    assert rc == 4

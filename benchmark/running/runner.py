@@ -53,8 +53,15 @@ class BenchmarkOutcome:
     report: Any = None  # reports.build.ReportPaths when a report was built
 
     @property
+    def busy(self) -> list[CellResult]:
+        """Cells left alone because another live process holds their RUNNING run: not failures
+        of this command, but missing from its leaderboard until that process finishes."""
+        return [r for r in self.results if r.status == "RUNNING" and r.skipped]
+
+    @property
     def failed(self) -> list[CellResult]:
-        return [r for r in self.results if r.status != "FINISHED"]
+        busy = {id(r) for r in self.busy}
+        return [r for r in self.results if r.status != "FINISHED" and id(r) not in busy]
 
 
 def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
