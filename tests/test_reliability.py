@@ -509,3 +509,16 @@ def test_a_run_shorter_than_the_sampling_interval_still_logs_its_system_metrics(
     metrics = MlflowClient(mlflow_uri).get_run(run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics, metrics
     assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_runs_name_the_cpu_and_its_kernels() -> None:
+    """Two hosts gave the quick benchmark different tables from the same commit (BENCHMARKS,
+    "the host moved, not the code"): the parent run and the throughput script name the CPU and
+    the kernel set torch picked (AVX2 / AVX512 / ...), so a reader can tell hosts apart."""
+    import torch
+    from metalr_bench.benchmark.perf.bench_throughput import device_name
+    from metalr_bench.benchmark.running.runner import environment_tags
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert capability in environment_tags()["cpu"]
+    assert capability in device_name("cpu")

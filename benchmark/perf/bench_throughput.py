@@ -122,7 +122,8 @@ def measure_eval(*, arch: str, size: int, batch_size: int, iters: int, device: s
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return (f"{platform.processor() or platform.machine()} "
+            f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,6 +203,10 @@ def environment_tags() -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
+        # the CPU and the kernel set torch runs on it: the same commit gives other numbers on
+        # another CPU (BENCHMARKS: "the host moved, not the code")
+        "cpu": f"{platform.processor() or platform.machine()}, "
+               f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
     try:
