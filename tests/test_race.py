@@ -551,3 +551,23 @@ def test_a_trial_closes_its_run_in_one_mlflow_request_and_log_batch_keeps_every_
     assert run.data.metrics == {"objective": 0.75, "best_val_auc": 0.8}
     (m,) = MlflowClient(mlflow_uri).get_metric_history(run_id, "objective")
     assert m.step == 3
+
+
+@pytest.mark.slow
+def test_the_trial_profile_times_the_phases_inside_local_workers(tmp_path, capsys) -> None:
+    """Issue 38 asks where a trial's time goes serially *and with 2 local workers*. The profile
+    only timed its own process, so with workers it would have seen no trial at all (it had no
+    --workers: argparse refused the flag). Now each worker times itself (the executor's
+    METALR_BENCH_WORKER_INIT hook) and the driver merges the tallies."""
+    from metalr_bench.benchmark.perf import profile_trial
+
+    profile_trial.main(["--dataset", "synthetic", "--root", str(tmp_path), "--size", "16",
+                        "--arch", "smallcnn", "--strategies", "full", "last_k",
+                        "--n-trials", "2", "--trial-epochs", "1", "--epochs", "1",
+                        "--workers", "2"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["workers"] == 2 and figures["n_trials"] >= 2 and figures["n_cells"] == 1
+    # the trials ran in the workers: their steps come from the workers' files
+    assert figures["phases"]["training steps"]["trial_s"] > 0
+    assert 0 < figures["outside_steps_race"] < 1
+    assert "METALR_BENCH_WORKER_INIT" not in os.environ

@@ -18,6 +18,13 @@ calls, and its output does not say which calls are MLflow's or Optuna's. The wra
 are the phase boundaries the issue names (model build, the pre-trained copy, data loading,
 steps, precise-BN, evaluation, MLflow calls, Optuna calls, study/worker start).
 
+``--workers N`` runs the same race on N local worker processes (``--executor local``: the
+study's trials and the confirmation cells spread over them, one torch thread each). Each worker
+installs the same timers at start (the executor's ``METALR_BENCH_WORKER_INIT`` hook) and writes
+its tallies to a file the driver merges; per-trial and per-cell figures are then sums over the
+workers, and the line to compare with the serial run is the race's share of *worker time*
+(N × wall) outside training steps, which counts idle workers as outside too.
+
 Prints one table (seconds per trial / per cell / in the race outside both, and shares), then one
 JSON line of all figures. On a shared CPU the absolute figures move with the load; the shares
 are the figures to compare before and after a change.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -38,6 +46,7 @@ import optuna
 from metalr_bench.benchmark.config import validate_config
 from metalr_bench.benchmark.racing import orchestration as racing
 from metalr_bench.benchmark.racing.settings import RaceSettings
+from metalr_bench.benchmark.running.executors import WORKER_INIT_ENV
 from metalr_bench.benchmark.tracking.client import Tracker
 from metalr_bench.benchmark.training import cell as cell_mod
 from metalr_bench.benchmark.training.trainer import Trainer
@@ -83,12 +92,28 @@ CONTEXTS: list[tuple[Any, str, str]] = [
 class Profiler:
     """Exclusive time per (context, phase) with a stack; inclusive time per context unit."""
 
-    def __init__(self) -> None:
+    def __init__(self, dump_to: Path | None = None) -> None:
         self.excl: dict[tuple[str, str], float] = defaultdict(float)
         self.units: dict[str, list[float]] = defaultdict(list)
         self.stack: list[list[Any]] = []  # [phase, start, child time]
         self.context = "race"
         self._undo: list[Callable[[], None]] = []
+        self.dump_to = dump_to  # a worker's: its tallies, rewritten after each trial and cell
+
+    def dump(self) -> None:
+        assert self.dump_to is not None
+        tmp = self.dump_to.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"excl": [[c, p, v] for (c, p), v in self.excl.items()],
+                                   "units": self.units}))
+        tmp.replace(self.dump_to)  # whole files only: the driver may read while workers run
+
+    def merge(self, path: Path) -> None:
+        """Add a worker's tallies (its trials and cells) to this profiler's."""
+        data = json.loads(path.read_text())
+        for context, phase, value in data["excl"]:
+            self.excl[(context, phase)] += value
+        for context, values in data["units"].items():
+            self.units[context].extend(values)
 
     def _timed(self, fn: Callable[..., Any], phase: str, context: str | None) -> Callable[..., Any]:
         prof = self
@@ -110,6 +135,8 @@ class Profiler:
                 if context is not None:
                     prof.units[context].append(total)
                     prof.context = outer
+                    if prof.dump_to is not None:
+                        prof.dump()
 
         return wrapper
 
@@ -136,10 +163,24 @@ class Profiler:
             undo()
 
 
+#: this module by its import name (``python -m`` runs it as ``__main__``, which a worker lacks)
+WORKER_MODULE = "metalr_bench.benchmark.perf.profile_trial"
+#: where a profiled worker writes its tallies (set by the driver for ``--workers N``)
+PROFILE_DIR_ENV = "METALR_BENCH_PROFILE_DIR"
+
+
+def worker_profile() -> None:
+    """The local workers' start hook (``METALR_BENCH_WORKER_INIT``): time this process too."""
+    folder = Path(os.environ[PROFILE_DIR_ENV])
+    Profiler(dump_to=folder / f"worker-{os.getpid()}.json").install()
+
+
 def race_config(args: argparse.Namespace, folder: Path) -> Any:
+    parallel = {"executor": "local", "workers": args.workers} if args.workers else {}
     return validate_config({
+        **parallel,
         "name": "profile", "seeds": [0],
-        "datasets": [{"name": args.dataset, "root": args.root, "size": args.size}],
+        "datasets": [{"adapter": args.dataset, "root": args.root, "size": args.size}],
         "strategies": args.strategies,
         "model": {"arch": args.arch, "weights": "pretrain",
                   "pretrain": {"dataset": "synthetic-source", "options": {"n_images": 256},
@@ -151,11 +192,13 @@ def race_config(args: argparse.Namespace, folder: Path) -> Any:
     })
 
 
-def table(prof: Profiler, wall: float) -> tuple[str, dict[str, Any]]:
+def table(prof: Profiler, wall: float, workers: int = 0) -> tuple[str, dict[str, Any]]:
+    """``workers``: 0 for the serial race; N: the trials' and cells' figures are sums over N
+    worker processes, and "race, outside" is the worker time (N × wall) they did not fill."""
     phases = sorted({p for _, p in prof.excl}, key=lambda p: (p.startswith(("trial:", "cell:")), p))
     n_trial, n_cell = len(prof.units["trial"]), len(prof.units["cell"])
     t_trial, t_cell = sum(prof.units["trial"]), sum(prof.units["cell"])
-    race_s = wall - t_trial - t_cell
+    race_s = max(workers, 1) * wall - t_trial - t_cell
     lines = [f"{'phase':52s} {'per trial s':>11s} {'%':>5s} {'per cell s':>10s} {'%':>5s} "
              f"{'race, outside s':>15s}"]
     figures: dict[str, Any] = {"wall_s": wall, "n_trials": n_trial, "n_cells": n_cell,
@@ -174,15 +217,21 @@ def table(prof: Profiler, wall: float) -> tuple[str, dict[str, Any]]:
     steps_c = sum(prof.excl.get(("cell", p), 0.0) for p in training)
     figures["outside_steps_trial"] = 1 - steps_t / t_trial if t_trial else None
     figures["outside_steps_cell"] = 1 - steps_c / t_cell if t_cell else None
+    steps_r = sum(prof.excl.get(("race", p), 0.0) for p in training)
+    # the whole race: every worker's time (N x wall; serial: the wall time) that was not training
+    figures["workers"] = max(workers, 1)
+    figures["outside_steps_race"] = 1 - (steps_t + steps_c + steps_r) / (max(workers, 1) * wall)
     race_other = race_s - sum(prof.excl.get(("race", p), 0.0) for p in phases)
     lines.append(f"{'race: other (answer, model export, summary)':52s} {'':11s} {'':5s} "
                  f"{'':10s} {'':5s} {race_other:15.2f}")
     lines.append(f"{'total':52s} {t_trial / max(n_trial, 1):11.3f} {100.0:5.1f} "
                  f"{t_cell / max(n_cell, 1):10.3f} {100.0:5.1f} {race_s:15.2f}")
-    lines.append(f"{n_trial} trial(s), {n_cell} cell(s), race wall time {wall:.1f} s. Outside "
-                 f"training steps: {100 * (figures['outside_steps_trial'] or 0):.1f} % of a "
-                 f"trial's wall time, {100 * (figures['outside_steps_cell'] or 0):.1f} % of a "
-                 "cell's.")
+    where = f"{workers} worker processes" if workers else "serial"
+    lines.append(f"{n_trial} trial(s), {n_cell} cell(s), {where}, race wall time {wall:.1f} s. "
+                 f"Outside training steps: {100 * (figures['outside_steps_trial'] or 0):.1f} % of "
+                 f"a trial's wall time, {100 * (figures['outside_steps_cell'] or 0):.1f} % of a "
+                 f"cell's, {100 * figures['outside_steps_race']:.1f} % of the race's "
+                 + ("worker time (workers x wall, idle included)." if workers else "wall time."))
     return "\n".join(lines), figures
 
 
@@ -202,7 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--no-precise-bn", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="N local worker processes (--executor local --workers N, one torch "
+                   "thread each); 0: the serial race in this process")
     args = p.parse_args(argv)
+    if args.workers < 0:
+        p.error(f"--workers: expected 0 (serial) or a number of worker processes, got {args.workers}")
     import torch
 
     if args.threads:
@@ -212,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = race_config(args, Path(tmp))
         prof = Profiler()
         prof.install()
+        workers_dir = Path(tmp) / "workers"
+        workers_dir.mkdir()
+        os.environ.update({WORKER_INIT_ENV: f"{WORKER_MODULE}:worker_profile",
+                           PROFILE_DIR_ENV: str(workers_dir)})
         t0 = time.perf_counter()
         try:
             racing.run_race(cfg, RaceSettings(n_trials=args.n_trials, top_k=1),
@@ -219,7 +277,11 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             wall = time.perf_counter() - t0
             prof.uninstall()
-    text, figures = table(prof, wall)
+            for key in (WORKER_INIT_ENV, PROFILE_DIR_ENV):
+                os.environ.pop(key, None)
+        for path in sorted(workers_dir.glob("worker-*.json")):
+            prof.merge(path)
+    text, figures = table(prof, wall, args.workers)
     print(text)
     print(json.dumps({"args": vars(args), "torch_threads": torch.get_num_threads(), **figures}))
 

@@ -149,6 +149,11 @@ def call_in_worker(fn: WorkerFn, cfg: BenchmarkConfig, tracking_uri: str, *call:
         return fn(cfg, tracker, data, *call)
 
 
+#: ``module:function`` every local worker calls once at start, after its threads are set: how
+#: ``perf.profile_trial --workers N`` times the phases inside the workers. Unset: nothing runs.
+WORKER_INIT_ENV = "METALR_BENCH_WORKER_INIT"
+
+
 def _init_local_worker(gpu_queue: Any, threads: int) -> None:
     """ProcessPool initializer: pin this worker to one GPU (if any) before CUDA initialises."""
     gpu = gpu_queue.get() if gpu_queue is not None else None
@@ -158,6 +163,12 @@ def _init_local_worker(gpu_queue: Any, threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
+    hook = os.environ.get(WORKER_INIT_ENV)
+    if hook:
+        import importlib
+
+        module, _, name = hook.partition(":")
+        getattr(importlib.import_module(module), name)()
 
 
 def visible_gpus() -> list[str]:
