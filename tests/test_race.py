@@ -571,3 +571,31 @@ def test_the_trial_profile_times_the_phases_inside_local_workers(tmp_path, capsy
     assert figures["phases"]["training steps"]["trial_s"] > 0
     assert 0 < figures["outside_steps_race"] < 1
     assert "METALR_BENCH_WORKER_INIT" not in os.environ
+
+
+def test_the_trial_profile_times_only_its_own_thread() -> None:
+    """A run's heartbeat calls MLflow from a background thread once a minute; timed on the same
+    stack as the trial, its seconds were booked to whatever phase the main thread was in."""
+    import threading
+    import time as time_mod
+
+    from metalr_bench.benchmark.perf.profile_trial import Profiler
+
+    class Owner:
+        def background(self) -> None:
+            time_mod.sleep(0.05)
+
+        def trial(self) -> None:
+            t = threading.Thread(target=self.background)
+            t.start()
+            t.join()
+
+    prof = Profiler()
+    prof._patch(Owner, "background", "MLflow calls", None)
+    prof._patch(Owner, "trial", "trial: other", "trial")
+    try:
+        Owner().trial()
+    finally:
+        prof.uninstall()
+    assert ("trial", "MLflow calls") not in prof.excl
+    assert prof.excl[("trial", "trial: other")] >= 0.05 and len(prof.units["trial"]) == 1
