@@ -257,3 +257,17 @@ def test_ray_executor_runs_tuning_workers(tiny_config: dict[str, Any], mlflow_se
     workers = assert_tuned(mlflow_server, outcome, str(tmp_path / "out" / "optuna-journal.log"),
                            2)
     assert str(os.getpid()) not in {w.rsplit(":", 1)[1] for w in workers}
+
+
+def test_the_local_server_starts_no_job_runners(mlflow_server: str) -> None:
+    """MLflow 3's `mlflow server` also starts its job runner and seven huey consumers (about
+    240 MB and a second or more of CPU each at start), for features the suite never uses; on 2
+    cores they compete with the workers (issue 38's 2-worker profile). The suite's own server
+    starts without them (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false)."""
+    import psutil
+
+    check_reachable(mlflow_server)
+    children = psutil.Process(os.getpid()).children(recursive=True)
+    lines = [" ".join(c.cmdline()) for c in children if c.is_running()]
+    assert any("uvicorn" in line or "mlflow" in line for line in lines), lines  # the server
+    assert not [line for line in lines if "huey" in line or "_job_runner" in line]

@@ -114,8 +114,12 @@ def local_server(backend_uri: str, *, host: str = "127.0.0.1", port: int | None 
     cmd = [*_mlflow_executable(), "server", "--backend-store-uri", f"sqlite:///{db}",
            "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port),
            "--workers", "1"]
+    # MLflow 3 also starts a job runner and seven huey consumers (about 240 MB each, seconds of
+    # CPU at start) for server-side jobs the suite never submits; on a small host they compete
+    # with the workers this server is for
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # own group: stop uvicorn's children too
     try:
         _wait_healthy(uri, proc, timeout_s, log_path)
