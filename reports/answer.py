@@ -309,12 +309,15 @@ def _cost_sentence(block: pd.DataFrame, labels: Sequence[str], metric: str) -> s
 
 def _tuning_of(block: pd.DataFrame, label: str) -> tuple[str, str | None]:
     """How the runs of ``label`` got their parameters: ``("tuned", None)``, ``("tuned",
-    "metalr")`` (another strategy's study, tag ``tuned_from``) or ``("untuned", None)``."""
+    "metalr")`` (another strategy's study, tag ``tuned_from``), ``("race", None)`` (its own arm
+    of a race's one study) or ``("untuned", None)``."""
     rows = block[block["strategy_label"] == label]
     source = rows["tuned_from"].dropna() if "tuned_from" in rows else pd.Series(dtype=object)
     if len(source):
         return "tuned", str(source.iloc[0])
     tuned = rows["tuned"].dropna() if "tuned" in rows else pd.Series(dtype=object)
+    if (tuned.astype(str) == "race").any():
+        return "race", None
     if len(tuned) or rows["strategy_label"].str.endswith("(tuned)").any():
         return "tuned", None
     return "untuned", None
@@ -333,6 +336,9 @@ def control_provenance(block: pd.DataFrame, learned: str, control: str) -> tuple
     if ck == "tuned":
         return (f"`{CONTROL}` tuned in its own study, so its learning rate is not MetaLR's: "
                 "not like for like"), False
+    if ck == "race":
+        return (f"`{CONTROL}` tuned as its own arm of the race, so its learning rate is not "
+                "MetaLR's: not like for like"), False
     return f"MetaLR {lk}, `{CONTROL}` {ck}: not like for like", False
 
 

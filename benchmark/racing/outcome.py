@@ -155,7 +155,8 @@ def answer_race(rcfg: BenchmarkConfig, race: DatasetRace) -> None:
     metric, val_key, higher = race_metrics(rcfg)
     rows = [{"dataset_key": race.dataset, "strategy": r.cell.strategy,
              "strategy_label": r.cell.strategy, "seed": r.cell.seed, "run_id": r.run_id,
-             "config_hash": r.config_hash,
+             # each strategy at its own arm's best parameters (the answer's control line)
+             "config_hash": r.config_hash, "tuned": "race",
              metric: r.summary.get(metric, math.nan), val_key: r.summary.get(val_key, math.nan),
              "mean_epoch_time_s": r.summary.get("mean_epoch_time_s", math.nan)}
             for r in race.results if r.status == "FINISHED"]
