@@ -628,3 +628,6 @@ def test_a_races_control_line_does_not_claim_the_same_starting_rates(tiny_config
     assert "MetaLR's learned rates over its starting rates" in text
     assert "the same starting rates" not in text
     assert "not like for like" in text
+    # the race's seconds are its trials' and runs' durations summed (over workers too): with
+    # 2 workers on BreastMNIST, 34.2 min of them in 21.0 min of wall time; it said "wall time"
+    assert "of wall time" not in text and "2 s of trial and run time" in text

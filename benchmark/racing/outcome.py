@@ -79,8 +79,8 @@ class Compute:
                 f"searching, {self.confirm_iters:,} confirming), {as_run}"
                 f"{100 * self.share_iters:.1f} % of the {self.grid_iters:,} that "
                 f"`run-benchmark plan` counts for the full grid (every trial at its full "
-                f"epochs: an upper bound), in {duration(self.race_s)} "
-                f"of wall time{grid_time}.")
+                f"epochs: an upper bound), in {duration(self.race_s)} of trial and run time "
+                f"(their durations summed, over workers too: not wall time){grid_time}.")
 
 
 @dataclass
