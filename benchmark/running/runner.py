@@ -52,16 +52,19 @@ class BenchmarkOutcome:
     results: list[CellResult]
     report: Any = None  # reports.build.ReportPaths when a report was built
 
+    @staticmethod
+    def _is_busy(r: CellResult) -> bool:
+        """Left alone because another live process holds its RUNNING run: not a failure of
+        this command, but missing from its leaderboard until that process finishes."""
+        return r.status == "RUNNING" and r.skipped
+
     @property
     def busy(self) -> list[CellResult]:
-        """Cells left alone because another live process holds their RUNNING run: not failures
-        of this command, but missing from its leaderboard until that process finishes."""
-        return [r for r in self.results if r.status == "RUNNING" and r.skipped]
+        return [r for r in self.results if self._is_busy(r)]
 
     @property
     def failed(self) -> list[CellResult]:
-        busy = {id(r) for r in self.busy}
-        return [r for r in self.results if r.status != "FINISHED" and id(r) not in busy]
+        return [r for r in self.results if r.status != "FINISHED" and not self._is_busy(r)]
 
 
 def dataset_tags(dataset: DatasetSpec) -> dict[str, Any]:
